@@ -1,0 +1,1 @@
+"""Subcommands of the ``divco`` CLI (see divco/cli.py)."""

@@ -1,0 +1,1 @@
+"""Triton kernels of divco, installed as ``divco.kernels``."""
