@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import single_branch
-from ..nn.branching import check_branches
+from ..nn.branching import check_branches, per_branch_pass
 
 EXECUTIONS = ("auto", "batched", "per_branch")
 
@@ -110,9 +110,10 @@ class BranchBatchedNetwork(nn.Module):
         per_view = self._check_input(x)
         if self.resolved_execution(x) == "per_branch":
             outputs = []
-            for s in range(self.branches):
-                with single_branch(s):
-                    outputs.append(self.forward_branches(x[:, s] if per_view else x))
+            with per_branch_pass():
+                for s in range(self.branches):
+                    with single_branch(s):
+                        outputs.append(self.forward_branches(x[:, s] if per_view else x))
             return torch.cat(outputs, dim=1)
         if per_view:
             x = x.flatten(1, 2)  # [N, S*C, H, W]: branch s owns channel block s

@@ -6,7 +6,7 @@ that branch ``s``'s slice IS the weight of the corresponding ``nn.Conv2d``,
 """
 
 from .branching import active_branch, active_branch_count, single_branch
-from .conv import BranchConv2d, default_conv_impl
+from .conv import BranchConv2d, default_conv_impl, set_conv_impl
 from .drop import BranchDropPath, BranchShakeDrop
 from .linear import BranchLinear
 from .norm import BranchBatchNorm2d
@@ -24,4 +24,5 @@ __all__ = [
     "active_branch_count",
     "single_branch",
     "default_conv_impl",
+    "set_conv_impl",
 ]

@@ -18,8 +18,14 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, Optional
 
-# A one-element list so that Dynamo sees a mutable global, not a rebinding.
+from torch import Tensor
+
+# One-element lists so that Dynamo sees mutable globals, not rebindings.
 _ACTIVE_BRANCH: list[Optional[int]] = [None]
+# During one per-branch pass: parameter -> its S slices, split once.  Slicing a
+# parameter S times separately would make autograd zero-fill and add a full-size
+# gradient per slice (S^2 weight-sized writes); one split gives one concatenation.
+_PASS_SLICES: list[Optional[dict]] = [None]
 
 
 def active_branch() -> Optional[int]:
@@ -36,6 +42,28 @@ def single_branch(index: int) -> Iterator[None]:
         yield
     finally:
         _ACTIVE_BRANCH[0] = previous
+
+
+@contextlib.contextmanager
+def per_branch_pass() -> Iterator[None]:
+    """Wrap a loop over all branches: parameters are split once for the whole loop."""
+    previous = _PASS_SLICES[0]
+    _PASS_SLICES[0] = {}
+    try:
+        yield
+    finally:
+        _PASS_SLICES[0] = previous
+
+
+def branch_slice(tensor: Tensor, index: int, size: int) -> Tensor:
+    """Rows ``[index*size, (index+1)*size)`` of ``tensor`` (a view)."""
+    cache = _PASS_SLICES[0]
+    if cache is None or not tensor.requires_grad:
+        return tensor.narrow(0, index * size, size)
+    slices = cache.get(tensor)
+    if slices is None:
+        slices = cache[tensor] = tensor.split(size)
+    return slices[index]
 
 
 def active_branch_count(branches: int) -> int:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from .branching import active_branch, check_branches
+from .branching import active_branch, branch_slice, check_branches
 
 _IMPLS = ("auto", "grouped", "split")
 
@@ -93,12 +93,12 @@ class BranchConv2d(nn.Module):
     # -- weights -----------------------------------------------------------------------
     def branch_weight(self, index: int) -> Tensor:
         """Branch ``index``'s weight, a view (shape of the ``nn.Conv2d`` weight)."""
-        return self.weight.narrow(0, index * self.out_channels, self.out_channels)
+        return branch_slice(self.weight, index, self.out_channels)
 
     def branch_bias(self, index: int) -> Optional[Tensor]:
         if self.bias is None:
             return None
-        return self.bias.narrow(0, index * self.out_channels, self.out_channels)
+        return branch_slice(self.bias, index, self.out_channels)
 
     def reset_parameters(self) -> None:
         """Initialise each branch exactly as ``nn.Conv2d.reset_parameters`` would."""
@@ -172,3 +172,13 @@ class BranchConv2d(nn.Module):
         if self.impl != "auto":
             s += f", impl={self.impl!r}"
         return s
+
+
+def set_conv_impl(module: nn.Module, impl: str) -> nn.Module:
+    """Set the all-branch implementation of every BranchConv2d inside ``module``."""
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    for m in module.modules():
+        if isinstance(m, BranchConv2d):
+            m.impl = impl
+    return module

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .branching import active_branch, check_branches
+from .branching import active_branch, branch_slice, check_branches
 
 
 class BranchLinear(nn.Module):
@@ -39,12 +39,12 @@ class BranchLinear(nn.Module):
         self.reset_parameters()
 
     def branch_weight(self, index: int) -> Tensor:
-        return self.weight.narrow(0, index * self.out_features, self.out_features)
+        return branch_slice(self.weight, index, self.out_features)
 
     def branch_bias(self, index: int):
         if self.bias is None:
             return None
-        return self.bias.narrow(0, index * self.out_features, self.out_features)
+        return branch_slice(self.bias, index, self.out_features)
 
     def reset_parameters(self) -> None:
         """Initialise each branch exactly as ``nn.Linear.reset_parameters`` would."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .branching import active_branch, check_branches
+from .branching import active_branch, branch_slice, check_branches
 
 
 class BranchBatchNorm2d(nn.BatchNorm2d):
@@ -74,7 +74,7 @@ class BranchBatchNorm2d(nn.BatchNorm2d):
         track = not self.training or self.track_running_stats
 
         def part(t):
-            return None if t is None else t.narrow(0, index * C, C)
+            return None if t is None else branch_slice(t, index, C)
 
         return F.batch_norm(
             x,
