@@ -7,12 +7,18 @@
 from . import cifar_resnet  # noqa: F401  (registers the CIFAR family)
 from .base import EXECUTIONS, BranchBatchedNetwork, default_execution
 from .cifar_resnet import BranchBatchedCifarResNet, CifarResNetSpec
+from .imagenet_resnet import BranchBatchedResNet, ResNetSpec
+from .pyramidnet import BranchBatchedPyramidNet, PyramidNetSpec
 from .registry import create, get_entry, list, register
 
 __all__ = [
     "BranchBatchedNetwork",
     "BranchBatchedCifarResNet",
     "CifarResNetSpec",
+    "BranchBatchedResNet",
+    "ResNetSpec",
+    "BranchBatchedPyramidNet",
+    "PyramidNetSpec",
     "EXECUTIONS",
     "create",
     "default_execution",

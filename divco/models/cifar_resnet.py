@@ -195,7 +195,8 @@ def _build(spec: CifarResNetSpec, branches: int, execution: str = "auto", **over
     allowed = {"dropout", "zero_init_residual", "se_reduction"}
     unknown = set(overrides) - allowed
     if unknown:
-        raise ValueError(f"unexpected keyword argument(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+        allowed_all = sorted(allowed | {"divide", "execution"})
+        raise ValueError(f"unexpected keyword argument(s) {sorted(unknown)}; allowed: {allowed_all}")
     return BranchBatchedCifarResNet(replace(spec, **overrides), branches, execution=execution)
 
 

@@ -66,9 +66,10 @@ class BranchLinear(nn.Module):
             return F.linear(x, self.branch_weight(index), self.branch_bias(index))
         weight = self.weight.view(S, self.out_features, self.in_features)
         # [S, N, in] @ [S, in, out] -> [S, N, out], then back to [N, S, out].
-        out = torch.bmm(x.transpose(0, 1), weight.transpose(1, 2))
-        if self.bias is not None:
-            out = out + self.bias.view(S, 1, self.out_features)
+        if self.bias is None:
+            out = torch.bmm(x.transpose(0, 1), weight.transpose(1, 2))
+        else:  # baddbmm, like nn.Linear's addmm, keeps autocast's dtype for the output
+            out = torch.baddbmm(self.bias.view(S, 1, self.out_features), x.transpose(0, 1), weight.transpose(1, 2))
         return out.transpose(0, 1)
 
     def extra_repr(self) -> str:

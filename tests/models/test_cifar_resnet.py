@@ -1,0 +1,45 @@
+"""CIFAR ResNets: the paper's parameter counts and every registered network's shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from model_matrix import shapes_only
+
+import divco
+
+CIFAR_MODELS = ["pyramidnet164", "pyramidnet272", "resnet110", "resnet164", "resnext29_16x64d", "resnext29_8x64d",
+                "se_resnet110", "se_resnet164", "wide_resnet16_12", "wide_resnet16_4", "wide_resnet16_8",
+                "wide_resnet28_10", "wide_resnet40_10", "wide_resnet52_8"]
+
+
+def _millions(name: str, S: int, **kw) -> float:
+    with shapes_only():
+        model = divco.models.create(name, num_classes=100, branches=S, **kw)
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def test_the_cifar_family_is_registered():
+    assert divco.models.list("cifar") == CIFAR_MODELS
+
+
+@pytest.mark.parametrize("name, S, millions", [
+    ("wide_resnet28_10", 1, 36.5), ("wide_resnet28_10", 2, 35.8), ("wide_resnet28_10", 4, 36.7),
+    ("wide_resnet16_8", 1, 11.0), ("wide_resnet16_8", 2, 12.4), ("wide_resnet16_8", 4, 11.1),
+    ("resnet110", 1, 1.17), ("resnet110", 2, 1.33), ("resnet110", 4, 1.21),
+])
+def test_parameter_counts_reproduce_the_paper(name, S, millions):
+    """Zhao et al. (TIP 2022), CIFAR-100 heads, all branches together."""
+    assert _millions(name, S) == pytest.approx(millions, abs=0.1)
+
+
+def test_divide_false_gives_full_size_branches():
+    assert _millions("wide_resnet16_8", 4, divide=False) == pytest.approx(4 * _millions("wide_resnet16_8", 1))
+
+
+@pytest.mark.parametrize("name", CIFAR_MODELS)
+def test_registered_models_run_divided(name):
+    """Shapes through the whole network, divided by a branch count outside the official tables."""
+    with shapes_only("cpu"), torch.no_grad():
+        model = divco.models.create(name, num_classes=7, branches=3, execution="batched").eval()
+        assert model(torch.zeros(2, 3, 3, 8, 8)).shape == (2, 3, 7)
