@@ -8,8 +8,8 @@
 
 __version__ = "0.1.0"
 
-from . import models, nn  # noqa: E402
+from . import models, nn, ops  # noqa: E402
 from .stacking import branch_state_dict, stack, unstack  # noqa: E402
 from .summary import ModelSummary, summary  # noqa: E402
 
-__all__ = ["models", "nn", "stack", "unstack", "branch_state_dict", "summary", "ModelSummary", "__version__"]
+__all__ = ["models", "nn", "ops", "stack", "unstack", "branch_state_dict", "summary", "ModelSummary", "__version__"]

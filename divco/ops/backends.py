@@ -1,0 +1,125 @@
+"""Which implementation runs the fused ops: discovery, defaults and the DIVCO_BACKEND override.
+
+    torch   the readable reference in plain PyTorch (always available; the only one for float64)
+    triton  the Triton kernels in divco.kernels (CUDA; on the CPU only under TRITON_INTERPRET=1)
+    cpu     the native extension divco._C, CPU kernels
+    cuda    the native extension divco._C, CUDA kernels
+
+Default for a tensor: CPU -> "cpu" if the extension is built, else "torch"; CUDA -> "triton"
+if Triton is importable, else "cuda", else "torch". Triton is the CUDA default because the
+test suite exercises exactly that kernel code on every run (through Triton's interpreter),
+while the CUDA kernels only run on GPU machines. float64 logits always default to "torch"
+(the fused kernels accumulate in float32 and refuse float64).
+
+``backend=`` or the environment variable DIVCO_BACKEND overrides the default; asking for a
+backend that is not available raises a ValueError (never a silent fallback).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("torch", "triton", "cpu", "cuda")
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+_native: tuple[bool, str, bool] | None = None  # (loaded, why not, has CUDA kernels), found once
+
+
+def _probe_native() -> tuple[bool, str, bool]:
+    global _native
+    if _native is None:
+        try:
+            from .. import _C  # noqa: F401  (registers the divco::*_native operators)
+        except ImportError as error:
+            _native = (False, f"the native extension divco._C is not built ({error})", False)
+        else:
+            if not hasattr(torch.ops.divco, "cotrain_loss_native"):
+                _native = (False, "divco._C imported but registered no divco::cotrain_loss_native", False)
+            else:
+                has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("divco::cotrain_loss_native", "CUDA")
+                _native = (True, "", has_cuda)
+    return _native
+
+
+def native_status() -> tuple[bool, str]:
+    """(importable, reason): whether divco._C loaded and registered its operators."""
+    loaded, reason, _ = _probe_native()
+    return loaded, reason
+
+
+def native_has_cuda() -> bool:
+    """Whether divco._C holds CUDA kernels (the dispatcher has a CUDA kernel for them)."""
+    return _probe_native()[2]
+
+
+def triton_status(device: torch.device) -> tuple[bool, str]:
+    from .triton_backend import TRITON_ERROR, kernels_interpreted
+
+    if TRITON_ERROR:
+        return False, f"Triton is not usable ({TRITON_ERROR})"
+    if device.type == "cuda":
+        if kernels_interpreted():
+            return False, "the Triton kernels were defined under TRITON_INTERPRET=1, which runs them on the CPU only"
+        return True, ""
+    if device.type == "cpu":
+        if kernels_interpreted():
+            return True, ""
+        return False, "Triton runs on the CPU only through its interpreter: set TRITON_INTERPRET=1 before importing"
+    return False, f"Triton kernels are not available for device type {device.type!r}"
+
+
+def backend_status(backend: str, device: torch.device) -> tuple[bool, str]:
+    """(available, reason it is not) of ``backend`` for tensors on ``device``."""
+    if backend == "torch":
+        return True, ""
+    if backend == "triton":
+        return triton_status(device)
+    if backend in ("cpu", "cuda"):
+        if device.type != backend:
+            return False, f"backend {backend!r} runs on {backend} tensors, the tensors are on {device}"
+        ok, reason = native_status()
+        if ok and backend == "cuda" and not native_has_cuda():
+            return False, "divco._C was built without CUDA kernels"
+        return ok, reason
+    raise ValueError(f"backend must be one of {BACKENDS} (or None for the default), got {backend!r}")
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """The backends usable for tensors on ``device``, fastest-default first then the rest."""
+    device = torch.device(device)
+    found = [b for b in BACKENDS if backend_status(b, device)[0]]
+    default = default_backend(device, torch.float32)
+    return [default] + [b for b in found if b != default]
+
+
+def default_backend(device: torch.device, dtype: torch.dtype) -> str:
+    if dtype not in FUSED_DTYPES:
+        return "torch"
+    order = ("cpu",) if device.type == "cpu" else ("triton", "cuda") if device.type == "cuda" else ()
+    for backend in order:
+        if backend_status(backend, device)[0]:
+            return backend
+    return "torch"
+
+
+def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend to run: ``backend``, else DIVCO_BACKEND, else the default for device and dtype."""
+    source = "backend"
+    if backend is None:
+        backend = os.environ.get("DIVCO_BACKEND") or None
+        source = "DIVCO_BACKEND"
+    if backend is None:
+        return default_backend(device, dtype)
+    if backend not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
+    ok, reason = backend_status(backend, device)
+    if not ok:
+        raise ValueError(f"{source}={backend!r} is not available for tensors on {device}: {reason}")
+    if backend != "torch" and dtype not in FUSED_DTYPES:
+        raise ValueError(
+            f"{source}={backend!r} takes float32, bfloat16 or float16 logits, got {dtype}; use backend='torch'"
+        )
+    return backend

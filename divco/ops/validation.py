@@ -1,0 +1,131 @@
+"""Input checks of the fused ops: bad input gets a ValueError naming what was expected and what came.
+
+Every check here reads only metadata (shapes, dtypes, devices), except the range check of
+class indices, which reads the target: free on the CPU, a host synchronisation on CUDA, so
+there it runs only when DIVCO_CHECK_TARGETS=1 (otherwise out-of-range rows give a NaN loss).
+Under torch.compile the range check is skipped (it would break the graph); NaN marks such rows.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+
+import torch
+from torch import Tensor
+
+from .schema import ENSEMBLE_MODES, KINDS
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_logits(logits: object, what: str = "logits") -> tuple[int, int, int]:
+    """Logits must be a floating [N, S, K] tensor with N, S, K >= 1; returns (N, S, K)."""
+    if not isinstance(logits, Tensor):
+        raise ValueError(f"{what} must be a torch.Tensor of shape [N, S, K], got {type(logits).__name__}")
+    if logits.dim() != 3:
+        raise ValueError(
+            f"{what} must have shape [N, S, K] (batch, branches, classes), "
+            f"got a {logits.dim()}-D tensor of shape {tuple(logits.shape)}"
+        )
+    if logits.dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"{what} must be floating point (float32, bfloat16, float16 or float64), got dtype {logits.dtype}"
+        )
+    N, S, K = logits.shape
+    if N < 1 or S < 1 or K < 1:
+        raise ValueError(f"{what} needs at least one sample, branch and class, got shape {tuple(logits.shape)}")
+    return N, S, K
+
+
+def check_target(target: object, logits: Tensor) -> Tensor:
+    """Class indices [N] (any integer dtype, returned as int64) or soft targets [N, K] (floating)."""
+    N, S, K = logits.shape
+    if not isinstance(target, Tensor):
+        raise ValueError(
+            f"target must be a torch.Tensor: class indices [N] or soft targets [N, K], got {type(target).__name__}"
+        )
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits are on {logits.device}; expected the same device")
+    if target.dtype == torch.bool or target.is_complex():
+        raise ValueError(f"target must be int64 class indices or floating soft targets, got dtype {target.dtype}")
+    if target.is_floating_point():
+        if target.dim() == 1:
+            raise ValueError(
+                f"target has dtype {target.dtype} and shape {tuple(target.shape)}: class indices must be an "
+                f"integer tensor (int64), soft targets must have shape [N, K] = [{N}, {K}]"
+            )
+        if tuple(target.shape) != (N, K):
+            raise ValueError(
+                f"soft targets must have shape [N, K] = [{N}, {K}] to match logits {tuple(logits.shape)}, "
+                f"got {tuple(target.shape)}"
+            )
+        return target
+    if tuple(target.shape) != (N,):
+        raise ValueError(
+            f"class indices must have shape [N] = [{N}] to match logits {tuple(logits.shape)}, "
+            f"got {tuple(target.shape)}"
+        )
+    target = target.to(torch.int64)
+    if _should_check_range(target):
+        check_class_range(target, K)
+    return target
+
+
+def _should_check_range(target: Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    if target.device.type == "cpu":
+        return True
+    return os.environ.get("DIVCO_CHECK_TARGETS", "0") not in ("", "0")
+
+
+def check_class_range(target: Tensor, num_classes: int) -> None:
+    """ValueError naming the first class index outside [0, num_classes)."""
+    bad = (target < 0) | (target >= num_classes)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"target[{i}] = {int(target[i])} is not a class index in [0, {num_classes - 1}] "
+            f"(logits have {num_classes} classes)"
+        )
+
+
+def check_weight(weight: object, logits: Tensor) -> float | Tensor:
+    """A Python number, or a 0-dim floating tensor on the logits' device."""
+    if isinstance(weight, Tensor):
+        if weight.dim() != 0:
+            raise ValueError(f"weight must be a number or a 0-dim tensor, got shape {tuple(weight.shape)}")
+        if not weight.is_floating_point():
+            raise ValueError(f"weight must be a floating-point tensor, got dtype {weight.dtype}")
+        if weight.device != logits.device:
+            raise ValueError(
+                f"weight is on {weight.device} but logits are on {logits.device}; expected the same device "
+                "(the kernels read the weight from device memory)"
+            )
+        return weight
+    if isinstance(weight, numbers.Real) and not isinstance(weight, bool):
+        return float(weight)
+    raise ValueError(f"weight must be a number or a 0-dim tensor, got {type(weight).__name__}")
+
+
+def check_temperature(temperature: object) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise ValueError(f"temperature must be a positive number, got {type(temperature).__name__}")
+    temperature = float(temperature)
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    return temperature
+
+
+def check_kind(kind: object) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return kind
+
+
+def check_mode(mode: object) -> str:
+    if mode not in ENSEMBLE_MODES:
+        raise ValueError(f"mode must be one of {ENSEMBLE_MODES}, got {mode!r}")
+    return mode

@@ -1,0 +1,92 @@
+"""torch.library registration of the fused operators: opcheck (schema, fake kernel, autograd,
+AOT dispatch) for every backend present, and the native operators' Python side."""
+
+import pytest
+import torch
+from backend_params import backend_params, device_for
+
+from divco.ops import backends, fused, schema
+
+
+def op_suffix(backend):
+    return "triton" if backend == "triton" else "native"
+
+
+def cotrain_cases(device):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 3, 9, generator=g).to(device)
+    labels = torch.randint(0, 9, (3,), generator=g).to(device)
+    soft = torch.softmax(torch.randn(3, 9, generator=g), -1).to(device)
+    weight = torch.tensor(0.5, device=device)
+    strided = torch.randn(3, 9, 3, generator=g).to(device).transpose(1, 2)
+    return [
+        (logits.clone().requires_grad_(), labels, weight, "js", 1.0, True),
+        (logits.clone().requires_grad_(), soft, weight, "kl", 2.0, True),
+        (strided.to(torch.bfloat16).requires_grad_(), labels, weight, "js", 0.5, True),
+        (logits, labels, weight, "js", 1.0, False),
+    ]
+
+
+@pytest.mark.parametrize("backend", backend_params("triton", "cpu", "cuda"))
+def test_opcheck_cotrain_loss(backend):
+    op = getattr(torch.ops.divco, schema.op_name("cotrain_loss", op_suffix(backend)))
+    for args in cotrain_cases(device_for(backend)):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", backend_params("triton", "cpu", "cuda"))
+@pytest.mark.parametrize("mode", ["mean_logits", "mean_probs", "geo_mean", "max"])
+def test_opcheck_ensemble(backend, mode):
+    device = device_for(backend)
+    forward = getattr(torch.ops.divco, schema.op_name("ensemble", op_suffix(backend)))
+    backward = getattr(torch.ops.divco, schema.op_name("ensemble_backward", op_suffix(backend)))
+    logits = torch.randn(2, 3, 6, device=device)
+    torch.library.opcheck(forward, (logits.clone().requires_grad_(), mode))
+    torch.library.opcheck(backward, (torch.randn(2, 6, device=device), logits, mode))
+
+
+def test_schema_strings_are_the_contract():
+    """The native helper registers exactly these in C++; the Triton ops use the same."""
+    assert schema.full_schema("cotrain_loss", "native") == (
+        "cotrain_loss_native(Tensor logits, Tensor target, Tensor weight, str kind, float temperature, "
+        "bool compute_grad) -> (Tensor loss, Tensor ce, Tensor cot, Tensor ensemble, Tensor correct, Tensor grad)"
+    )
+    assert schema.full_schema("ensemble", "native") == "ensemble_native(Tensor logits, str mode) -> Tensor"
+    assert schema.full_schema("ensemble_backward", "native") == (
+        "ensemble_native_backward(Tensor grad_out, Tensor logits, str mode) -> Tensor"
+    )
+    with pytest.raises(ValueError, match="unknown operator 'loss'"):
+        schema.full_schema("loss", "native")
+
+
+@pytest.mark.parametrize("backend", backend_params("triton", "cpu"))
+def test_registered_schema_matches(backend):
+    suffix = op_suffix(backend)
+    for base in ("cotrain_loss", "ensemble", "ensemble_backward"):
+        op = getattr(torch.ops.divco, schema.op_name(base, suffix)).default
+        registered = str(op._schema).removeprefix("divco::")
+        assert registered == schema.full_schema(base, suffix)
+
+
+def test_native_ops_registered_only_with_the_extension():
+    ok, reason = backends.native_status()
+    if ok:
+        assert "native" in fused._registered
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("divco::cotrain_loss_native", "CPU")
+    else:
+        assert "native" not in fused._registered
+        assert "divco._C" in reason
+
+
+@pytest.mark.parametrize("backend", backend_params("triton", "cpu", "cuda"))
+def test_backward_scales_the_stored_gradient(backend):
+    device = device_for(backend)
+    logits = torch.randn(4, 2, 6, device=device, requires_grad=True)
+    target = torch.tensor([0, 1, 2, 3], device=device)
+    op = getattr(torch.ops.divco, schema.op_name("cotrain_loss", op_suffix(backend)))
+    loss, ce, cot, ensemble, correct, grad = op(logits, target, torch.tensor(0.5, device=device), "js", 1.0, True)
+    (3.0 * loss).backward()
+    torch.testing.assert_close(logits.grad, 3.0 * grad)
+    with pytest.raises(RuntimeError, match="compute_grad=False"):
+        out = op(logits, target, torch.tensor(0.5, device=device), "js", 1.0, False)
+        out[0].backward()
