@@ -1,0 +1,387 @@
+// CUDA kernel of divco::cotrain_loss_native. One block per row n handles all S branches:
+//   1. per branch, an online softmax over the row's K logits (each thread its strided share,
+//      then a block reduction): max, softmax sums of z/T and z, top-1, soft-target dot;
+//   2. over k with every branch in registers: ensemble (mean logits) and its top-1, pbar,
+//      the co-training term;
+//   3. over k again (only when the gradient is wanted): dloss/dlogits.
+// Per-row partials go to global buffers that a second one-block kernel reduces in a fixed
+// order, so results are deterministic. No host synchronisation: the weight is read here.
+// The per-element formulas are those of ../../cotrain_math.h, shared with the CPU kernel.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+#include "../../cotrain_math.h"
+#include "../kernel_args.h"
+#include "block_reduce.cuh"
+#include "launchers.h"
+
+namespace divco {
+namespace ops {
+namespace cuda {
+namespace {
+
+namespace m = divco::math;
+
+// Per-thread, then per-block, statistics of one branch of one row.
+struct BranchPartial {
+  m::SoftmaxStats p;  // of z with scale 1/T
+  m::SoftmaxStats q;  // of z with scale 1 (only when T != 1)
+  float best;         // top-1 of the branch
+  int best_index;
+  float y_dot_z;      // soft targets: sum_k y_k z_k
+  float y_sum;        // soft targets: sum_k y_k
+  float y_best;       // soft targets: top-1 of y
+  int y_best_index;
+};
+
+struct ShuffleBranchPartial {
+  __device__ BranchPartial operator()(BranchPartial v, int o) const {
+    BranchPartial r;
+    r.p.max = shfl_down(v.p.max, o);
+    r.p.sum = shfl_down(v.p.sum, o);
+    r.q.max = shfl_down(v.q.max, o);
+    r.q.sum = shfl_down(v.q.sum, o);
+    r.best = shfl_down(v.best, o);
+    r.best_index = shfl_down(v.best_index, o);
+    r.y_dot_z = shfl_down(v.y_dot_z, o);
+    r.y_sum = shfl_down(v.y_sum, o);
+    r.y_best = shfl_down(v.y_best, o);
+    r.y_best_index = shfl_down(v.y_best_index, o);
+    return r;
+  }
+};
+
+struct CombineBranchPartial {
+  float inv_t;
+  __device__ BranchPartial operator()(BranchPartial a, const BranchPartial& b) const {
+    a.p = m::softmax_stats_merge(a.p, b.p, inv_t);
+    a.q = m::softmax_stats_merge(a.q, b.q, 1.0f);
+    if (m::argmax_prefers(b.best, b.best_index, a.best, a.best_index)) {
+      a.best = b.best;
+      a.best_index = b.best_index;
+    }
+    a.y_dot_z += b.y_dot_z;
+    a.y_sum += b.y_sum;
+    if (m::argmax_prefers(b.y_best, b.y_best_index, a.y_best, a.y_best_index)) {
+      a.y_best = b.y_best;
+      a.y_best_index = b.y_best_index;
+    }
+    return a;
+  }
+};
+
+struct ArgMax {
+  float value;
+  int index;
+};
+struct ShuffleArgMax {
+  __device__ ArgMax operator()(ArgMax v, int o) const { return {shfl_down(v.value, o), shfl_down(v.index, o)}; }
+};
+struct CombineArgMax {
+  __device__ ArgMax operator()(ArgMax a, const ArgMax& b) const {
+    return m::argmax_prefers(b.value, b.index, a.value, a.index) ? b : a;
+  }
+};
+
+// The argmax reductions start from index K, which loses every tie; it survives only when
+// every value is -inf, where torch.argmax answers 0.
+__device__ __forceinline__ int first_index_if_empty(int index, int classes) { return index == classes ? 0 : index; }
+
+template <typename scalar_t>
+__device__ __forceinline__ float load(const void* base, int64_t offset) {
+  return static_cast<float>(static_cast<const scalar_t*>(base)[offset]);
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void store(void* base, int64_t offset, float value) {
+  static_cast<scalar_t*>(base)[offset] = static_cast<scalar_t>(value);
+}
+
+template <typename scalar_t, int kBranches>
+__global__ void __launch_bounds__(kMaxThreadsPerBlock) cotrain_rows_kernel(const CotrainArgs a) {
+  const LogitsView& v = a.logits;
+  const int64_t n = blockIdx.x;
+  const int S = static_cast<int>(v.branches);
+  const int K = static_cast<int>(v.classes);
+  const float inv_t = a.inv_temperature;
+  const bool same_q = inv_t == 1.0f;
+  const bool soft = a.target_index == nullptr;
+  const int64_t row = n * v.stride_row;
+
+  __shared__ BranchPartial partial_scratch[32];
+  __shared__ ArgMax argmax_scratch[32];
+  __shared__ float float_scratch[32];
+  __shared__ float s_max[kBranches], s_inv_sum_p[kBranches], s_log_sum_p[kBranches], s_inv_sum_q[kBranches];
+  __shared__ float s_kl[kBranches];
+
+  int64_t target = -1;
+  bool target_valid = true;
+  if (!soft) {
+    const int64_t t = a.target_index[n * a.target_index_stride];
+    target_valid = t >= 0 && t < K;
+    target = target_valid ? t : -1;
+  }
+  const float* y_row = soft ? a.target_soft + n * a.target_soft_stride_row : nullptr;
+
+  // 1. Per-branch statistics.
+  float y_sum = 1.0f;
+  int y_best_index = -1;
+  const CombineBranchPartial combine{inv_t};
+  for (int s = 0; s < S; ++s) {
+    const int64_t branch = row + s * v.stride_branch;
+    BranchPartial part;
+    part.p = m::softmax_stats_empty();
+    part.q = m::softmax_stats_empty();
+    part.best = -m::positive_infinity();
+    part.best_index = K;  // loses every tie against a real index
+    part.y_dot_z = 0.0f;
+    part.y_sum = 0.0f;
+    part.y_best = -m::positive_infinity();
+    part.y_best_index = K;
+    for (int k = threadIdx.x; k < K; k += blockDim.x) {
+      const float z = load<scalar_t>(v.data, branch + k * v.stride_class);
+      part.p = m::softmax_stats_add(part.p, z, inv_t);
+      if (!same_q) part.q = m::softmax_stats_add(part.q, z, 1.0f);
+      if (m::argmax_prefers(z, k, part.best, part.best_index)) {
+        part.best = z;
+        part.best_index = k;
+      }
+      if (soft) {
+        const float y = y_row[k * a.target_soft_stride_class];
+        part.y_dot_z += y * z;
+        part.y_sum += y;
+        if (m::argmax_prefers(y, k, part.y_best, part.y_best_index)) {
+          part.y_best = y;
+          part.y_best_index = k;
+        }
+      }
+    }
+    const BranchPartial total = block_allreduce(part, ShuffleBranchPartial{}, combine, partial_scratch);
+    const m::SoftmaxStats q = same_q ? total.p : total.q;
+    const float lse_z = m::softmax_log_normalizer(q.max, q.sum, 1.0f);
+    if (soft) {
+      y_sum = total.y_sum;
+      y_best_index = first_index_if_empty(total.y_best_index, K);
+    }
+    if (threadIdx.x == 0) {
+      s_max[s] = total.p.max;
+      s_inv_sum_p[s] = 1.0f / total.p.sum;
+      s_log_sum_p[s] = m::log_f32(total.p.sum);
+      s_inv_sum_q[s] = 1.0f / q.sum;
+      float ce;
+      if (soft) {
+        ce = total.y_sum * lse_z - total.y_dot_z;
+      } else {
+        ce = target_valid ? lse_z - load<scalar_t>(v.data, branch + target * v.stride_class) : m::quiet_nan();
+      }
+      a.row_ce[n * S + s] = ce;
+      const int64_t label = soft ? y_best_index : target;
+      a.row_hits[n * (S + 1) + s] = first_index_if_empty(total.best_index, K) == label ? 1 : 0;
+    }
+  }
+  __syncthreads();  // s_* visible to every thread
+
+  // 2. Ensemble and co-training term, every branch of class k in registers.
+  const float inv_branches = 1.0f / static_cast<float>(S);
+  const float log_branches = m::log_f32(static_cast<float>(S));
+  const float kl_factor = S > 1 ? static_cast<float>(S) / static_cast<float>(S - 1) : 0.0f;
+  const bool js = a.kind == CotrainKind::kJensenShannon;
+  float kl_acc[kBranches];
+#pragma unroll
+  for (int s = 0; s < kBranches; ++s) kl_acc[s] = 0.0f;
+  float kl_value = 0.0f;
+  ArgMax ens_best{-m::positive_infinity(), K};
+  for (int k = threadIdx.x; k < K; k += blockDim.x) {
+    float z[kBranches], p[kBranches];
+    float ens = 0.0f, psum = 0.0f;
+#pragma unroll
+    for (int s = 0; s < kBranches; ++s) {
+      if (s < S) {
+        z[s] = load<scalar_t>(v.data, row + s * v.stride_branch + k * v.stride_class);
+        p[s] = m::exp_f32((z[s] - s_max[s]) * inv_t) * s_inv_sum_p[s];
+        ens = s == 0 ? z[s] : ens + z[s];
+        psum = s == 0 ? p[s] : psum + p[s];
+      }
+    }
+    ens = ens / static_cast<float>(S);
+    store<scalar_t>(a.ensemble, n * K + k, ens);
+    if (m::argmax_prefers(ens, k, ens_best.value, ens_best.index)) ens_best = {ens, k};
+    if (S > 1) {
+      if (js) {
+        const float log_pbar = m::log_f32(psum) - log_branches;
+#pragma unroll
+        for (int s = 0; s < kBranches; ++s) {
+          if (s < S) {
+            const float log_p = (z[s] - s_max[s]) * inv_t - s_log_sum_p[s];
+            kl_acc[s] += m::js_kl_element(p[s], log_p, log_pbar);
+          }
+        }
+      } else {
+        const float pbar = psum * inv_branches;
+#pragma unroll
+        for (int s = 0; s < kBranches; ++s) {
+          if (s < S) {
+            const float log_p = (z[s] - s_max[s]) * inv_t - s_log_sum_p[s];
+            kl_value += m::kl_value_element(p[s], pbar, log_p);
+          }
+        }
+      }
+    }
+  }
+  const ArgMax ens_total = block_allreduce(ens_best, ShuffleArgMax{}, CombineArgMax{}, argmax_scratch);
+  float cot = 0.0f;
+  if (S > 1) {
+    if (js) {
+      float kl_sum = 0.0f;
+#pragma unroll
+      for (int s = 0; s < kBranches; ++s) {
+        if (s < S) {
+          const float kl_s = block_sum(kl_acc[s], float_scratch);
+          if (threadIdx.x == 0) s_kl[s] = kl_s;
+          kl_sum += kl_s;
+        }
+      }
+      cot = kl_sum * inv_branches;
+    } else {
+      cot = block_sum(kl_value, float_scratch) * kl_factor;
+    }
+  }
+  if (threadIdx.x == 0) {
+    a.row_cot[n] = cot;
+    const int64_t label = soft ? y_best_index : target;
+    a.row_hits[n * (S + 1) + S] = first_index_if_empty(ens_total.index, K) == label ? 1 : 0;
+  }
+  if (a.grad == nullptr) return;
+  __syncthreads();  // s_kl visible
+
+  // 3. Gradient: (1/N) dCE + w/(N T) dJ, written contiguous [N, S, K].
+  const float inv_rows = 1.0f / static_cast<float>(v.rows);
+  const float cot_scale = S > 1 ? a.weight[0] * inv_t * inv_rows : 0.0f;
+  for (int k = threadIdx.x; k < K; k += blockDim.x) {
+    float z[kBranches], p[kBranches];
+    float psum = 0.0f;
+#pragma unroll
+    for (int s = 0; s < kBranches; ++s) {
+      if (s < S) {
+        z[s] = load<scalar_t>(v.data, row + s * v.stride_branch + k * v.stride_class);
+        p[s] = m::exp_f32((z[s] - s_max[s]) * inv_t) * s_inv_sum_p[s];
+        psum = s == 0 ? p[s] : psum + p[s];
+      }
+    }
+    const float log_pbar = js ? m::log_f32(psum) - log_branches : 0.0f;
+    const float pbar = psum * inv_branches;
+    const float y = soft ? y_row[k * a.target_soft_stride_class] : (k == target ? 1.0f : 0.0f);
+#pragma unroll
+    for (int s = 0; s < kBranches; ++s) {
+      if (s < S) {
+        const float q = same_q ? p[s] : m::exp_f32(z[s] - s_max[s]) * s_inv_sum_q[s];
+        float cot_grad = 0.0f;
+        if (S > 1) {
+          const float log_p = (z[s] - s_max[s]) * inv_t - s_log_sum_p[s];
+          cot_grad = js ? m::js_grad_element(p[s], log_p, log_pbar, s_kl[s], inv_branches)
+                        : m::kl_grad_element(p[s], pbar, kl_factor);
+        }
+        const float g = target_valid
+                            ? m::loss_grad_element(m::ce_grad_element(q, y, y_sum), cot_grad, inv_rows, cot_scale)
+                            : m::quiet_nan();
+        store<scalar_t>(a.grad, (n * S + s) * K + k, g);
+      }
+    }
+  }
+}
+
+// Reduces the per-row partials in a fixed order (one block; double accumulation).
+__global__ void cotrain_finalize_kernel(const CotrainArgs a) {
+  __shared__ double double_scratch[32];
+  __shared__ long long count_scratch[32];
+  const int64_t N = a.logits.rows;
+  const int S = static_cast<int>(a.logits.branches);
+  auto sum_double = [&](double value) {
+    return block_allreduce(
+        value, [](double x, int o) { return shfl_down(x, o); }, [](double x, double y) { return x + y; },
+        double_scratch);
+  };
+  auto sum_count = [&](long long value) {
+    return block_allreduce(
+        value, [](long long x, int o) { return shfl_down(x, o); }, [](long long x, long long y) { return x + y; },
+        count_scratch);
+  };
+  double cot = 0.0;
+  for (int64_t n = threadIdx.x; n < N; n += blockDim.x) cot += a.row_cot[n];
+  cot = sum_double(cot) / static_cast<double>(N);
+  double loss = 0.0;
+  for (int s = 0; s < S; ++s) {
+    double ce = 0.0;
+    for (int64_t n = threadIdx.x; n < N; n += blockDim.x) ce += a.row_ce[n * S + s];
+    ce = sum_double(ce) / static_cast<double>(N);
+    if (threadIdx.x == 0) a.ce[s] = static_cast<float>(ce);
+    loss += ce;
+  }
+  for (int j = 0; j <= S; ++j) {
+    long long hits = 0;
+    for (int64_t n = threadIdx.x; n < N; n += blockDim.x) hits += a.row_hits[n * (S + 1) + j];
+    hits = sum_count(hits);
+    if (threadIdx.x == 0) a.correct[j] = hits;
+  }
+  if (threadIdx.x == 0) {
+    a.cot[0] = static_cast<float>(cot);
+    a.loss[0] = static_cast<float>(loss + static_cast<double>(a.weight[0]) * cot);
+  }
+}
+
+template <typename scalar_t, int kBranches>
+void launch_rows(const CotrainArgs& a, cudaStream_t stream) {
+  const int threads = threads_for_classes(a.logits.classes);
+  cotrain_rows_kernel<scalar_t, kBranches><<<static_cast<unsigned>(a.logits.rows), threads, 0, stream>>>(a);
+}
+
+template <typename scalar_t>
+void launch_rows_for_dtype(const CotrainArgs& a, cudaStream_t stream) {
+  const int64_t S = a.logits.branches;
+  if (S <= 2) {
+    launch_rows<scalar_t, 2>(a, stream);
+  } else if (S <= 4) {
+    launch_rows<scalar_t, 4>(a, stream);
+  } else if (S <= 8) {
+    launch_rows<scalar_t, 8>(a, stream);
+  } else {
+    launch_rows<scalar_t, kMaxBranches>(a, stream);
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_cotrain_loss(const CotrainArgs& a, cudaStream_t stream) {
+  // The host wrapper has checked 1 <= S <= kMaxBranches and 1 <= K < 2^31.
+  if (a.logits.rows > 0) {
+    switch (a.logits.dtype) {
+      case LogitsDtype::kFloat32:
+        launch_rows_for_dtype<float>(a, stream);
+        break;
+      case LogitsDtype::kBFloat16:
+        launch_rows_for_dtype<c10::BFloat16>(a, stream);
+        break;
+      case LogitsDtype::kFloat16:
+        launch_rows_for_dtype<c10::Half>(a, stream);
+        break;
+    }
+  }
+  cotrain_finalize_kernel<<<1, 256, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+BuildInfo build_info() {
+  BuildInfo info;
+#if defined(__CUDA_ARCH_LIST__)
+  const int archs[] = {__CUDA_ARCH_LIST__};
+  info.archs.assign(archs, archs + sizeof(archs) / sizeof(archs[0]));
+#endif
+  info.cuda_runtime_version = CUDART_VERSION;
+  return info;
+}
+
+}  // namespace cuda
+}  // namespace ops
+}  // namespace divco

@@ -1,0 +1,70 @@
+// Plain-data descriptions of one call of each fused op, filled by the host code from
+// tensors (ops/*.cpp) and read by the CPU and CUDA kernels. Keeping tensors out of the
+// kernel files lets the .cu files include no ATen header, which keeps nvcc builds short.
+#pragma once
+
+#include <cstdint>
+
+namespace divco {
+namespace ops {
+
+enum class LogitsDtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+enum class CotrainKind : int { kJensenShannon = 0, kPairwiseKL = 1 };
+
+enum class EnsembleMode : int { kMeanLogits = 0, kMeanProbs = 1, kGeoMean = 2, kMax = 3 };
+
+// Logits [N, S, K] with arbitrary element strides (no copy is made).
+struct LogitsView {
+  const void* data;
+  LogitsDtype dtype;
+  int64_t rows;      // N
+  int64_t branches;  // S
+  int64_t classes;   // K
+  int64_t stride_row;
+  int64_t stride_branch;
+  int64_t stride_class;
+};
+
+struct CotrainArgs {
+  LogitsView logits;
+  // Exactly one target is set: class indices int64 [N], or soft targets float32 [N, K].
+  const int64_t* target_index;
+  int64_t target_index_stride;
+  const float* target_soft;
+  int64_t target_soft_stride_row;
+  int64_t target_soft_stride_class;
+  const float* weight;  // 0-dim, on the logits' device: read by the kernel, never by the host
+  CotrainKind kind;
+  float inv_temperature;
+  // Per-row partial results, reduced in a fixed order afterwards (deterministic):
+  float* row_ce;      // [N, S]
+  float* row_cot;     // [N]
+  int32_t* row_hits;  // [N, S + 1]: 1 where the branch (then the ensemble) predicts the target
+  // Outputs.
+  void* ensemble;  // [N, K] contiguous, logits dtype (the mean of the branch logits)
+  void* grad;      // [N, S, K] contiguous, logits dtype; nullptr when no gradient is wanted
+  float* loss;     // 0-dim
+  float* ce;       // [S]
+  float* cot;      // 0-dim
+  int64_t* correct;  // [S + 1]
+};
+
+struct EnsembleArgs {
+  LogitsView logits;
+  EnsembleMode mode;
+  void* out;  // [N, K] contiguous, logits dtype
+};
+
+struct EnsembleBackwardArgs {
+  LogitsView logits;
+  EnsembleMode mode;
+  // grad_out [N, K] in the logits dtype, arbitrary strides.
+  const void* grad_out;
+  int64_t grad_out_stride_row;
+  int64_t grad_out_stride_class;
+  void* grad_logits;  // [N, S, K] contiguous, logits dtype
+};
+
+}  // namespace ops
+}  // namespace divco

@@ -1,0 +1,175 @@
+#include "op_common.h"
+
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <string>
+
+namespace divco {
+namespace ops {
+namespace {
+
+std::string shape_string(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (d > 0) s += ", ";
+    s += std::to_string(t.size(d));
+  }
+  return s + "]";
+}
+
+LogitsView check_logits(const at::Tensor& logits, const char* op, c10::DeviceType expected_device) {
+  TORCH_CHECK_VALUE(logits.defined(), op, ": logits must be a tensor [N, S, K]; got an undefined tensor");
+  TORCH_CHECK_VALUE(logits.dim() == 3, op, ": logits must have 3 dims [N, S, K]; got ", logits.dim(),
+                    " dims with shape ", shape_string(logits));
+  const auto st = logits.scalar_type();
+  LogitsDtype dtype;
+  if (st == at::kFloat) {
+    dtype = LogitsDtype::kFloat32;
+  } else if (st == at::kBFloat16) {
+    dtype = LogitsDtype::kBFloat16;
+  } else if (st == at::kHalf) {
+    dtype = LogitsDtype::kFloat16;
+  } else {
+    TORCH_CHECK_VALUE(false, op, ": logits must be float32, bfloat16 or float16; got ", st);
+  }
+  TORCH_CHECK_VALUE(logits.device().type() == expected_device, op, ": this kernel runs on ",
+                    c10::DeviceTypeName(expected_device, /*lower_case=*/true), " tensors; got logits on ",
+                    logits.device());
+  TORCH_CHECK_VALUE(logits.size(1) >= 1, op, ": logits need at least one branch (S >= 1); got shape ",
+                    shape_string(logits));
+  TORCH_CHECK_VALUE(logits.size(2) >= 1, op, ": logits need at least one class (K >= 1); got shape ",
+                    shape_string(logits));
+  return {logits.data_ptr(), dtype,           logits.size(0),   logits.size(1),
+          logits.size(2),    logits.stride(0), logits.stride(1), logits.stride(2)};
+}
+
+void check_same_device(const at::Tensor& t, const at::Tensor& logits, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.device() == logits.device(), op, ": ", name, " must be on the logits' device ",
+                    logits.device(), "; got ", t.device());
+}
+
+CotrainKind parse_kind(std::string_view kind) {
+  if (kind == "js") return CotrainKind::kJensenShannon;
+  if (kind == "kl") return CotrainKind::kPairwiseKL;
+  TORCH_CHECK_VALUE(false, "cotrain_loss_native: kind must be \"js\" or \"kl\"; got \"", std::string(kind), "\"");
+}
+
+EnsembleMode parse_mode(std::string_view mode, const char* op) {
+  if (mode == "mean_logits") return EnsembleMode::kMeanLogits;
+  if (mode == "mean_probs") return EnsembleMode::kMeanProbs;
+  if (mode == "geo_mean") return EnsembleMode::kGeoMean;
+  if (mode == "max") return EnsembleMode::kMax;
+  TORCH_CHECK_VALUE(false, op, ": mode must be one of \"mean_logits\", \"mean_probs\", \"geo_mean\", \"max\"; got \"",
+                    std::string(mode), "\"");
+}
+
+}  // namespace
+
+CotrainCall prepare_cotrain(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
+                            std::string_view kind, double temperature, bool compute_grad,
+                            c10::DeviceType expected_device) {
+  constexpr const char* op = "cotrain_loss_native";
+  CotrainCall call{};
+  CotrainArgs& a = call.args;
+  a.logits = check_logits(logits, op, expected_device);
+  const int64_t N = a.logits.rows, S = a.logits.branches, K = a.logits.classes;
+  a.kind = parse_kind(kind);
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0, op,
+                    ": temperature must be a finite number > 0; got ", temperature);
+  a.inv_temperature = static_cast<float>(1.0 / temperature);
+
+  TORCH_CHECK_VALUE(target.defined(), op, ": target must be int64 class indices [N] or soft targets [N, K]; got an "
+                    "undefined tensor");
+  check_same_device(target, logits, op, "target");
+  if (target.scalar_type() == at::kLong) {
+    TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == N, op,
+                      ": int64 class indices must have shape [N] = [", N, "] for logits of shape ",
+                      shape_string(logits), "; got ", shape_string(target));
+    call.target = target;
+    a.target_index = target.data_ptr<int64_t>();
+    a.target_index_stride = target.stride(0);
+  } else if (at::isFloatingType(target.scalar_type())) {
+    TORCH_CHECK_VALUE(target.dim() == 2 && target.size(0) == N && target.size(1) == K, op,
+                      ": soft targets must have shape [N, K] = [", N, ", ", K, "] for logits of shape ",
+                      shape_string(logits), "; got ", shape_string(target));
+    // The kernels read float32 soft targets (one kernel per logits dtype, not per pair of
+    // dtypes): other float dtypes are converted once, strides are kept as they are.
+    call.target = target.scalar_type() == at::kFloat ? target : target.to(at::kFloat);
+    a.target_soft = call.target.data_ptr<float>();
+    a.target_soft_stride_row = call.target.stride(0);
+    a.target_soft_stride_class = call.target.stride(1);
+  } else {
+    TORCH_CHECK_VALUE(false, op, ": target must be int64 class indices [N] or floating soft targets [N, K]; got ",
+                      target.scalar_type(), " with shape ", shape_string(target));
+  }
+
+  TORCH_CHECK_VALUE(weight.defined() && weight.dim() == 0 && weight.scalar_type() == at::kFloat, op,
+                    ": weight must be a 0-dim float32 tensor; got ",
+                    weight.defined() ? c10::toString(weight.scalar_type()) : "an undefined tensor",
+                    weight.defined() ? " with shape " + shape_string(weight) : std::string());
+  check_same_device(weight, logits, op, "weight");
+  a.weight = weight.data_ptr<float>();
+
+  const auto f32 = logits.options().dtype(at::kFloat);
+  call.loss = at::empty({}, f32);
+  call.ce = at::empty({S}, f32);
+  call.cot = at::empty({}, f32);
+  call.ensemble = at::empty({N, K}, logits.options());
+  call.correct = at::empty({S + 1}, logits.options().dtype(at::kLong));
+  call.grad = compute_grad ? at::empty({N, S, K}, logits.options()) : at::empty({0}, logits.options());
+  call.row_ce = at::empty({N, S}, f32);
+  call.row_cot = at::empty({N}, f32);
+  call.row_hits = at::empty({N, S + 1}, logits.options().dtype(at::kInt));
+
+  a.row_ce = call.row_ce.data_ptr<float>();
+  a.row_cot = call.row_cot.data_ptr<float>();
+  a.row_hits = call.row_hits.data_ptr<int32_t>();
+  a.ensemble = call.ensemble.data_ptr();
+  a.grad = compute_grad ? call.grad.data_ptr() : nullptr;
+  a.loss = call.loss.data_ptr<float>();
+  a.ce = call.ce.data_ptr<float>();
+  a.cot = call.cot.data_ptr<float>();
+  a.correct = call.correct.data_ptr<int64_t>();
+  return call;
+}
+
+EnsembleCall prepare_ensemble(const at::Tensor& logits, std::string_view mode, c10::DeviceType expected_device) {
+  constexpr const char* op = "ensemble_native";
+  EnsembleCall call{};
+  call.args.logits = check_logits(logits, op, expected_device);
+  call.args.mode = parse_mode(mode, op);
+  call.out = at::empty({logits.size(0), logits.size(2)}, logits.options());
+  call.args.out = call.out.data_ptr();
+  return call;
+}
+
+EnsembleBackwardCall prepare_ensemble_backward(const at::Tensor& grad_out, const at::Tensor& logits,
+                                               std::string_view mode, c10::DeviceType expected_device) {
+  constexpr const char* op = "ensemble_native_backward";
+  EnsembleBackwardCall call{};
+  EnsembleBackwardArgs& a = call.args;
+  a.logits = check_logits(logits, op, expected_device);
+  a.mode = parse_mode(mode, op);
+  TORCH_CHECK_VALUE(grad_out.defined() && grad_out.dim() == 2 && grad_out.size(0) == logits.size(0) &&
+                        grad_out.size(1) == logits.size(2),
+                    op, ": grad_out must have shape [N, K] = [", logits.size(0), ", ", logits.size(2),
+                    "] for logits of shape ", shape_string(logits), "; got ",
+                    grad_out.defined() ? shape_string(grad_out) : std::string("an undefined tensor"));
+  TORCH_CHECK_VALUE(at::isFloatingType(grad_out.scalar_type()), op, ": grad_out must be a floating tensor; got ",
+                    grad_out.scalar_type());
+  check_same_device(grad_out, logits, op, "grad_out");
+  // The kernels read grad_out in the logits dtype (the dtype of the ensemble it is the
+  // gradient of); another float dtype is converted once.
+  call.grad_out = grad_out.scalar_type() == logits.scalar_type() ? grad_out : grad_out.to(logits.scalar_type());
+  a.grad_out = call.grad_out.data_ptr();
+  a.grad_out_stride_row = call.grad_out.stride(0);
+  a.grad_out_stride_class = call.grad_out.stride(1);
+  call.grad_logits = at::empty({logits.size(0), logits.size(1), logits.size(2)}, logits.options());
+  a.grad_logits = call.grad_logits.data_ptr();
+  return call;
+}
+
+}  // namespace ops
+}  // namespace divco
