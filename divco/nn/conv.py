@@ -138,8 +138,7 @@ class BranchConv2d(nn.Module):
 
         S = self.branches
         if channels == S * self.in_channels:
-            impl = default_conv_impl(x) if self.impl == "auto" else self.impl
-            if impl == "grouped" or S == 1:
+            if S == 1 or (default_conv_impl(x) if self.impl == "auto" else self.impl) == "grouped":
                 return self._conv(x, self.weight, self.bias, S * self.groups)
             inputs = x.split(self.in_channels, dim=1)
             outputs = [

@@ -1,0 +1,42 @@
+"""divco.benchmark.ops (the fused-op micro-benchmarks) at tiny sizes: records and steps."""
+
+import torch
+
+import divco.ops as ops
+from divco.benchmark import ops as bench_ops
+from divco.ops.triton_backend import kernels_interpreted
+
+
+def test_run_returns_one_record_per_case_and_implementation():
+    cases = [bench_ops.OpCase(8, 2, 5), bench_ops.OpCase(4, 3, 7, kind="kl")]
+    records = bench_ops.run("cpu", cases, repeats=2, warmup=1, compiled=False)
+    impls = bench_ops.implementations("cpu", compiled=False)
+    assert [(r["N"], r["impl"]) for r in records] == [(c.N, i) for c in cases for i in impls]
+    for r in records:
+        assert r["op"] == "cotrain_loss" and r["device"] == "cpu" and r["repeats"] == 2
+        assert len(r["times_s"]) == 2 and r["median_ms"] > 0
+        if r["impl"] == "eager":
+            assert r["speedup_vs_eager"] == 1.0
+    assert "N8 S2 K5 float32 js" in bench_ops.format_table(records)
+
+
+def test_implementations_never_time_the_interpreter():
+    impls = bench_ops.implementations("cpu")
+    assert impls[:2] == ["eager", "compiled"]
+    if kernels_interpreted():
+        assert "triton" not in impls
+
+
+def test_every_step_computes_the_same_gradient():
+    case = bench_ops.OpCase(4, 2, 6, kind="kl")
+    grads = []
+    for impl in bench_ops.implementations("cpu", compiled=False):
+        logits, target = bench_ops.make_inputs(case, "cpu")
+        step = bench_ops.make_step(impl, case, "cpu", inputs=(logits, target))
+        step()
+        step()  # repeated steps overwrite, not accumulate, the gradient
+        grads.append(logits.grad.clone())
+    logits, target = bench_ops.make_inputs(case, "cpu")
+    ops.cotrain_loss(logits, target, weight=0.5, kind="kl", backend="torch").loss.backward()
+    for grad in grads:
+        torch.testing.assert_close(grad, logits.grad)
