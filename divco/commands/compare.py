@@ -1,0 +1,47 @@
+"""divco compare: train the same network undivided and divided (S = 1, 4, ...) and tabulate the results."""
+
+from __future__ import annotations
+
+import json
+
+HELP = "train one network at several S (default 1 and 4) with the same recipe and print a comparison table"
+
+
+def add_arguments(parser) -> None:
+    from ..train.cli_args import add_run_arguments
+
+    add_run_arguments(parser, branches_nargs=True)
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="folder of the runs (DIR/S1, DIR/S4, ...) and of compare.md / compare.json")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.epilog = ("Each run resumes where it stopped: running the same command again continues unfinished runs "
+                     "and reuses finished ones.")
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from ..train import train
+    from ..train.cli_args import config_from_args, exit_code
+    from ..train.comparison import comparison_rows, comparison_table
+    from ..train.run_log import write_json
+
+    if len(set(args.branches)) != len(args.branches):
+        raise ValueError(f"--branches lists a value twice: {args.branches}")
+    out = Path(args.out)
+    results = []
+    for S in args.branches:
+        config = config_from_args(args, out=str(out / f"S{S}"), branches=S, resume=True)
+        result = train(config)
+        if not result.completed:
+            return exit_code(result.interrupted)
+        results.append((config, result))
+    rows = comparison_rows(results)
+    table = comparison_table(rows, results[0][0], results[0][1])
+    write_json(out / "compare.json", rows)
+    from ..data.cache import atomic_write_path
+
+    with atomic_write_path(out / "compare.md") as tmp:
+        tmp.write_text(table + "\n")
+    print(json.dumps(rows) if args.json else table)
+    return 0

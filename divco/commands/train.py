@@ -1,0 +1,31 @@
+"""divco train: divide-and-co-train a network, resumable, on one process or many (torchrun)."""
+
+from __future__ import annotations
+
+import os
+
+HELP = "train S branches of a divided network with co-training (checkpoints and metrics.jsonl in --out)"
+
+
+def add_arguments(parser) -> None:
+    from ..train.cli_args import add_run_arguments
+
+    add_run_arguments(parser)
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="run folder: checkpoints, best.pt, metrics.jsonl, config.json")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its newest checkpoint (same options required)")
+    parser.epilog = ("SIGINT/SIGTERM save a checkpoint and stop (exit status 128 + signal); run the same command "
+                     "with --resume to continue. Multi-GPU: torchrun --nproc_per_node=N -m divco train ...")
+
+
+def run(args) -> int:
+    from ..train import train
+    from ..train.cli_args import config_from_args, exit_code
+
+    config = config_from_args(args, out=args.out, branches=args.branches, resume=args.resume)
+    result = train(config)
+    is_main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints the table
+    if result.final is not None and result.completed and is_main:
+        print(result.final.table(f"{config.model} x{config.branches}, {result.epochs_done} epoch(s): {args.out}"))
+    return exit_code(result.interrupted)

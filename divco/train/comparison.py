@@ -1,0 +1,82 @@
+"""The S = 1 versus S > 1 table of ``divco compare``."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+
+import torch
+
+from .. import __version__
+from .config import TrainConfig
+from .engine import TrainResult
+
+
+def comparison_rows(results: list[tuple[TrainConfig, TrainResult]]) -> list[dict]:
+    rows = []
+    for config, result in results:
+        final = result.final
+        history = result.history
+        train_time = sum(r["epoch_time_s"] for r in history)
+        images = sum(r["train_images"] for r in history)
+        branch_acc = [b.acc for b in final.branches]
+        rows.append({
+            "model": config.model,
+            "branches": config.branches,
+            "epochs": result.epochs_done,
+            "params": result.info.get("params"),
+            "test_ensemble_acc": final.ensemble_acc,
+            "test_branch_acc_mean": sum(branch_acc) / len(branch_acc),
+            "test_branch_acc_best": max(branch_acc),
+            "test_ensemble_acc_by_mode": {mode: s.acc for mode, s in final.ensembles.items()},
+            "test_nll": final.ensembles["mean_logits"].nll,
+            "test_ece": final.ensembles["mean_logits"].ece,
+            "test_disagreement": final.mean_disagreement,
+            "train_images_per_s": images / train_time if train_time > 0 else None,
+            "train_time_s": train_time,
+            "out": str(config.out),
+        })
+    return rows
+
+
+def processor_name() -> str:
+    """The CPU model (from /proc/cpuinfo on Linux), else what the platform module knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def comparison_table(rows: list[dict], config: TrainConfig, example: TrainResult) -> str:
+    """A Markdown table with the setting it was measured in."""
+    header = ("| S | params | ensemble acc % | branch acc % (mean / best) | mean_probs / geo_mean / max acc % "
+              "| NLL | ECE % | disagreement % | train img/s | train time |")
+    lines = [
+        f"divco {__version__}: {config.model} on {example.info.get('dataset')}",
+        f"{rows[0]['epochs']} epochs, batch {config.batch_size}, seed {config.seed}, {example.info.get('device')} "
+        f"({processor_name()}, {torch.get_num_threads()} threads), "
+        f"{example.info.get('precision')}, torch {torch.__version__}, {datetime.date.today().isoformat()}",
+        "",
+        header,
+        "|" + "---|" * (header.count("|") - 1),
+    ]
+    for r in rows:
+        modes = r["test_ensemble_acc_by_mode"]
+        disagreement = "-" if r["test_disagreement"] is None else f"{100 * r['test_disagreement']:.2f}"
+        speed = "-" if r["train_images_per_s"] is None else f"{r['train_images_per_s']:.1f}"
+        lines.append(
+            f"| {r['branches']} | {r['params'] / 1e6:.2f} M | {100 * r['test_ensemble_acc']:.2f} | "
+            f"{100 * r['test_branch_acc_mean']:.2f} / {100 * r['test_branch_acc_best']:.2f} | "
+            f"{100 * modes['mean_probs']:.2f} / {100 * modes['geo_mean']:.2f} / {100 * modes['max']:.2f} | "
+            f"{r['test_nll']:.4f} | {100 * r['test_ece']:.2f} | {disagreement} | {speed} | "
+            f"{_minutes(r['train_time_s'])} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""Standalone branches out of a training checkpoint, as safetensors files, and back.
+
+    paths = divco.train.export_branches("runs/wrn/best.pt", "exported/")   # every branch
+    model = divco.train.load_branch("exported/branch0.safetensors")        # an ordinary nn.Module
+
+Branch ``i`` of a divided network is an ordinary model: a divco model with
+``branches=1`` for the CIFAR family, a torchvision ResNet for the ImageNet family
+(what :func:`divco.unstack` returns).  Its state dict is written with safetensors (no
+pickle) together with the metadata needed to rebuild it: the registered model name,
+the number of branches it was divided into, ``num_classes``, the builder's keyword
+arguments and the branch's ``spec``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .. import __version__, models
+from ..data.cache import atomic_write_path
+from ..models.base import BranchBatchedNetwork
+from ..stacking import unstack
+from .checkpoint import load_checkpoint
+
+EXPORT_FORMAT = "divco-branch"
+
+
+def model_from_checkpoint(checkpoint: Union[str, Path, dict]) -> BranchBatchedNetwork:
+    """The trained branch-batched model of a training checkpoint (on the CPU, eval mode)."""
+    state = load_checkpoint(checkpoint) if not isinstance(checkpoint, dict) else checkpoint
+    info = state["model_info"]
+    model = models.create(info["name"], num_classes=info["num_classes"], branches=info["branches"],
+                          **info.get("model_kwargs", {}))
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def _metadata(model: BranchBatchedNetwork, info: dict, index: int, standalone: nn.Module) -> dict[str, str]:
+    import dataclasses
+
+    spec = dataclasses.asdict(model.spec) if dataclasses.is_dataclass(model.spec) else {}
+    return {
+        "format": EXPORT_FORMAT,
+        "divco_version": __version__,
+        "model_name": info["name"],
+        "branches": str(model.branches),
+        "branch": str(index),
+        "num_classes": str(model.num_classes),
+        "model_kwargs": json.dumps(info.get("model_kwargs", {}), sort_keys=True),
+        "spec": json.dumps(spec, sort_keys=True),
+        "standalone_class": f"{type(standalone).__module__}.{type(standalone).__qualname__}",
+    }
+
+
+def export_branches(checkpoint: Union[str, Path], out: Optional[Union[str, Path]] = None, *,
+                    branch: Optional[int] = None) -> list[Path]:
+    """Write branch ``branch`` (or every branch) of ``checkpoint`` as safetensors; return the paths.
+
+    With ``branch``, ``out`` is the file (default: ``<checkpoint stem>-branch<i>.safetensors``
+    beside the checkpoint); without, ``out`` is a folder (default:
+    ``<checkpoint stem>-branches/``) receiving ``branch<i>.safetensors`` for every i.
+    """
+    from safetensors.torch import save_file
+
+    checkpoint = Path(checkpoint)
+    state = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(state)
+    S = model.branches
+    if branch is not None and (not isinstance(branch, int) or isinstance(branch, bool) or not 0 <= branch < S):
+        raise ValueError(f"branch must be an int in [0, {S}) for this {S}-branch checkpoint, got {branch!r}")
+    indices = [branch] if branch is not None else list(range(S))
+    if branch is not None:
+        default = checkpoint.with_name(f"{checkpoint.stem}-branch{branch}.safetensors")
+        targets = [Path(out) if out is not None else default]
+    else:
+        folder = Path(out) if out is not None else checkpoint.with_name(f"{checkpoint.stem}-branches")
+        targets = [folder / f"branch{i}.safetensors" for i in indices]
+    standalones = unstack(model)
+    written = []
+    for index, target in zip(indices, targets):
+        standalone = standalones[index]
+        tensors = {k: v.contiguous() for k, v in standalone.state_dict().items()}
+        with atomic_write_path(target) as tmp:
+            save_file(tensors, str(tmp), metadata=_metadata(model, state["model_info"], index, standalone))
+        written.append(target)
+    return written
+
+
+def read_branch_metadata(path: Union[str, Path]) -> dict[str, str]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"exported branch {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+    except Exception as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({error})") from None
+    if metadata.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path} is not a divco exported branch (metadata format {metadata.get('format')!r})")
+    return metadata
+
+
+def load_branch(path: Union[str, Path], *, device: Union[str, torch.device] = "cpu") -> nn.Module:
+    """Rebuild an exported branch as an ordinary model (eval mode) with its trained weights."""
+    from safetensors.torch import load_file
+
+    metadata = read_branch_metadata(path)
+    kwargs = json.loads(metadata["model_kwargs"])
+    divided = models.create(metadata["model_name"], num_classes=int(metadata["num_classes"]),
+                            branches=int(metadata["branches"]), **kwargs)
+    import dataclasses
+
+    spec = json.dumps(dataclasses.asdict(divided.spec), sort_keys=True) if dataclasses.is_dataclass(divided.spec) \
+        else "{}"
+    if spec != metadata["spec"]:
+        raise ValueError(
+            f"{path} was exported from a {metadata['model_name']} branch with spec {metadata['spec']}, but this "
+            f"divco builds {spec}: the model definition changed since the export"
+        )
+    model = divided.standalone_model()
+    model.load_state_dict(load_file(str(path), device="cpu"), strict=True)
+    return model.to(device).eval()

@@ -1,0 +1,86 @@
+"""Per-epoch records: metrics.jsonl (one JSON object per epoch) and TensorBoard when installed."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Optional
+
+from ..data.cache import atomic_write_path
+
+METRICS_NAME = "metrics.jsonl"
+CONFIG_NAME = "config.json"
+
+
+def read_metrics(folder) -> list[dict]:
+    path = Path(folder) / METRICS_NAME
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} line {number} is not JSON ({error})") from None
+    return records
+
+
+def write_json(path: Path, value) -> None:
+    with atomic_write_path(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+class RunLog:
+    """Appends epoch records durably; on resume keeps only the epochs the checkpoint covers."""
+
+    def __init__(self, folder: Path, *, tensorboard: bool, epochs_done: int = 0) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / METRICS_NAME
+        kept = [r for r in read_metrics(self.folder) if r.get("epoch", 0) <= epochs_done]
+        if self.path.exists() or kept:
+            # Epochs after the checkpoint are recomputed: drop their records (atomically).
+            with atomic_write_path(self.path) as tmp:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.records = kept
+        self.writer = self._tensorboard(purge_step=epochs_done + 1) if tensorboard else None
+
+    def _tensorboard(self, purge_step: int):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # optional: the tensorboard package is not installed
+            return None
+        try:
+            return SummaryWriter(log_dir=str(self.folder / "tensorboard"), purge_step=purge_step)
+        except Exception as error:  # never let the optional logger stop training
+            warnings.warn(f"TensorBoard logging disabled: {error}", stacklevel=2)
+            return None
+
+    def append(self, record: dict) -> None:
+        line = json.dumps(record) + "\n"
+        with open(self.path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        self.records.append(record)
+        if self.writer is not None:
+            step = record["epoch"]
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
+                    self.writer.add_scalar(key, value, step)
+                elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+                    for i, v in enumerate(value):
+                        self.writer.add_scalar(f"{key}/{i}", v, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    @property
+    def last(self) -> Optional[dict]:
+        return self.records[-1] if self.records else None
