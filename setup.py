@@ -136,6 +136,10 @@ def native_extensions() -> tuple[list, dict]:
     sources = paths(config["sources"]["cpu"])
     include_dirs = [str(CSRC / d) for d in config["include_dirs"]]
     cxx_flags = list(config["cxx_flags"]) if sys.platform != "win32" else ["/O2"]
+    link_flags: list[str] = []
+    if sys.platform.startswith("linux"):
+        cxx_flags += config["openmp_flags"]
+        link_flags += config["openmp_flags"]
     nvcc_flags = list(config["nvcc_flags"])
     try:
         import pybind11
@@ -153,6 +157,7 @@ def native_extensions() -> tuple[list, dict]:
             sources + paths(config["sources"]["cuda"]),
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags + defines, "nvcc": nvcc_flags + defines},
+            extra_link_args=link_flags,
         )
         # After the toolkit's own include folder, which CUDAExtension put last.
         extension.include_dirs += nvidia_wheel_include_dirs()
@@ -162,7 +167,8 @@ def native_extensions() -> tuple[list, dict]:
         )
     else:
         extension = CppExtension(
-            config["extension"], sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}
+            config["extension"], sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -44,7 +44,7 @@ def build_methods(name: str, branches: int, num_classes: int):
     for fmt in ("nchw", "channels_last"):
         mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
 
-        def prepare(m):
+        def prepare(m, mf=mf):
             return m.to(memory_format=mf)
 
         for label, execution, impl in [

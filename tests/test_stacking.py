@@ -156,7 +156,8 @@ def test_stack_of_mismatched_architectures_raises():
         divco.stack([c, d])
     with torch.device("meta"):
         r18, r34 = tv.resnet18(), tv.resnet34()
-    with pytest.raises(ValueError, match=r"layers=\(2, 2, 2, 2\).*model 1 is BranchBatchedResNet\(.*layers=\(3, 4, 6, 3\)"):
+    mismatch = r"layers=\(2, 2, 2, 2\).*model 1 is BranchBatchedResNet\(.*layers=\(3, 4, 6, 3\)"
+    with pytest.raises(ValueError, match=mismatch):
         divco.stack([r18, r34])
     p, _ = build("pyramidnet", 1)
     with pytest.raises(ValueError, match="model 1 is BranchBatchedPyramidNet"):

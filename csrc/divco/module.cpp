@@ -23,6 +23,11 @@ py::dict build_info() {
   py::dict info;
   info["cpu_kernels"] = kOperators;
   info["cpu_avx2_clone"] = divco::ops::cpu::kHasAvx2Clone;
+#if defined(_OPENMP)
+  info["cpu_openmp"] = true;  // at::parallel_for spreads rows over torch's intra-op threads
+#else
+  info["cpu_openmp"] = false;
+#endif
 #if defined(DIVCO_WITH_CUDA)
   const auto cuda = divco::ops::cuda::build_info();
   info["cuda_kernels"] = kOperators;

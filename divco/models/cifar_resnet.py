@@ -217,7 +217,8 @@ def _register_wide_resnet(depth: int, widen_factor: int) -> None:
         return _build(wide_resnet_spec(depth, widen_factor, num_classes, branches, divide), branches, **kw)
 
 
-for _depth, _k in [(16, 4), (16, 8), (16, 12), (28, 10), (40, 10), (52, 8)]:
+# WRN-16-2 is not in the paper: a CPU-sized network for quick runs and the README's demo.
+for _depth, _k in [(16, 2), (16, 4), (16, 8), (16, 12), (28, 10), (40, 10), (52, 8)]:
     _register_wide_resnet(_depth, _k)
 
 

@@ -74,6 +74,13 @@ def test_cpu_kernels_have_an_avx2_clone_on_x86_64_linux(native):
     assert native.build_info()["cpu_avx2_clone"] is True
 
 
+def test_cpu_kernels_run_on_torchs_threads_on_linux(native):
+    """Without -fopenmp, at::parallel_for (an OpenMP pragma in ATen's headers) runs one thread."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the OpenMP flags are only given on Linux")
+    assert native.build_info()["cpu_openmp"] is True
+
+
 def test_divco_imports_without_the_extension():
     """`import divco` never needs divco._C; the fused ops then fall back to torch / triton."""
     code = (
@@ -131,14 +138,16 @@ def test_build_config_lists_existing_sources():
 # -- CMake ------------------------------------------------------------------------------------
 
 
-CMAKE_TEST = os.environ.get("DIVCO_TEST_CMAKE", "").strip().lower()
+# configure (the default, about 30 s): CMakeLists.txt reads build_config.json and finds torch;
+# build: also compile, link and load the module (minutes with CUDA); off: skip.
+CMAKE_TEST = os.environ.get("DIVCO_TEST_CMAKE", "configure").strip().lower()
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="no cmake")
 @pytest.mark.skipif(
     CMAKE_TEST not in ("configure", "build"),
-    reason="set DIVCO_TEST_CMAKE=configure (about 30 s) or =build (minutes) to test CMakeLists.txt",
+    reason="DIVCO_TEST_CMAKE is not configure (the default) or build",
 )
 def test_cmake_builds_from_the_same_build_config(tmp_path):
     """Configure, and with DIVCO_TEST_CMAKE=build build and load, CMakeLists.txt."""
@@ -173,7 +182,8 @@ def test_cmake_builds_from_the_same_build_config(tmp_path):
         f"spec = importlib.util.spec_from_file_location('divco._C', {str(module)!r})\n"
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
         "print(m.build_info()['cpu_kernels'])\n"
-        "out = torch.ops.divco.cotrain_loss_native(torch.randn(4, 2, 5), torch.arange(4), torch.tensor(0.5), 'js', 1.0, True)\n"
+        "out = torch.ops.divco.cotrain_loss_native(\n"
+        "    torch.randn(4, 2, 5), torch.arange(4), torch.tensor(0.5), 'js', 1.0, True)\n"
         "assert torch.isfinite(out[0])\n"
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)

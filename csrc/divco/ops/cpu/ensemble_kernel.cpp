@@ -164,8 +164,9 @@ DIVCO_CPU_TARGET_CLONES void ensemble_backward_rows_f16(const EnsembleBackwardAr
   ensemble_backward_rows<c10::Half>(a, begin, end);
 }
 
+// Fewest rows worth a thread (as in cotrain_loss_kernel.cpp).
 int64_t grain_size(int64_t branches, int64_t classes) {
-  return std::max<int64_t>(1, 16384 / std::max<int64_t>(branches * classes, 1));
+  return std::max<int64_t>(1, 4096 / std::max<int64_t>(branches * classes, 1));
 }
 
 }  // namespace
