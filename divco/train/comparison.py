@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import datetime
-import platform
 
 import torch
 
 from .. import __version__
+from ..benchmark.environment import cpu_model
 from .config import TrainConfig
 from .engine import TrainResult
 
@@ -39,18 +39,6 @@ def comparison_rows(results: list[tuple[TrainConfig, TrainResult]]) -> list[dict
     return rows
 
 
-def processor_name() -> str:
-    """The CPU model (from /proc/cpuinfo on Linux), else what the platform module knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
@@ -62,7 +50,7 @@ def comparison_table(rows: list[dict], config: TrainConfig, example: TrainResult
     lines = [
         f"divco {__version__}: {config.model} on {example.info.get('dataset')}",
         f"{rows[0]['epochs']} epochs, batch {config.batch_size}, seed {config.seed}, {example.info.get('device')} "
-        f"({processor_name()}, {torch.get_num_threads()} threads), "
+        f"({cpu_model()}, {torch.get_num_threads()} threads), "
         f"{example.info.get('precision')}, torch {torch.__version__}, {datetime.date.today().isoformat()}",
         "",
         header,
