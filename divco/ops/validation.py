@@ -83,8 +83,11 @@ def _should_check_range(target: Tensor) -> bool:
 
 def check_class_range(target: Tensor, num_classes: int) -> None:
     """ValueError naming the first class index outside [0, num_classes)."""
-    bad = (target < 0) | (target >= num_classes)
-    if bool(bad.any()):
+    if target.numel() == 0:
+        return
+    low, high = torch.aminmax(target)  # one pass; the slower search below runs only on failure
+    if int(low) < 0 or int(high) >= num_classes:
+        bad = (target < 0) | (target >= num_classes)
         i = int(bad.nonzero()[0, 0])
         raise ValueError(
             f"target[{i}] = {int(target[i])} is not a class index in [0, {num_classes - 1}] "

@@ -95,6 +95,15 @@ def test_unavailable_backend_from_the_environment(monkeypatch):
         ops.ensemble(logits)
 
 
+def test_device_mismatch_is_caught_before_any_kernel():
+    """The checks run on any machine: the meta device stands in for a GPU here."""
+    logits, target = good()
+    with pytest.raises(ValueError, match=r"target is on cpu but logits are on meta; expected the same device"):
+        ops.cotrain_loss(logits.to("meta"), target)
+    with pytest.raises(ValueError, match=r"weight is on cpu but logits are on meta"):
+        ops.cotrain_loss(logits.to("meta"), target.to("meta"), weight=torch.tensor(0.5))
+
+
 @pytest.mark.gpu
 def test_device_mismatch():
     logits, target = good()
