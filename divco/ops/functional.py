@@ -75,7 +75,8 @@ def cotrain_loss(
             "detach them or use backend='torch'"
         )
     if isinstance(weight, Tensor):
-        weight_tensor = weight.to(torch.float32)
+        # Tensor.to costs microseconds even when it returns self: skip it where it would.
+        weight_tensor = weight if weight.dtype == torch.float32 else weight.to(torch.float32)
     else:
         # A fill, not a host-to-device copy: allowed inside CUDA-graph capture.
         weight_tensor = torch.full((), weight, dtype=torch.float32, device=logits.device)

@@ -35,7 +35,7 @@ def _cotrain_backward(ctx, grad_loss, grad_ce, grad_cot, grad_ensemble, grad_cor
                 "cotrain_loss was called with compute_grad=False, so it stored no gradient; "
                 "call divco.ops.cotrain_loss with grad mode enabled to differentiate it"
             )
-        grad_logits = grad * grad_loss.to(grad.dtype)
+        grad_logits = grad * (grad_loss if grad_loss.dtype == grad.dtype else grad_loss.to(grad.dtype))
     if ctx.needs_input_grad[2]:
         grad_weight = grad_loss * cot
     return grad_logits, None, grad_weight, None, None, None

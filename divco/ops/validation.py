@@ -67,7 +67,8 @@ def check_target(target: object, logits: Tensor) -> Tensor:
             f"class indices must have shape [N] = [{N}] to match logits {tuple(logits.shape)}, "
             f"got {tuple(target.shape)}"
         )
-    target = target.to(torch.int64)
+    if target.dtype != torch.int64:
+        target = target.to(torch.int64)
     if _should_check_range(target):
         check_class_range(target, K)
     return target
