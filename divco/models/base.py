@@ -7,10 +7,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..nn import single_branch
+from ..nn import BranchBatchNorm2d, BranchConv2d, single_branch
 from ..nn.branching import check_branches, per_branch_pass
 
 EXECUTIONS = ("auto", "batched", "per_branch")
+
+
+def init_convolutions_and_batchnorms(model: nn.Module) -> None:
+    """The ResNet family's initialisation (torchvision's and the official code's): He-normal
+    (fan_out, per branch) convolutions with zero biases, unit-scale zero-shift BatchNorms."""
+    for m in model.modules():
+        if isinstance(m, BranchConv2d):
+            m.kaiming_normal_(mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, BranchBatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 def default_execution(x: Tensor) -> str:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..nn import BranchBatchNorm2d, BranchConv2d, BranchLinear
 from ..nn.branching import active_branch_count
-from .base import BranchBatchedNetwork
+from .base import BranchBatchedNetwork, init_convolutions_and_batchnorms
 from .dividing import cifar_base_width, divided_groups, divided_widen_factor
 from .registry import register
 
@@ -161,15 +161,9 @@ class BranchBatchedCifarResNet(BranchBatchedNetwork):
         return nn.Sequential(*layers), out
 
     def _init_weights(self) -> None:
+        init_convolutions_and_batchnorms(self)
         for m in self.modules():
-            if isinstance(m, BranchConv2d):
-                m.kaiming_normal_(mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, BranchBatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, BranchLinear):
+            if isinstance(m, BranchLinear):
                 nn.init.normal_(m.weight, std=1e-3)
                 nn.init.zeros_(m.bias)
         if self.spec.zero_init_residual:

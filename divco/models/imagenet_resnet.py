@@ -36,7 +36,7 @@ from torchvision.models import resnet as tv
 from ..nn import BranchBatchNorm2d, BranchConv2d, BranchLinear
 from ..nn.branching import active_branch_count
 from ..stacking import register_standalone
-from .base import BranchBatchedNetwork
+from .base import BranchBatchedNetwork, init_convolutions_and_batchnorms
 from .dividing import divided_groups, divided_widen_factor, imagenet_base_width
 from .registry import register
 
@@ -174,13 +174,7 @@ class BranchBatchedResNet(BranchBatchedNetwork):
         self._init_weights(zero_init_residual)
 
     def _init_weights(self, zero_init_residual: bool) -> None:
-        # torchvision's: He-normal (fan_out, per branch) convolutions, unit BN, the default Linear init.
-        for m in self.modules():
-            if isinstance(m, BranchConv2d):
-                m.kaiming_normal_(mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, BranchBatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_convolutions_and_batchnorms(self)  # torchvision's; the Linear keeps its default init
         if zero_init_residual:
             for m in self.modules():
                 if isinstance(m, (BasicBlock, Bottleneck)):

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..nn import BranchBatchNorm2d, BranchConv2d, BranchLinear, BranchShakeDrop
 from ..nn.branching import active_branch_count
-from .base import BranchBatchedNetwork
+from .base import BranchBatchedNetwork, init_convolutions_and_batchnorms
 from .registry import register
 
 
@@ -150,13 +150,7 @@ class BranchBatchedPyramidNet(BranchBatchedNetwork):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # As the official code: He-normal (fan_out) convolutions, unit BN, the default Linear init.
-        for m in self.modules():
-            if isinstance(m, BranchConv2d):
-                m.kaiming_normal_(mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, BranchBatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_convolutions_and_batchnorms(self)  # as the official code; the Linear keeps its default init
 
     def forward_branches(self, x: Tensor) -> Tensor:
         x = self.bn1(self.conv1(x))
