@@ -1,0 +1,90 @@
+"""divco ensemble-curve: accuracy of every ensemble size n = 1..S of runs' members against FLOPs.
+
+Reading a run is one function, :func:`load_run_members` (RUN_DIR -> RunMembers); ``run`` takes
+another through its ``load_run`` parameter, so the loading can be rewired without touching the
+curve.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+HELP = "accuracy of ensembles of n = 1..S members of runs against FLOPs (curve.json, curve.md, curve.png)"
+
+#: The checkpoint of a run directory the curve evaluates.
+RUN_CHECKPOINT = "best.pt"
+
+
+def add_arguments(parser) -> None:
+    from ..ensembles.combine import WEIGHTED_ENSEMBLE_MODES
+    from ..ensembles.curve import DEFAULT_CURVE_MODE, DEFAULT_MAX_SUBSETS
+
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help=f"training run directories (their {RUN_CHECKPOINT} is evaluated) or checkpoint files")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for curve.json, curve.md and curve.png")
+    parser.add_argument("--mode", default=DEFAULT_CURVE_MODE, choices=WEIGHTED_ENSEMBLE_MODES,
+                        help="how members are combined (default: geometric mean of probabilities, as Kondratyuk)")
+    parser.add_argument("--max-subsets", type=int, default=DEFAULT_MAX_SUBSETS,
+                        help="member subsets averaged per ensemble size when there are more (fixed-seed sample)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the subset sample")
+    parser.add_argument("--data", default=None, help="data to test on (default: each run's training data)")
+    parser.add_argument("--test-subset", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--cache-dir", default=None)
+
+
+def load_run_members(run_dir, args):
+    """RunMembers of one run: its best checkpoint's members' test logits, label and member FLOPs.
+
+    The label is the network and its branch count, e.g. "wide_resnet16_1 (S=4)"; the FLOPs are
+    2 x the multiply-accumulates of one member (one branch) on one test image.
+    """
+    import torch
+
+    from ..data import Normalize, load_dataset
+    from ..ensembles.curve import RunMembers
+    from ..summary import summary
+    from ..train.checkpoint import load_checkpoint
+    from ..train.evaluation import predict
+    from ..train.export import model_from_checkpoint
+    from ..train.runtime import resolve_device
+
+    path = Path(run_dir)
+    checkpoint = path / RUN_CHECKPOINT if path.is_dir() else path
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"{run_dir}: no {RUN_CHECKPOINT} (expected a training run directory or a checkpoint)")
+    state = load_checkpoint(checkpoint)
+    config, info = state["config"], state["model_info"]
+    data = args.data if args.data is not None else config["data"]
+    test_subset = args.test_subset
+    if test_subset is None and data == config["data"]:
+        test_subset = config.get("test_subset")
+    dataset = load_dataset(data, image_size=config.get("image_size"), cache_dir=args.cache_dir).subset(test=test_subset)
+    if dataset.num_classes != info["num_classes"]:
+        raise ValueError(f"{data} has {dataset.num_classes} classes but {checkpoint} predicts {info['num_classes']}")
+    device = resolve_device(args.device)
+    model = model_from_checkpoint(state)
+    member_macs = summary(model, tuple(dataset.test_images.shape[1:])).macs_per_branch
+    model = model.to(device)
+    normalize = Normalize(state["dataset"]["mean"], state["dataset"]["std"], device)
+    logits = predict(model, dataset.test_images.to(device), normalize, batch_size=args.batch_size)  # [N, S, K]
+    return RunMembers(label=f"{info['name']} (S={info['branches']})", logits=logits.transpose(0, 1).to(torch.float64),
+                      labels=dataset.test_labels.to(device), member_flops=2.0 * member_macs, source=str(run_dir))
+
+
+def run(args, load_run: Optional[Callable] = None) -> int:
+    """Load every run (``load_run(run_dir, args) -> RunMembers``), compute and write the curve."""
+    from ..ensembles.curve import curve_table, ensemble_curve, write_curve
+
+    if not isinstance(args.max_subsets, int) or args.max_subsets < 1:
+        raise ValueError(f"--max-subsets must be an int >= 1, got {args.max_subsets!r}")
+    load = load_run if load_run is not None else load_run_members
+    runs = [load(run_dir, args) for run_dir in args.runs]
+    curve = ensemble_curve(runs, mode=args.mode, max_subsets=args.max_subsets, seed=args.seed)
+    written = write_curve(curve, args.out)
+    print(curve_table(curve), end="")
+    for name, path in written.items():
+        print(f"wrote {path}" if path is not None else f"{name} not drawn: matplotlib is not installed")
+    return 0
