@@ -44,8 +44,8 @@ def _check(probs: Tensor, labels: Tensor, what: str = "probs") -> None:
         raise ValueError(f"{what} must hold at least one sample, got shape {tuple(probs.shape)}")
     if not isinstance(labels, Tensor) or labels.shape != (probs.shape[0],) or labels.is_floating_point() \
             or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor [{probs.shape[0]}], got "
-                         f"{(labels.dtype, tuple(labels.shape)) if isinstance(labels, Tensor) else type(labels).__name__}")
+        got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be an integer tensor [{probs.shape[0]}], got {got}")
 
 
 def _check_bins(bins: int) -> None:
@@ -152,6 +152,8 @@ def fit_temperature(logits: Tensor, labels: Tensor, *, max_iter: int = 100) -> f
 
     LBFGS (strong-Wolfe line search) on log T in float64, starting from T = 1. Fit it on
     held-out data (:func:`held_out_split`), never on the samples the metrics are reported on.
+    Logits that carry no information about the labels make the uniform distribution optimal:
+    T then grows very large (the NLL's infimum is at T -> inf), and that large T is returned.
     """
     _check(logits, labels, "logits")
     logits = logits.detach().to(torch.float64)

@@ -117,6 +117,26 @@ def soft_errors(true_class_probs: Tensor) -> Tensor:
     return 1.0 - true_class_probs.to(torch.float64)
 
 
+def checkpoint_errors(logits: Tensor, labels: Tensor, error_kind: str = "zero_one") -> Tensor:
+    """The per-sample errors of a checkpoint's training-set logits [N, K] (or [N, 1, K]) for
+    :func:`samme_update`: bool wrong[N] ("zero_one") or 1 - p(true class) ("probability")."""
+    if error_kind not in ERROR_KINDS:
+        raise ValueError(f"error_kind must be one of {', '.join(map(repr, ERROR_KINDS))}; got {error_kind!r}")
+    if isinstance(logits, Tensor) and logits.dim() == 3 and logits.shape[1] == 1:
+        logits = logits[:, 0]
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating-point tensor [N, K] or [N, 1, K], got "
+                         f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}")
+    if not isinstance(labels, Tensor) or labels.shape != (logits.shape[0],) or labels.is_floating_point():
+        raise ValueError(f"labels must be integer class indices [{logits.shape[0]}], got "
+                         f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
+    labels = labels.long().to(logits.device)
+    if error_kind == "zero_one":
+        return logits.argmax(dim=-1) != labels
+    probs = torch.softmax(logits.to(torch.float64), dim=-1)
+    return soft_errors(probs.gather(1, labels[:, None]).squeeze(1))
+
+
 def loss_weights(weights: Tensor) -> Tensor:
     """Per-sample loss weights with mean 1 over the data set: w_i * N / sum(w).
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from divco.ensembles.boosting import (BoostingState, checkpoint_epochs, loss_weights, samme_update,
+from divco.ensembles.boosting import (BoostingState, checkpoint_epochs, checkpoint_errors, loss_weights, samme_update,
                                       soft_errors)
 
 
@@ -242,3 +242,16 @@ def test_from_dict_rejects_damaged_state():
         BoostingState.from_dict({**record, "next_checkpoint": 1})
     with pytest.raises(ValueError, match=r"shape \[4\]"):
         BoostingState.from_dict({**record, "weights": uniform(5)})
+
+
+def test_checkpoint_errors_from_logits():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]])  # top-1: 0, 2, 0 (tie -> 0)
+    labels = torch.tensor([0, 1, 1])
+    assert checkpoint_errors(logits, labels).tolist() == [False, True, True]
+    assert checkpoint_errors(logits[:, None], labels).tolist() == [False, True, True]  # [N, 1, K] as a model gives
+    p_true = torch.softmax(logits.double(), -1)[torch.arange(3), labels]
+    torch.testing.assert_close(checkpoint_errors(logits, labels, "probability"), 1 - p_true)
+    with pytest.raises(ValueError, match="error_kind"):
+        checkpoint_errors(logits, labels, "hinge")
+    with pytest.raises(ValueError, match=r"\[N, K\]"):
+        checkpoint_errors(logits[None], labels)

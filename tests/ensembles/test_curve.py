@@ -52,7 +52,8 @@ def test_vote_accuracies_by_hand():
 
 def test_geometric_mean_differs_from_mean_of_probabilities_by_hand():
     # one image of class 1; members (0.9, 0.1), (0.9, 0.1), (0.001, 0.999):
-    # mean of probabilities (0.6003, 0.3997) -> 0; geometric (0.81 * 0.001)^(1/3) = 0.093 < (0.01 * 0.999)^(1/3) = 0.215 -> 1
+    # mean of probabilities (0.6003, 0.3997) -> 0;
+    # geometric (0.81 * 0.001)^(1/3) = 0.093 < (0.01 * 0.999)^(1/3) = 0.215 -> 1
     probs = torch.tensor([[[0.9, 0.1]], [[0.9, 0.1]], [[0.001, 0.999]]], dtype=torch.float64)
     logits, labels = probs.log(), torch.tensor([1])
     assert size_accuracies(logits, labels, mode="geo_mean")[2]["accuracy"] == 1.0

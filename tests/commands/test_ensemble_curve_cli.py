@@ -1,0 +1,71 @@
+"""divco ensemble-curve: the command around divco.ensembles.curve, with a stand-in loader and a real run."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from divco.commands import ensemble_curve
+from divco.ensembles.curve import RunMembers
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    ensemble_curve.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def fake_loader(calls):
+    def load(run_dir, args):
+        calls.append(run_dir)
+        S = 1 if run_dir.endswith("single") else 4
+        g = torch.Generator().manual_seed(len(run_dir))
+        return RunMembers(f"net-{S}", torch.randn(S, 50, 10, generator=g, dtype=torch.float64),
+                          torch.randint(0, 10, (50,), generator=g), 1e6 * (4 if S == 1 else 1), run_dir)
+    return load
+
+
+def test_command_writes_the_curve_of_every_run(tmp_path, capsys):
+    calls = []
+    args = parse(["runs/a", "runs/single", "--out", str(tmp_path / "curve"), "--mode", "mean_probs"])
+    assert ensemble_curve.run(args, load_run=fake_loader(calls)) == 0
+    assert calls == ["runs/a", "runs/single"]
+    curve = json.loads((tmp_path / "curve" / "curve.json").read_text())
+    assert curve["mode"] == "mean_probs" and [len(c["points"]) for c in curve["curves"]] == [4, 1]
+    out = capsys.readouterr().out
+    assert "| net-4 | 4 | 4.00 M |" in out and "wrote" in out
+
+
+def test_command_rejects_a_bad_subset_count(tmp_path):
+    with pytest.raises(ValueError, match="--max-subsets"):
+        ensemble_curve.run(parse(["r", "--out", str(tmp_path), "--max-subsets", "0"]), load_run=fake_loader([]))
+
+
+def test_missing_run_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="best.pt"):
+        ensemble_curve.load_run_members(tmp_path / "nothing", parse([str(tmp_path), "--out", str(tmp_path)]))
+
+
+@pytest.mark.slow
+def test_real_run_members_match_the_trained_model(tmp_path):
+    from divco.data import AugmentConfig
+    from divco.train import TrainConfig, train
+
+    config = TrainConfig(model="wide_resnet16_4", data="digits", image_size=8, progress=False, tensorboard=False,
+                         augment=AugmentConfig(crop_padding=1), branches=2, epochs=1, batch_size=16,
+                         train_subset=32, test_subset=16, out=str(tmp_path / "run"))
+    train(config)
+    args = parse([str(tmp_path / "run"), "--out", str(tmp_path / "curve"), "--device", "cpu"])
+    members = ensemble_curve.load_run_members(str(tmp_path / "run"), args)
+    assert members.label == "wide_resnet16_4 (S=2)" and members.logits.shape == (2, 16, 10)
+    from divco import models, summary
+    macs = summary(models.create("wide_resnet16_4", num_classes=10, branches=2), (3, 8, 8)).macs_per_branch
+    assert members.member_flops == 2.0 * macs
+
+    from divco.train.evaluate_checkpoint import evaluate_checkpoint
+    result, _ = evaluate_checkpoint(tmp_path / "run" / "best.pt", device="cpu")
+    accuracy = [float((members.logits[s].argmax(-1) == members.labels).double().mean()) for s in range(2)]
+    assert accuracy == pytest.approx([b.acc for b in result.branches])
+    assert ensemble_curve.run(args) == 0
+    assert (tmp_path / "curve" / "curve.md").is_file()
