@@ -34,6 +34,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from ..vocabulary import check_choice
+
 #: How a checkpoint's per-sample error is measured (see the module docstring).
 ERROR_KINDS: tuple[str, ...] = ("zero_one", "probability")
 
@@ -120,8 +122,7 @@ def soft_errors(true_class_probs: Tensor) -> Tensor:
 def checkpoint_errors(logits: Tensor, labels: Tensor, error_kind: str = "zero_one") -> Tensor:
     """The per-sample errors of a checkpoint's training-set logits [N, K] (or [N, 1, K]) for
     :func:`samme_update`: bool wrong[N] ("zero_one") or 1 - p(true class) ("probability")."""
-    if error_kind not in ERROR_KINDS:
-        raise ValueError(f"error_kind must be one of {', '.join(map(repr, ERROR_KINDS))}; got {error_kind!r}")
+    check_choice("error_kind", error_kind, ERROR_KINDS)
     if isinstance(logits, Tensor) and logits.dim() == 3 and logits.shape[1] == 1:
         logits = logits[:, 0]
     if not isinstance(logits, Tensor) or logits.dim() != 2 or not logits.is_floating_point():
@@ -187,8 +188,7 @@ class BoostingState:
             raise ValueError(f"num_samples must be an int >= 1, got {self.num_samples!r}")
         if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {self.num_classes!r}")
-        if self.error_kind not in ERROR_KINDS:
-            raise ValueError(f"error_kind must be one of {', '.join(map(repr, ERROR_KINDS))}; got {self.error_kind!r}")
+        check_choice("error_kind", self.error_kind, ERROR_KINDS)
         if not (isinstance(self.shrinkage, (int, float)) and math.isfinite(self.shrinkage) and self.shrinkage > 0):
             raise ValueError(f"shrinkage must be a finite number > 0, got {self.shrinkage!r}")
         self.schedule = checkpoint_epochs(self.epochs, self.checkpoints)
