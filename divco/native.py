@@ -32,9 +32,10 @@ REBUILD_HINT = "rebuild it against this torch: pip install --no-build-isolation 
 _loaded: Optional[tuple[Optional[ModuleType], str]] = None  # (module or None, why not), found once
 
 
-def read_build_record(path: Path = BUILD_RECORD) -> Optional[dict]:
+def read_build_record(path: Optional[Path] = None) -> Optional[dict]:
     """The build record setup.py wrote (torch_version, torch_cuda_version, flags...), or None
     where there is none (a build older than the record, or a CMake build)."""
+    path = BUILD_RECORD if path is None else path
     try:
         record = json.loads(path.read_text())
     except FileNotFoundError:
