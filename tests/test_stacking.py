@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torchvision.models import resnet as tv
 
-import divco
+pytest.importorskip("torchvision", reason="torchvision is optional (divco[vision])")
+from torchvision.models import resnet as tv  # noqa: E402
+
+import divco  # noqa: E402
 from divco.models.base import BranchBatchedNetwork
 from divco.models.imagenet_resnet import BranchBatchedResNet, describe_torchvision_resnet
 

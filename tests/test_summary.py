@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torchvision
 
 import divco
 
@@ -15,6 +14,7 @@ from model_matrix import shapes_only
 
 
 def test_resnet50_has_the_usual_4_1_gmacs():
+    torchvision = pytest.importorskip("torchvision", reason="torchvision is optional (divco[vision])")
     with shapes_only():
         ours = divco.summary(divco.models.create("resnet50"), (3, 224, 224))
         theirs = divco.summary(torchvision.models.resnet50(), (3, 224, 224))

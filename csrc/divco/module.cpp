@@ -19,8 +19,23 @@ namespace {
 
 const std::vector<std::string> kOperators = {"cotrain_loss_native", "ensemble_native", "ensemble_native_backward"};
 
+// setup.py / CMake pass the torch version (and torch's CUDA version) as bare tokens, e.g.
+// -DDIVCO_TORCH_VERSION=2.14.1+cu130; stringified here.
+#define DIVCO_STRINGIFY_TOKENS(x) #x
+#define DIVCO_STRINGIFY(x) DIVCO_STRINGIFY_TOKENS(x)
+
 py::dict build_info() {
   py::dict info;
+#if defined(DIVCO_TORCH_VERSION)
+  info["torch_version"] = DIVCO_STRINGIFY(DIVCO_TORCH_VERSION);  // the torch compiled against
+#else
+  info["torch_version"] = py::none();
+#endif
+#if defined(DIVCO_TORCH_CUDA_VERSION)
+  info["torch_cuda_version"] = DIVCO_STRINGIFY(DIVCO_TORCH_CUDA_VERSION);  // that torch's CUDA
+#else
+  info["torch_cuda_version"] = py::none();  // a CPU-only torch
+#endif
   info["cpu_kernels"] = kOperators;
   info["cpu_avx2_clone"] = divco::ops::cpu::kHasAvx2Clone;
 #if defined(_OPENMP)

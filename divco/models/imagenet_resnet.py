@@ -20,18 +20,26 @@ builds the instance the way the constructor does, with other widths: an empty
 ``ResNet`` (``ResNet.__new__`` + ``nn.Module.__init__``), the attributes that
 torchvision's ``_make_layer`` reads (``inplanes, dilation, groups, base_width,
 _norm_layer``), and the stages made by that ``_make_layer``.
+
+torchvision is optional (``pip install "divco[vision]"``): the branch-batched networks do not
+need it; only the conversions to and from torchvision ResNets (unstack, stack, export) import
+it, when called, through :func:`torchvision_resnets`.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from dataclasses import dataclass
-from typing import Optional
+from types import ModuleType
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import resnet as tv
+
+if TYPE_CHECKING:
+    from torchvision.models import resnet as tv
 
 from ..nn import BranchBatchNorm2d, BranchConv2d, BranchLinear
 from ..nn.branching import active_branch_count
@@ -193,6 +201,19 @@ class BranchBatchedResNet(BranchBatchedNetwork):
 
 # -- torchvision interoperability -----------------------------------------------------------
 
+VISION_EXTRA_HINT = 'pip install "divco[vision]" (a torchvision built for your torch)'
+
+
+def torchvision_resnets() -> ModuleType:
+    """``torchvision.models.resnet``, imported on first use: torchvision is an optional extra."""
+    try:
+        return importlib.import_module("torchvision.models.resnet")
+    except (ImportError, OSError, RuntimeError) as error:  # absent, or built for another torch
+        raise ImportError(
+            f"converting between divco and torchvision ResNets (stack, unstack, export of the ImageNet "
+            f"family) needs torchvision, which is not installed or does not import ({error}): {VISION_EXTRA_HINT}"
+        ) from error
+
 
 def torchvision_resnet(spec: ResNetSpec) -> tv.ResNet:
     """A ``torchvision.models.ResNet`` of the architecture ``spec``, initialised as torchvision does.
@@ -201,6 +222,7 @@ def torchvision_resnet(spec: ResNetSpec) -> tv.ResNet:
     widths (the constructor hard-codes 64, 128, 256, 512): an empty ``ResNet``, the
     attributes ``_make_layer`` reads, and the stages made by ``_make_layer`` itself.
     """
+    tv = torchvision_resnets()
     block = tv.Bottleneck if spec.block == "bottleneck" else tv.BasicBlock
     model = tv.ResNet.__new__(tv.ResNet)
     nn.Module.__init__(model)
@@ -246,6 +268,7 @@ def describe_torchvision_resnet(model: nn.Module) -> tuple[type, ResNetSpec]:
     :func:`torchvision_resnet` builds for the inferred spec: subclasses, dilation,
     other norm layers, replaced stems or heads.
     """
+    tv = torchvision_resnets()
     if type(model) is not tv.ResNet:
         raise ValueError(
             f"stack supports torchvision.models.ResNet itself, not the subclass {type(model).__qualname__} "
@@ -288,7 +311,8 @@ def describe_torchvision_resnet(model: nn.Module) -> tuple[type, ResNetSpec]:
     return BranchBatchedResNet, spec
 
 
-register_standalone(tv.ResNet, describe_torchvision_resnet)
+# By name: stack recognises torchvision ResNets once torchvision is imported (it must be, to make one).
+register_standalone("torchvision.models.resnet.ResNet", describe_torchvision_resnet)
 
 
 # -- dividing rules and the model zoo --------------------------------------------------------------

@@ -31,10 +31,11 @@ _native: tuple[bool, str, bool] | None = None  # (loaded, why not, has CUDA kern
 def _probe_native() -> tuple[bool, str, bool]:
     global _native
     if _native is None:
-        try:
-            from .. import _C  # noqa: F401  (registers the divco::*_native operators)
-        except ImportError as error:
-            _native = (False, f"the native extension divco._C is not built ({error})", False)
+        from ..native import load_extension  # the one loader: checks the build's torch first
+
+        extension, reason = load_extension()  # importing divco._C registers divco::*_native
+        if extension is None:
+            _native = (False, reason, False)
         else:
             if not hasattr(torch.ops.divco, "cotrain_loss_native"):
                 _native = (False, "divco._C imported but registered no divco::cotrain_loss_native", False)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torchvision.transforms import v2
+
+pytest.importorskip("torchvision", reason="torchvision is optional (divco[vision])")
+from torchvision.transforms import v2  # noqa: E402
 
 from divco.data import BatchPolicy
 from divco.data.policies import Operation

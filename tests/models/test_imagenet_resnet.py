@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-import torchvision
+
+torchvision = pytest.importorskip("torchvision", reason="torchvision is optional (divco[vision])")
 from model_matrix import assert_close, shapes_only
 from torch import nn
 from torchvision.models import resnet as tv
