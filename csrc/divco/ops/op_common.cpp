@@ -57,12 +57,12 @@ CotrainKind parse_kind(std::string_view kind) {
 }
 
 EnsembleMode parse_mode(std::string_view mode, const char* op) {
-  if (mode == "mean_logits") return EnsembleMode::kMeanLogits;
-  if (mode == "mean_probs") return EnsembleMode::kMeanProbs;
-  if (mode == "geo_mean") return EnsembleMode::kGeoMean;
-  if (mode == "max") return EnsembleMode::kMax;
-  TORCH_CHECK_VALUE(false, op, ": mode must be one of \"mean_logits\", \"mean_probs\", \"geo_mean\", \"max\"; got \"",
-                    std::string(mode), "\"");
+  std::string expected;
+  for (const auto& known : kEnsembleModes) {
+    if (mode == known.name) return known.mode;
+    expected += std::string(expected.empty() ? "" : ", ") + "\"" + known.name + "\"";
+  }
+  TORCH_CHECK_VALUE(false, op, ": mode must be one of ", expected, "; got \"", std::string(mode), "\"");
 }
 
 }  // namespace
