@@ -220,13 +220,12 @@ DIVCO_INLINE float loss_grad_element(float ce_grad, float cot_grad, float inv_ro
 // ---- ensembles --------------------------------------------------------------------------
 
 // The mean of S logits of one class is accumulated in double and rounded once: it never
-// overflows when the mean fits in float32 (logits near +-3e38), and it is the correctly
-// rounded mean, the same on every backend. Add with mean_logit_add, finish with
-// mean_logit_finish.
+// overflows when the mean fits in float32 (logits near +-3e38), and it is the float32
+// rounding of the exact mean (up to double rounding), the same bits on CPU and GPU. Add with
+// mean_logit_add, finish with mean_logit_finish(sum, LogitsView::inv_branches): a multiply,
+// not a division (a double division is a subroutine call on GPUs, which made ptxas spill).
 DIVCO_INLINE double mean_logit_add(double sum, float z) { return sum + static_cast<double>(z); }
-DIVCO_INLINE float mean_logit_finish(double sum, int64_t branches) {
-  return static_cast<float>(sum / static_cast<double>(branches));
-}
+DIVCO_INLINE float mean_logit_finish(double sum, double inv_branches) { return static_cast<float>(sum * inv_branches); }
 
 // mean_probs: dL/dz_sk = (1/S) p_sk (g_k - <g, p_s>); geo_mean uses the same with the
 // ensemble's own probabilities e in place of p_s (softmax(mean_s log_softmax z_s) equals

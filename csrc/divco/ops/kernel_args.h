@@ -43,6 +43,7 @@ struct LogitsView {
   int64_t stride_row;
   int64_t stride_branch;
   int64_t stride_class;
+  double inv_branches;  // 1 / S, computed on the host (see math::mean_logit_finish)
 };
 
 struct CotrainArgs {

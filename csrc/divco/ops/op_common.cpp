@@ -41,8 +41,8 @@ LogitsView check_logits(const at::Tensor& logits, const char* op, c10::DeviceTyp
                     shape_string(logits));
   TORCH_CHECK_VALUE(logits.size(2) >= 1, op, ": logits need at least one class (K >= 1); got shape ",
                     shape_string(logits));
-  return {logits.data_ptr(), dtype,           logits.size(0),   logits.size(1),
-          logits.size(2),    logits.stride(0), logits.stride(1), logits.stride(2)};
+  return {logits.data_ptr(), dtype,           logits.size(0),   logits.size(1),          logits.size(2),
+          logits.stride(0),  logits.stride(1), logits.stride(2), 1.0 / static_cast<double>(logits.size(1))};
 }
 
 void check_same_device(const at::Tensor& t, const at::Tensor& logits, const char* op, const char* name) {

@@ -112,7 +112,7 @@ DIVCO_CPU_INLINE void softmax_statistics(const CotrainArgs& a, int64_t n, const 
   float* e = w.ensemble;
   auto* out = static_cast<scalar_t*>(a.ensemble) + n * K;
   for (int64_t k = 0; k < K; ++k) {
-    e[k] = math::mean_logit_finish(sum[k], S);
+    e[k] = math::mean_logit_finish(sum[k], v.inv_branches);
     out[k] = from_float<scalar_t>(e[k]);
   }
   hits[S] = lane_max_argmax(e, K).index == target.label ? 1 : 0;

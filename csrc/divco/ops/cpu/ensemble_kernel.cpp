@@ -45,11 +45,12 @@ struct EnsembleWorkspace {
 // mean over branches of the logits (branch order fixed; double accumulator, see
 // math::mean_logit_add).
 DIVCO_CPU_INLINE void mean_over_branches(const float* z, int64_t S, int64_t K, double* sum, float* out) {
+  const double inv_branches = 1.0 / static_cast<double>(S);  // as LogitsView::inv_branches
   for (int64_t k = 0; k < K; ++k) sum[k] = static_cast<double>(z[k]);
   for (int64_t s = 1; s < S; ++s) {
     for (int64_t k = 0; k < K; ++k) sum[k] = math::mean_logit_add(sum[k], z[s * K + k]);
   }
-  for (int64_t k = 0; k < K; ++k) out[k] = math::mean_logit_finish(sum[k], S);
+  for (int64_t k = 0; k < K; ++k) out[k] = math::mean_logit_finish(sum[k], inv_branches);
 }
 
 // Every branch's softmax, in place: z [S, K] becomes p [S, K].

@@ -249,7 +249,7 @@ __global__ void __launch_bounds__(max_threads_for_branches(kBranches)) cotrain_r
     for (int s = 0; s < kBranches; ++s) {
       if (s < S) ens_sum = s == 0 ? static_cast<double>(z[s]) : m::mean_logit_add(ens_sum, z[s]);
     }
-    const float ens = m::mean_logit_finish(ens_sum, S);
+    const float ens = m::mean_logit_finish(ens_sum, v.inv_branches);
     store<scalar_t>(a.ensemble, n * K + k, ens);
     if (m::argmax_prefers(ens, k, ens_best.value, ens_best.index)) ens_best = {ens, static_cast<int>(k)};
     if (S > 1) {

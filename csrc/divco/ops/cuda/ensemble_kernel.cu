@@ -51,7 +51,7 @@ __device__ __forceinline__ float mean_logit(const LogitsView& v, int64_t row, in
     const float z = load<scalar_t>(v.data, row + s * v.stride_branch + k * v.stride_class);
     sum = s == 0 ? static_cast<double>(z) : m::mean_logit_add(sum, z);
   }
-  return m::mean_logit_finish(sum, v.branches);
+  return m::mean_logit_finish(sum, v.inv_branches);
 }
 
 // p_sk from the branch statistics in shared memory (max, 1 / sum).
