@@ -206,6 +206,9 @@ DIVCO_INLINE float kl_grad_element(float p, float pbar, float log_p, float maske
   return is_masked(log_p) ? 0.0f : factor * ((p - p * masked_mass) - pbar);
 }
 
+// The same where m_s = 0 (the same bits: a class masked in branch s then has pbar = p = 0).
+DIVCO_INLINE float kl_grad_element_unmasked(float p, float pbar, float factor) { return factor * (p - pbar); }
+
 // ---- cross-entropy --------------------------------------------------------------------
 
 // dCE_s/dz_sk per row (before 1/N): (sum_k y_k) q_k - y_k.

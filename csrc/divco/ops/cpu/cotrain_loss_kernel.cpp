@@ -12,7 +12,6 @@
 
 #include <cmath>
 #include <limits>
-#include <utility>
 #include <vector>
 
 #include "../../cotrain_math.h"
@@ -211,13 +210,17 @@ DIVCO_CPU_INLINE float cotrain_partials(const CotrainArgs& a, RowWorkspace& w) {
     const float* z = w.z + s * K;
     const float* e = w.exp_p + s * K;
     const float m = w.max[s], inv = w.inv_sum_p[s], log_sum = w.log_sum_p[s];
-    const std::pair<float, float> value_and_mass = lane_sum2(K, [&](int64_t k) {
-      const float log_p = (z[k] - m) * inv_t - log_sum;
-      return std::pair<float, float>(math::kl_value_element(e[k] * inv, pbar[k], log_p),
-                                     math::kl_masked_mass_element(pbar[k], log_p));
+    total += lane_sum(K, [&](int64_t k) {
+      return math::kl_value_element(e[k] * inv, pbar[k], (z[k] - m) * inv_t - log_sum);
     });
-    total += value_and_mass.first;
-    w.branch_cot[s] = value_and_mass.second;
+    // The masked mass, 0 unless some class is masked in this branch (a cheap test first: the
+    // common rows pay one compare per class, not a second weighted sum).
+    const bool any_masked =
+        lane_sum(K, [&](int64_t k) { return math::is_masked((z[k] - m) * inv_t - log_sum) ? 1.0f : 0.0f; }) > 0.0f;
+    w.branch_cot[s] = any_masked ? lane_sum(K, [&](int64_t k) {
+      return math::kl_masked_mass_element(pbar[k], (z[k] - m) * inv_t - log_sum);
+    })
+                                 : 0.0f;
   }
   return total * (static_cast<float>(S) / static_cast<float>(S - 1));
 }
@@ -231,7 +234,9 @@ struct GradRow {
   float inv_t, inv_branches, kl_factor, target_sum, inv_rows, cot_scale;
 };
 
-enum class CotGrad { kNone, kJensenShannon, kPairwiseKL };
+// kPairwiseKLMasked: a branch with masked mass m_s > 0 (else the kl gradient is
+// S/(S-1) (p - pbar) everywhere, exactly 0 at masked classes since pbar is 0 there too).
+enum class CotGrad { kNone, kJensenShannon, kPairwiseKL, kPairwiseKLMasked };
 
 // g[k] = dloss/dz_sk (grad_output = 1): (1/N) dCE + w/(N T) dJ. One instantiation per case,
 // so each loop is branch-free and vectorises.
@@ -245,6 +250,8 @@ DIVCO_CPU_INLINE void write_grad_branch(const GradRow& r, int64_t K, int64_t tar
       cot_grad = math::js_grad_element(p, (r.z[k] - r.max) * r.inv_t - r.log_sum_p, r.pbar[k], r.branch_cot,
                                        r.inv_branches);
     } else if constexpr (kCot == CotGrad::kPairwiseKL) {
+      cot_grad = math::kl_grad_element_unmasked(p, r.pbar[k], r.kl_factor);
+    } else if constexpr (kCot == CotGrad::kPairwiseKLMasked) {
       cot_grad = math::kl_grad_element(p, r.pbar[k], (r.z[k] - r.max) * r.inv_t - r.log_sum_p, r.branch_cot,
                                        r.kl_factor);
     }
@@ -265,9 +272,10 @@ DIVCO_CPU_INLINE void write_gradient(const CotrainArgs& a, int64_t n, const RowT
   const float inv_rows = 1.0f / static_cast<float>(a.logits.rows);
   const float cot_scale = S > 1 ? a.weight[0] * inv_t * inv_rows : 0.0f;
   const float kl_factor = S > 1 ? static_cast<float>(S) / static_cast<float>(S - 1) : 0.0f;
-  const CotGrad cot = S == 1 ? CotGrad::kNone
-                             : (a.kind == CotrainKind::kJensenShannon ? CotGrad::kJensenShannon : CotGrad::kPairwiseKL);
+  const CotGrad kind = S == 1 ? CotGrad::kNone
+                              : (a.kind == CotrainKind::kJensenShannon ? CotGrad::kJensenShannon : CotGrad::kPairwiseKL);
   for (int64_t s = 0; s < S; ++s) {
+    const CotGrad cot = kind == CotGrad::kPairwiseKL && w.branch_cot[s] != 0.0f ? CotGrad::kPairwiseKLMasked : kind;
     auto* g = static_cast<scalar_t*>(a.grad) + (n * S + s) * K;
     if (!target.valid) {
       for (int64_t k = 0; k < K; ++k) g[k] = from_float<scalar_t>(math::quiet_nan());
@@ -290,6 +298,10 @@ DIVCO_CPU_INLINE void write_gradient(const CotrainArgs& a, int64_t n, const RowT
       case CotGrad::kPairwiseKL:
         target.soft ? write_grad_branch<scalar_t, CotGrad::kPairwiseKL, true>(r, K, label, g)
                     : write_grad_branch<scalar_t, CotGrad::kPairwiseKL, false>(r, K, label, g);
+        break;
+      case CotGrad::kPairwiseKLMasked:
+        target.soft ? write_grad_branch<scalar_t, CotGrad::kPairwiseKLMasked, true>(r, K, label, g)
+                    : write_grad_branch<scalar_t, CotGrad::kPairwiseKLMasked, false>(r, K, label, g);
         break;
     }
   }

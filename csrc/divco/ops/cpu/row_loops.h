@@ -14,7 +14,6 @@
 #include <climits>
 #include <cstdint>
 #include <cstring>
-#include <utility>
 
 #include "../../cotrain_math.h"
 
@@ -93,28 +92,6 @@ DIVCO_CPU_INLINE float lane_sum(int64_t count, Term&& term) {
   float tail = 0.0f;
   for (; k < count; ++k) tail += term(k);
   return combine_lanes(acc) + tail;
-}
-
-// Two sums over the same k in one pass: {sum_k first(k), sum_k second(k)}, each in the
-// order of lane_sum. `terms(k)` returns a std::pair<float, float>.
-template <typename Terms>
-DIVCO_CPU_INLINE std::pair<float, float> lane_sum2(int64_t count, Terms&& terms) {
-  float first[kLanes] = {}, second[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= count; k += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const std::pair<float, float> t = terms(k + l);
-      first[l] += t.first;
-      second[l] += t.second;
-    }
-  }
-  float first_tail = 0.0f, second_tail = 0.0f;
-  for (; k < count; ++k) {
-    const std::pair<float, float> t = terms(k);
-    first_tail += t.first;
-    second_tail += t.second;
-  }
-  return {combine_lanes(first) + first_tail, combine_lanes(second) + second_tail};
 }
 
 // max_k x[k], NaN if any x[k] is NaN; -inf for an empty row.
