@@ -34,10 +34,13 @@ def find_nvcc() -> str | None:
 
 def compile_report(nvcc: str, source: str, arch: int, out_dir: Path) -> list[dict]:
     """One record per kernel: name, arch, registers, spill_stores, spill_loads, smem."""
-    from torch.utils.cpp_extension import include_paths
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
 
-    command = [nvcc, "-std=c++17", "-O3", "-c", str(CSRC / source), "-o", str(out_dir / f"{Path(source).stem}_{arch}.o")]
-    command += [f"-I{CSRC}"] + [f"-I{p}" for p in include_paths()] + ["-DDIVCO_WITH_CUDA"]
+    config = json.loads((CSRC / "build_config.json").read_text())
+    # The flags of the real build (setup.py: torch's common nvcc flags, then build_config's).
+    command = [nvcc, "-std=c++17", "-c", str(CSRC / source), "-o", str(out_dir / f"{Path(source).stem}_{arch}.o")]
+    command += list(COMMON_NVCC_FLAGS) + config["nvcc_flags"] + [f"-D{d}" for d in config["cuda_defines"]]
+    command += [f"-I{CSRC}"] + [f"-I{p}" for p in include_paths()]
     command += [f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
