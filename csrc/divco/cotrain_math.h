@@ -183,14 +183,31 @@ DIVCO_INLINE float js_grad_element(float p, float log_p, float log_pbar, float k
   return p == 0.0f ? 0.0f : inv_branches * p * ((log_p - log_pbar) - kl_s);
 }
 
-// One element of the kl value: (p_sk - pbar_k) log p_sk; exactly 0 where p == pbar, which
-// keeps a class that every branch gives probability 0 (log p = -inf) out of the sum.
+// Masked classes (semantics version 2): a class with log p_sk = -inf (a -inf logit, or a
+// logit so far below the max that z - max overflows to -inf in float32) has probability
+// exactly 0 and contributes 0 to every entropy and KL term (p log p := 0 at p = 0, and the
+// p_t log p_s terms of the KLs into branch s are dropped there), with gradient 0.
+DIVCO_INLINE bool is_masked(float log_p) { return log_p == -positive_infinity(); }
+
+// One element of the kl value: (p_sk - pbar_k) log p_sk; exactly 0 where p == pbar (a class
+// that every branch gives probability 0) and where the class is masked in branch s.
 DIVCO_INLINE float kl_value_element(float p, float pbar, float log_p) {
-  return p == pbar ? 0.0f : (p - pbar) * log_p;
+  return ((p == pbar) | is_masked(log_p)) ? 0.0f : (p - pbar) * log_p;
 }
 
-// dJ_n/du_sk for kl: S (p - pbar) / (S - 1); `factor` = S / (S - 1).
-DIVCO_INLINE float kl_grad_element(float p, float pbar, float factor) { return factor * (p - pbar); }
+// pbar_k where class k is masked in branch s, else 0: summed over k it is the branch's
+// masked mass m_s (exactly 0 when nothing is masked), which the kl gradient needs.
+DIVCO_INLINE float kl_masked_mass_element(float pbar, float log_p) { return is_masked(log_p) ? pbar : 0.0f; }
+
+// dJ_n/du_sk for kl: S/(S-1) (p (1 - m_s) - pbar), 0 where masked; `factor` = S / (S - 1).
+// The gradient of J with the masked terms dropped (= S/(S-1) (p - pbar) when m_s = 0: then
+// p - p * 0 is p exactly, the same bits as without masking).
+DIVCO_INLINE float kl_grad_element(float p, float pbar, float log_p, float masked_mass, float factor) {
+  return is_masked(log_p) ? 0.0f : factor * ((p - p * masked_mass) - pbar);
+}
+
+// The same where m_s = 0 (the same bits: a class masked in branch s then has pbar = p = 0).
+DIVCO_INLINE float kl_grad_element_unmasked(float p, float pbar, float factor) { return factor * (p - pbar); }
 
 // ---- cross-entropy --------------------------------------------------------------------
 
@@ -203,11 +220,20 @@ DIVCO_INLINE float loss_grad_element(float ce_grad, float cot_grad, float inv_ro
   return ce_grad * inv_rows + cot_scale * cot_grad;
 }
 
-// ---- ensemble backward ------------------------------------------------------------------
+// ---- ensembles --------------------------------------------------------------------------
+
+// The mean of S logits of one class is accumulated in double and rounded once: it never
+// overflows when the mean fits in float32 (logits near +-3e38), and it is the float32
+// rounding of the exact mean (up to double rounding), the same bits on CPU and GPU. Add with
+// mean_logit_add, finish with mean_logit_finish(sum, LogitsView::inv_branches): a multiply,
+// not a division (a double division is a subroutine call on GPUs, which made ptxas spill).
+DIVCO_INLINE double mean_logit_add(double sum, float z) { return sum + static_cast<double>(z); }
+DIVCO_INLINE float mean_logit_finish(double sum, double inv_branches) { return static_cast<float>(sum * inv_branches); }
 
 // mean_probs: dL/dz_sk = (1/S) p_sk (g_k - <g, p_s>); geo_mean uses the same with the
 // ensemble's own probabilities e in place of p_s (softmax(mean_s log_softmax z_s) equals
-// softmax(mean_s z_s)).
+// softmax(mean_s z_s)); max_probs uses it with weight 1 and g_k kept only for the classes
+// where branch s is the first maximal branch (0 elsewhere).
 DIVCO_INLINE float softmax_backward_element(float p, float g, float g_dot_p, float inv_branches) {
   return inv_branches * p * (g - g_dot_p);
 }

@@ -9,6 +9,7 @@
 
 #include "cotrain_math.h"
 #include "ops/cpu/row_loops.h"
+#include "ops/kernel_args.h"
 #if defined(DIVCO_WITH_CUDA)
 #include "ops/cuda/launchers.h"
 #endif
@@ -37,6 +38,10 @@ py::dict build_info() {
   info["torch_cuda_version"] = py::none();  // a CPU-only torch
 #endif
   info["cpu_kernels"] = kOperators;
+  std::vector<std::string> modes;
+  for (const auto& mode : divco::ops::kEnsembleModes) modes.emplace_back(mode.name);
+  info["ensemble_modes"] = modes;  // every kernel (CPU and CUDA) supports each of them
+  info["semantics_version"] = divco::ops::kSemanticsVersion;
   info["cpu_avx2_clone"] = divco::ops::cpu::kHasAvx2Clone;
 #if defined(_OPENMP)
   info["cpu_openmp"] = true;  // at::parallel_for spreads rows over torch's intra-op threads
@@ -49,11 +54,13 @@ py::dict build_info() {
   info["cuda_archs"] = cuda.archs;
   info["cuda_runtime_version"] = cuda.cuda_runtime_version;
   info["cuda_max_branches"] = divco::ops::cuda::kMaxBranches;
+  info["cuda_max_ensemble_branches"] = divco::ops::cuda::kMaxEnsembleBranches;
 #else
   info["cuda_kernels"] = std::vector<std::string>();
   info["cuda_archs"] = std::vector<int>();
   info["cuda_runtime_version"] = py::none();
   info["cuda_max_branches"] = py::none();
+  info["cuda_max_ensemble_branches"] = py::none();
 #endif
   return info;
 }

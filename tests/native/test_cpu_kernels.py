@@ -58,7 +58,7 @@ def test_expanded_branches_share_memory(ops):
     assert_outputs_equal(cotrain(ops, expanded, torch.arange(5)), cotrain(ops, expanded.contiguous(), torch.arange(5)))
 
 
-@pytest.mark.parametrize("mode", ["mean_logits", "mean_probs", "geo_mean", "max"])
+@pytest.mark.parametrize("mode", ["mean_logits", "mean_probs", "geo_mean", "max", "max_probs"])
 def test_ensemble_strides_give_bit_identical_results(ops, mode):
     logits = torch.randn(4, 3, 29)
     grad_out = torch.randn(4, 29)

@@ -103,7 +103,7 @@ def test_captured_in_a_cuda_graph(ops):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("mode", ["mean_logits", "mean_probs", "geo_mean", "max"])
+@pytest.mark.parametrize("mode", ["mean_logits", "mean_probs", "geo_mean", "max", "max_probs"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("S, K", [(1, 7), (3, 100), (5, 5000), (24, 300)])
 def test_ensemble_cuda_matches_cpu(ops, mode, dtype, S, K):
@@ -122,3 +122,49 @@ def test_ensemble_cuda_matches_cpu(ops, mode, dtype, S, K):
         rtol=tol,
         atol=tol,
     )
+
+
+@pytest.mark.parametrize("kind", ["js", "kl"])
+def test_edge_values_match_cpu(ops, kind):
+    """Semantics version 2 (tests/native/test_edge_semantics.py checks the CPU kernels against
+    the float64 reference): masked -inf classes, logits near +-3e38, an all -inf branch."""
+    N, S, K = 6, 3, 300
+    logits = torch.randn(N, S, K) * 2
+    logits[:, 1, 200:] = float("-inf")  # masked in one branch
+    logits[:, :, 250:] = float("-inf")  # masked in every branch
+    logits[1, :, 0] = 3e38
+    logits[2, 0, 5], logits[2, 1, 5] = 3e38, -3e38
+    logits[3, 2] = float("-inf")  # an all -inf branch: NaN row
+    target = torch.randint(0, 200, (N,))
+    for temperature in (1.0, 2.0):
+        expected = run(ops, logits, target, kind=kind, temperature=temperature)
+        out = run(ops, logits.cuda(), target.cuda(), kind=kind, temperature=temperature)
+        assert_matches_cpu(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("mode", ["max", "max_probs"])
+def test_max_ensembles_route_nan_like_cpu(ops, mode):
+    logits = torch.randn(4, 5, 33)
+    logits[0, 2, 3] = logits[0, 4, 3] = float("nan")
+    logits[1, 1:, 7] = logits[1, 0, 7]  # ties: the first branch
+    grad_out = torch.randn(4, 33)
+    torch.testing.assert_close(
+        ops.ensemble_native(logits.cuda(), mode).cpu(), ops.ensemble_native(logits, mode), equal_nan=True
+    )
+    got = ops.ensemble_native_backward(grad_out.cuda(), logits.cuda(), mode).cpu()
+    want = ops.ensemble_native_backward(grad_out, logits, mode)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("mode", ["mean_probs", "max_probs"])
+def test_ensemble_branch_limit_accounts_for_static_shared_memory(native, ops, mode):
+    """S = 6113..6144 used to fail at launch (the static scratch was not counted)."""
+    limit = native.build_info()["cuda_max_ensemble_branches"]
+    logits = torch.randn(2, limit, 3, device="cuda")
+    out = ops.ensemble_native(logits, mode)
+    grad = ops.ensemble_native_backward(torch.ones(2, 3, device="cuda"), logits, mode)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out.cpu(), ops.ensemble_native(logits.cpu(), mode), rtol=1e-5, atol=1e-6)
+    assert grad.shape == logits.shape
+    with pytest.raises(ValueError, match=f"at most {limit} branches"):
+        ops.ensemble_native(torch.randn(2, limit + 1, 3, device="cuda"), mode)

@@ -12,7 +12,26 @@ enum class LogitsDtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 enum class CotrainKind : int { kJensenShannon = 0, kPairwiseKL = 1 };
 
-enum class EnsembleMode : int { kMeanLogits = 0, kMeanProbs = 1, kGeoMean = 2, kMax = 3 };
+enum class EnsembleMode : int { kMeanLogits = 0, kMeanProbs = 1, kGeoMean = 2, kMax = 3, kMaxProbs = 4 };
+
+// The mode strings of the ops (divco/vocabulary.py spells the same), in the order
+// build_info()["ensemble_modes"] lists them.
+struct EnsembleModeName {
+  const char* name;
+  EnsembleMode mode;
+};
+inline constexpr EnsembleModeName kEnsembleModes[] = {
+    {"mean_logits", EnsembleMode::kMeanLogits}, {"mean_probs", EnsembleMode::kMeanProbs},
+    {"geo_mean", EnsembleMode::kGeoMean},       {"max", EnsembleMode::kMax},
+    {"max_probs", EnsembleMode::kMaxProbs},
+};
+
+// Version of the edge-value semantics the kernels implement (build_info()["semantics_version"]):
+// 2 = -inf logits have probability 0 and contribute 0 (gradient 0) to every entropy and KL
+// term, an all -inf row is NaN; logits near +-3e38 stay finite (the mean of logits is
+// accumulated in double); the max / max_probs gradient goes to the first branch holding
+// NaN, else the first maximal branch (torch.max).
+inline constexpr int kSemanticsVersion = 2;
 
 // Logits [N, S, K] with arbitrary element strides (no copy is made).
 struct LogitsView {
@@ -24,6 +43,7 @@ struct LogitsView {
   int64_t stride_row;
   int64_t stride_branch;
   int64_t stride_class;
+  double inv_branches;  // 1 / S, computed on the host (see math::mean_logit_finish)
 };
 
 struct CotrainArgs {

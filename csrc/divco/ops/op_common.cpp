@@ -41,8 +41,8 @@ LogitsView check_logits(const at::Tensor& logits, const char* op, c10::DeviceTyp
                     shape_string(logits));
   TORCH_CHECK_VALUE(logits.size(2) >= 1, op, ": logits need at least one class (K >= 1); got shape ",
                     shape_string(logits));
-  return {logits.data_ptr(), dtype,           logits.size(0),   logits.size(1),
-          logits.size(2),    logits.stride(0), logits.stride(1), logits.stride(2)};
+  return {logits.data_ptr(), dtype,           logits.size(0),   logits.size(1),          logits.size(2),
+          logits.stride(0),  logits.stride(1), logits.stride(2), 1.0 / static_cast<double>(logits.size(1))};
 }
 
 void check_same_device(const at::Tensor& t, const at::Tensor& logits, const char* op, const char* name) {
@@ -57,12 +57,12 @@ CotrainKind parse_kind(std::string_view kind) {
 }
 
 EnsembleMode parse_mode(std::string_view mode, const char* op) {
-  if (mode == "mean_logits") return EnsembleMode::kMeanLogits;
-  if (mode == "mean_probs") return EnsembleMode::kMeanProbs;
-  if (mode == "geo_mean") return EnsembleMode::kGeoMean;
-  if (mode == "max") return EnsembleMode::kMax;
-  TORCH_CHECK_VALUE(false, op, ": mode must be one of \"mean_logits\", \"mean_probs\", \"geo_mean\", \"max\"; got \"",
-                    std::string(mode), "\"");
+  std::string expected;
+  for (const auto& known : kEnsembleModes) {
+    if (mode == known.name) return known.mode;
+    expected += std::string(expected.empty() ? "" : ", ") + "\"" + known.name + "\"";
+  }
+  TORCH_CHECK_VALUE(false, op, ": mode must be one of ", expected, "; got \"", std::string(mode), "\"");
 }
 
 }  // namespace

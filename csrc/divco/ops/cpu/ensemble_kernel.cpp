@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "../../cotrain_math.h"
+#include "../dtype_dispatch.h"
 #include "../op_common.h"
 #include "../ops.h"
 #include "row_loops.h"
@@ -16,7 +17,7 @@ namespace {
 
 using math::exp_f32;
 
-// softmax of x[0..K) into out; `out` may alias nothing else.
+// softmax of x[0..K) into out; `out` may be `x` (elementwise in place).
 DIVCO_CPU_INLINE void softmax_row(const float* x, int64_t K, float* out) {
   const float m = lane_max(x, K);
   for (int64_t k = 0; k < K; ++k) out[k] = exp_f32(x[k] - m);
@@ -24,14 +25,56 @@ DIVCO_CPU_INLINE void softmax_row(const float* x, int64_t K, float* out) {
   for (int64_t k = 0; k < K; ++k) out[k] = out[k] * inv_sum;
 }
 
-// mean over branches of the logits (branch order fixed).
-DIVCO_CPU_INLINE void mean_over_branches(const float* z, int64_t S, int64_t K, float* out) {
-  for (int64_t k = 0; k < K; ++k) out[k] = z[k];
-  for (int64_t s = 1; s < S; ++s) {
-    for (int64_t k = 0; k < K; ++k) out[k] += z[s * K + k];
+// Per-thread buffers of the ensemble kernels for one row.
+struct EnsembleWorkspace {
+  std::vector<float> storage;
+  std::vector<double> sum;           // [K] mean_over_branches' accumulator
+  std::vector<int32_t> best_branch;  // [K] max_probs backward: the branch holding the max
+  float* z;                          // [S, K] logits as float (max_probs: their softmax)
+  float* scratch;                    // [K]
+  float* out;                        // [K]
+
+  EnsembleWorkspace(int64_t S, int64_t K)
+      : storage(static_cast<size_t>((S + 2) * K)), sum(static_cast<size_t>(K)), best_branch(static_cast<size_t>(K)) {
+    z = storage.data();
+    scratch = z + S * K;
+    out = scratch + K;
   }
-  const float branches = static_cast<float>(S);
-  for (int64_t k = 0; k < K; ++k) out[k] = out[k] / branches;
+};
+
+// mean over branches of the logits (branch order fixed; double accumulator, see
+// math::mean_logit_add).
+DIVCO_CPU_INLINE void mean_over_branches(const float* z, int64_t S, int64_t K, double* sum, float* out) {
+  const double inv_branches = 1.0 / static_cast<double>(S);  // as LogitsView::inv_branches
+  for (int64_t k = 0; k < K; ++k) sum[k] = static_cast<double>(z[k]);
+  for (int64_t s = 1; s < S; ++s) {
+    for (int64_t k = 0; k < K; ++k) sum[k] = math::mean_logit_add(sum[k], z[s * K + k]);
+  }
+  for (int64_t k = 0; k < K; ++k) out[k] = math::mean_logit_finish(sum[k], inv_branches);
+}
+
+// Every branch's softmax, in place: z [S, K] becomes p [S, K].
+DIVCO_CPU_INLINE void softmax_branches(float* z, int64_t S, int64_t K) {
+  for (int64_t s = 0; s < S; ++s) softmax_row(z + s * K, K, z + s * K);
+}
+
+// out[k] = max_s x[s, k] (NaN wins).
+DIVCO_CPU_INLINE void max_over_branches(const float* x, int64_t S, int64_t K, float* out) {
+  for (int64_t k = 0; k < K; ++k) out[k] = x[k];
+  for (int64_t s = 1; s < S; ++s) {
+    for (int64_t k = 0; k < K; ++k) out[k] = math::max_nan(out[k], x[s * K + k]);
+  }
+}
+
+// best[k] = the first branch holding NaN at class k, else the first maximal one (torch.max).
+DIVCO_CPU_INLINE void argmax_over_branches(const float* x, int64_t S, int64_t K, int32_t* best) {
+  for (int64_t k = 0; k < K; ++k) {
+    int64_t b = 0;
+    for (int64_t s = 1; s < S; ++s) {
+      if (math::argmax_prefers(x[s * K + k], s, x[b * K + k], b)) b = s;
+    }
+    best[k] = static_cast<int32_t>(b);
+  }
 }
 
 template <typename scalar_t>
@@ -40,17 +83,18 @@ DIVCO_CPU_INLINE void load_branches(const LogitsView& v, int64_t n, float* z) {
   for (int64_t s = 0; s < v.branches; ++s) load_row(logits + s * v.stride_branch, v.stride_class, v.classes, z + s * v.classes);
 }
 
-// Forward: row n of the ensemble into out (float), from z [S, K]; `p` is [K] scratch.
-DIVCO_CPU_INLINE void ensemble_row(EnsembleMode mode, const float* z, int64_t S, int64_t K, float* p, float* out) {
+// Forward: row n of the ensemble into w.out (float), from w.z [S, K].
+DIVCO_CPU_INLINE void ensemble_row(EnsembleMode mode, int64_t S, int64_t K, EnsembleWorkspace& w) {
   switch (mode) {
     case EnsembleMode::kMeanLogits:
-      mean_over_branches(z, S, K, out);
+      mean_over_branches(w.z, S, K, w.sum.data(), w.out);
       break;
     case EnsembleMode::kMeanProbs: {
+      float* out = w.out;
       for (int64_t k = 0; k < K; ++k) out[k] = 0.0f;
       for (int64_t s = 0; s < S; ++s) {
-        softmax_row(z + s * K, K, p);
-        for (int64_t k = 0; k < K; ++k) out[k] += p[k];
+        softmax_row(w.z + s * K, K, w.scratch);
+        for (int64_t k = 0; k < K; ++k) out[k] += w.scratch[k];
       }
       const float branches = static_cast<float>(S);
       for (int64_t k = 0; k < K; ++k) out[k] = out[k] / branches;
@@ -59,14 +103,15 @@ DIVCO_CPU_INLINE void ensemble_row(EnsembleMode mode, const float* z, int64_t S,
     case EnsembleMode::kGeoMean:
       // softmax(mean_s log_softmax(z_s)) = softmax(mean_s z_s): the log-normalisers only
       // shift every class by the same amount.
-      mean_over_branches(z, S, K, p);
-      softmax_row(p, K, out);
+      mean_over_branches(w.z, S, K, w.sum.data(), w.scratch);
+      softmax_row(w.scratch, K, w.out);
       break;
     case EnsembleMode::kMax:
-      for (int64_t k = 0; k < K; ++k) out[k] = z[k];
-      for (int64_t s = 1; s < S; ++s) {
-        for (int64_t k = 0; k < K; ++k) out[k] = math::max_nan(out[k], z[s * K + k]);
-      }
+      max_over_branches(w.z, S, K, w.out);
+      break;
+    case EnsembleMode::kMaxProbs:
+      softmax_branches(w.z, S, K);
+      max_over_branches(w.z, S, K, w.out);
       break;
   }
 }
@@ -74,25 +119,22 @@ DIVCO_CPU_INLINE void ensemble_row(EnsembleMode mode, const float* z, int64_t S,
 template <typename scalar_t>
 DIVCO_CPU_INLINE void ensemble_rows(const EnsembleArgs& a, int64_t begin, int64_t end) {
   const int64_t S = a.logits.branches, K = a.logits.classes;
-  std::vector<float> buffer(static_cast<size_t>((S + 2) * K));
-  float* z = buffer.data();
-  float* p = z + S * K;
-  float* out = p + K;
+  EnsembleWorkspace w(S, K);
   for (int64_t n = begin; n < end; ++n) {
-    load_branches<scalar_t>(a.logits, n, z);
-    ensemble_row(a.mode, z, S, K, p, out);
+    load_branches<scalar_t>(a.logits, n, w.z);
+    ensemble_row(a.mode, S, K, w);
     auto* dst = static_cast<scalar_t*>(a.out) + n * K;
-    for (int64_t k = 0; k < K; ++k) dst[k] = from_float<scalar_t>(out[k]);
+    for (int64_t k = 0; k < K; ++k) dst[k] = from_float<scalar_t>(w.out[k]);
   }
 }
 
 template <typename scalar_t>
 DIVCO_CPU_INLINE void ensemble_backward_rows(const EnsembleBackwardArgs& a, int64_t begin, int64_t end) {
   const int64_t S = a.logits.branches, K = a.logits.classes;
-  std::vector<float> buffer(static_cast<size_t>((S + 2) * K));
-  float* z = buffer.data();
-  float* g = z + S * K;
-  float* p = g + K;
+  EnsembleWorkspace w(S, K);
+  float* z = w.z;
+  float* g = w.out;
+  float* p = w.scratch;
   const float inv_branches = 1.0f / static_cast<float>(S);
   for (int64_t n = begin; n < end; ++n) {
     load_branches<scalar_t>(a.logits, n, z);
@@ -116,7 +158,7 @@ DIVCO_CPU_INLINE void ensemble_backward_rows(const EnsembleBackwardArgs& a, int6
         break;
       case EnsembleMode::kGeoMean: {
         float* mean = z;  // z is no longer needed after the mean: reuse its first plane
-        mean_over_branches(z, S, K, p);
+        mean_over_branches(z, S, K, w.sum.data(), p);
         softmax_row(p, K, mean);
         const float g_dot_e = lane_sum(K, [&](int64_t k) { return g[k] * mean[k]; });
         for (int64_t k = 0; k < K; ++k) p[k] = math::softmax_backward_element(mean[k], g[k], g_dot_e, inv_branches);
@@ -126,18 +168,25 @@ DIVCO_CPU_INLINE void ensemble_backward_rows(const EnsembleBackwardArgs& a, int6
         break;
       }
       case EnsembleMode::kMax: {
-        // The gradient goes to the first maximal branch (a NaN counts as maximal), like
-        // the indices of torch.max(dim=1).
-        const float zero = 0.0f;
+        int32_t* best = w.best_branch.data();
+        argmax_over_branches(z, S, K, best);
         for (int64_t s = 0; s < S; ++s) {
-          for (int64_t k = 0; k < K; ++k) dst[s * K + k] = from_float<scalar_t>(zero);
+          for (int64_t k = 0; k < K; ++k) dst[s * K + k] = from_float<scalar_t>(best[k] == s ? g[k] : 0.0f);
         }
-        for (int64_t k = 0; k < K; ++k) {
-          int64_t best = 0;
-          for (int64_t s = 1; s < S; ++s) {
-            if (math::argmax_prefers(z[s * K + k], s, z[best * K + k], best)) best = s;
+        break;
+      }
+      case EnsembleMode::kMaxProbs: {
+        // out_k = p_{b(k), k}: branch s gets the softmax backward of the g_k it holds the max of.
+        int32_t* best = w.best_branch.data();
+        softmax_branches(z, S, K);
+        argmax_over_branches(z, S, K, best);
+        for (int64_t s = 0; s < S; ++s) {
+          const float* ps = z + s * K;
+          const float g_dot_p = lane_sum(K, [&](int64_t k) { return best[k] == s ? g[k] * ps[k] : 0.0f; });
+          for (int64_t k = 0; k < K; ++k) {
+            const float held = best[k] == s ? g[k] : 0.0f;
+            dst[s * K + k] = from_float<scalar_t>(math::softmax_backward_element(ps[k], held, g_dot_p, 1.0f));
           }
-          dst[best * K + k] = from_float<scalar_t>(g[k]);
         }
         break;
       }
@@ -145,61 +194,23 @@ DIVCO_CPU_INLINE void ensemble_backward_rows(const EnsembleBackwardArgs& a, int6
   }
 }
 
-DIVCO_CPU_TARGET_CLONES void ensemble_rows_f32(const EnsembleArgs& a, int64_t begin, int64_t end) {
-  ensemble_rows<float>(a, begin, end);
-}
-DIVCO_CPU_TARGET_CLONES void ensemble_rows_bf16(const EnsembleArgs& a, int64_t begin, int64_t end) {
-  ensemble_rows<c10::BFloat16>(a, begin, end);
-}
-DIVCO_CPU_TARGET_CLONES void ensemble_rows_f16(const EnsembleArgs& a, int64_t begin, int64_t end) {
-  ensemble_rows<c10::Half>(a, begin, end);
-}
-DIVCO_CPU_TARGET_CLONES void ensemble_backward_rows_f32(const EnsembleBackwardArgs& a, int64_t begin, int64_t end) {
-  ensemble_backward_rows<float>(a, begin, end);
-}
-DIVCO_CPU_TARGET_CLONES void ensemble_backward_rows_bf16(const EnsembleBackwardArgs& a, int64_t begin, int64_t end) {
-  ensemble_backward_rows<c10::BFloat16>(a, begin, end);
-}
-DIVCO_CPU_TARGET_CLONES void ensemble_backward_rows_f16(const EnsembleBackwardArgs& a, int64_t begin, int64_t end) {
-  ensemble_backward_rows<c10::Half>(a, begin, end);
-}
-
-// Fewest rows worth a thread (as in cotrain_loss_kernel.cpp).
-int64_t grain_size(int64_t branches, int64_t classes) {
-  return std::max<int64_t>(1, 4096 / std::max<int64_t>(branches * classes, 1));
-}
+DIVCO_CPU_CLONED_ROWS(ensemble_rows_cloned, EnsembleArgs, ensemble_rows)
+DIVCO_CPU_CLONED_ROWS(ensemble_backward_rows_cloned, EnsembleBackwardArgs, ensemble_backward_rows)
 
 }  // namespace
 
 void run_ensemble(const EnsembleArgs& a) {
-  at::parallel_for(0, a.logits.rows, grain_size(a.logits.branches, a.logits.classes), [&](int64_t begin, int64_t end) {
-    switch (a.logits.dtype) {
-      case LogitsDtype::kFloat32:
-        ensemble_rows_f32(a, begin, end);
-        break;
-      case LogitsDtype::kBFloat16:
-        ensemble_rows_bf16(a, begin, end);
-        break;
-      case LogitsDtype::kFloat16:
-        ensemble_rows_f16(a, begin, end);
-        break;
-    }
+  const int64_t grain = row_grain_size(a.logits.branches, a.logits.classes);
+  dispatch_logits_dtype(a.logits.dtype, [&](auto dtype) {
+    at::parallel_for(0, a.logits.rows, grain, [&](int64_t begin, int64_t end) { ensemble_rows_cloned(a, begin, end, dtype); });
   });
 }
 
 void run_ensemble_backward(const EnsembleBackwardArgs& a) {
-  at::parallel_for(0, a.logits.rows, grain_size(a.logits.branches, a.logits.classes), [&](int64_t begin, int64_t end) {
-    switch (a.logits.dtype) {
-      case LogitsDtype::kFloat32:
-        ensemble_backward_rows_f32(a, begin, end);
-        break;
-      case LogitsDtype::kBFloat16:
-        ensemble_backward_rows_bf16(a, begin, end);
-        break;
-      case LogitsDtype::kFloat16:
-        ensemble_backward_rows_f16(a, begin, end);
-        break;
-    }
+  const int64_t grain = row_grain_size(a.logits.branches, a.logits.classes);
+  dispatch_logits_dtype(a.logits.dtype, [&](auto dtype) {
+    at::parallel_for(0, a.logits.rows, grain,
+                     [&](int64_t begin, int64_t end) { ensemble_backward_rows_cloned(a, begin, end, dtype); });
   });
 }
 

@@ -10,6 +10,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 #include <cstring>
@@ -34,6 +35,29 @@ namespace ops {
 namespace cpu {
 
 constexpr int kLanes = 8;
+
+// Fewest logits worth a thread: about 4096 (some 20 us of work) amortise the OpenMP
+// fork/join and the row workspace. Every CPU kernel splits its rows with this grain.
+constexpr int64_t kMinLogitsPerThread = 4096;
+
+// The grain of at::parallel_for over rows of S x K logits.
+inline int64_t row_grain_size(int64_t branches, int64_t classes) {
+  return std::max<int64_t>(1, kMinLogitsPerThread / std::max<int64_t>(branches * classes, 1));
+}
+
+// Defines `name(args, begin, end, scalar_t{})`: rows_template<scalar_t>(args, begin, end)
+// behind one entry point per logits dtype, each compiled with target_clones (which does
+// not apply to templates). Pick one with dispatch_logits_dtype.
+#define DIVCO_CPU_CLONED_ROWS(name, Args, rows_template)                                        \
+  DIVCO_CPU_TARGET_CLONES void name(const Args& a, int64_t begin, int64_t end, float) {         \
+    rows_template<float>(a, begin, end);                                                        \
+  }                                                                                             \
+  DIVCO_CPU_TARGET_CLONES void name(const Args& a, int64_t begin, int64_t end, c10::BFloat16) { \
+    rows_template<c10::BFloat16>(a, begin, end);                                                \
+  }                                                                                             \
+  DIVCO_CPU_TARGET_CLONES void name(const Args& a, int64_t begin, int64_t end, c10::Half) {     \
+    rows_template<c10::Half>(a, begin, end);                                                    \
+  }
 
 // Whether the CPU kernels were compiled with an AVX2 clone (reported by divco._C).
 constexpr bool kHasAvx2Clone =

@@ -57,12 +57,18 @@ __device__ __forceinline__ float block_sum(float value, float* scratch) {
 // The largest block the row kernels are launched with (their __launch_bounds__).
 constexpr int kMaxThreadsPerBlock = 512;
 
-// Threads per block for rows of `classes` values: a warp for small K, up to 512 for large K.
-inline int threads_for_classes(int64_t classes) {
-  if (classes <= 128) return 32;
-  if (classes <= 1024) return 128;
-  if (classes <= 4096) return 256;
-  return 512;
+// Threads per block for rows of `classes` values: a warp for small K, up to
+// `max_threads` (the kernel's __launch_bounds__) for large K.
+inline int threads_for_classes(int64_t classes, int max_threads = kMaxThreadsPerBlock) {
+  int threads = 512;
+  if (classes <= 128) {
+    threads = 32;
+  } else if (classes <= 1024) {
+    threads = 128;
+  } else if (classes <= 4096) {
+    threads = 256;
+  }
+  return threads < max_threads ? threads : max_threads;
 }
 
 }  // namespace cuda

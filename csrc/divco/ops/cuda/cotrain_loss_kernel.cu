@@ -1,9 +1,11 @@
-// CUDA kernel of divco::cotrain_loss_native. One block per row n handles all S branches:
-//   1. per branch, an online softmax over the row's K logits (each thread its strided share,
-//      then a block reduction): max, softmax sums of z/T and z, top-1, soft-target dot;
-//   2. over k with every branch in registers: ensemble (mean logits) and its top-1, pbar,
-//      the co-training term;
-//   3. over k again (only when the gradient is wanted): dloss/dlogits.
+// CUDA kernel of divco::cotrain_loss_native. One block per row n handles all S branches, in
+// the stages of the Triton kernel (kernels/cotrain.py) and the CPU kernel:
+//   1. softmax statistics    per branch, an online softmax over the row's K logits (each
+//                            thread its strided share, then a block reduction): max, softmax
+//                            sums of z/T and z, top-1, soft-target dot; cross-entropy, hits
+//   2. probabilities          per class k, every branch in registers: z, p, pbar, ensemble
+//   3. co-training partials   J_n and the per-branch KL (js) or masked mass (kl)
+//   4. gradient write         dloss/dlogits (only when the gradient is wanted)
 // Per-row partials go to global buffers that a second one-block kernel reduces in a fixed
 // order, so results are deterministic. No host synchronisation: the weight is read here.
 // The per-element formulas are those of ../../cotrain_math.h, shared with the CPU kernel.
@@ -13,6 +15,7 @@
 #include <cstdint>
 
 #include "../../cotrain_math.h"
+#include "../dtype_dispatch.h"
 #include "../kernel_args.h"
 #include "block_reduce.cuh"
 #include "launchers.h"
@@ -99,22 +102,95 @@ __device__ __forceinline__ void store(void* base, int64_t offset, float value) {
   static_cast<scalar_t*>(base)[offset] = static_cast<scalar_t>(value);
 }
 
+// Block size bound of cotrain_rows_kernel<scalar_t, kBranches>: 16 branches keep 16 z, 16 p
+// and 16 KL accumulators per thread, more than the 128 registers a 512-thread block allows
+// (ptxas spilled): they run with 256 threads (up to 255 registers).
+constexpr int max_threads_for_branches(int branches) { return branches <= 8 ? kMaxThreadsPerBlock : 256; }
+
+// Per-branch statistics of one row, in shared memory (written by thread 0 in stage 1).
+template <int kBranches>
+struct RowStats {
+  float max[kBranches], inv_sum_p[kBranches], log_sum_p[kBranches], inv_sum_q[kBranches];
+  float branch_cot[kBranches];  // KL(p_s || pbar) (js) or the masked mass m_s (kl)
+};
+
+// ---- stage 1: softmax statistics of one branch (all threads get the block total) ----------
+template <typename scalar_t>
+__device__ __forceinline__ BranchPartial branch_statistics(const CotrainArgs& a, int64_t branch, const float* y_row,
+                                                           BranchPartial* scratch) {
+  const LogitsView& v = a.logits;
+  const int K = static_cast<int>(v.classes);
+  const float inv_t = a.inv_temperature;
+  const bool same_q = inv_t == 1.0f;
+  const bool soft = y_row != nullptr;
+  BranchPartial part;
+  part.p = m::softmax_stats_empty();
+  part.q = m::softmax_stats_empty();
+  part.best = -m::positive_infinity();
+  part.best_index = K;  // loses every tie against a real index
+  part.y_dot_z = 0.0f;
+  part.y_sum = 0.0f;
+  part.y_best = -m::positive_infinity();
+  part.y_best_index = K;
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {  // int64: k + blockDim may pass 2^31
+    const float z = load<scalar_t>(v.data, branch + k * v.stride_class);
+    part.p = m::softmax_stats_add(part.p, z, inv_t);
+    if (!same_q) part.q = m::softmax_stats_add(part.q, z, 1.0f);
+    if (m::argmax_prefers(z, k, part.best, part.best_index)) {
+      part.best = z;
+      part.best_index = static_cast<int>(k);
+    }
+    if (soft) {
+      const float y = y_row[k * a.target_soft_stride_class];
+      part.y_dot_z += y * z;
+      part.y_sum += y;
+      if (m::argmax_prefers(y, k, part.y_best, part.y_best_index)) {
+        part.y_best = y;
+        part.y_best_index = static_cast<int>(k);
+      }
+    }
+  }
+  return block_allreduce(part, ShuffleBranchPartial{}, CombineBranchPartial{inv_t}, scratch);
+}
+
+// ---- stage 2: probabilities of class k, every branch in registers --------------------------
+// z[s], p[s] for s < S; returns sum_s p_s (S pbar).
 template <typename scalar_t, int kBranches>
-__global__ void __launch_bounds__(kMaxThreadsPerBlock) cotrain_rows_kernel(const CotrainArgs a) {
+__device__ __forceinline__ float class_probabilities(const CotrainArgs& a, int64_t row, int64_t k, int S,
+                                                     const RowStats<kBranches>& st, float (&z)[kBranches],
+                                                     float (&p)[kBranches]) {
+  const LogitsView& v = a.logits;
+  float psum = 0.0f;
+#pragma unroll
+  for (int s = 0; s < kBranches; ++s) {
+    if (s < S) {
+      z[s] = load<scalar_t>(v.data, row + s * v.stride_branch + k * v.stride_class);
+      p[s] = m::exp_f32((z[s] - st.max[s]) * a.inv_temperature) * st.inv_sum_p[s];
+      psum = s == 0 ? p[s] : psum + p[s];
+    }
+  }
+  return psum;
+}
+
+template <int kBranches>
+__device__ __forceinline__ float log_probability(const RowStats<kBranches>& st, int s, float z, float inv_t) {
+  return (z - st.max[s]) * inv_t - st.log_sum_p[s];
+}
+
+template <typename scalar_t, int kBranches>
+__global__ void __launch_bounds__(max_threads_for_branches(kBranches)) cotrain_rows_kernel(const CotrainArgs a) {
   const LogitsView& v = a.logits;
   const int64_t n = blockIdx.x;
   const int S = static_cast<int>(v.branches);
   const int K = static_cast<int>(v.classes);
   const float inv_t = a.inv_temperature;
-  const bool same_q = inv_t == 1.0f;
   const bool soft = a.target_index == nullptr;
   const int64_t row = n * v.stride_row;
 
   __shared__ BranchPartial partial_scratch[32];
   __shared__ ArgMax argmax_scratch[32];
   __shared__ float float_scratch[32];
-  __shared__ float s_max[kBranches], s_inv_sum_p[kBranches], s_log_sum_p[kBranches], s_inv_sum_q[kBranches];
-  __shared__ float s_kl[kBranches];
+  __shared__ RowStats<kBranches> st;
 
   int64_t target = -1;
   bool target_valid = true;
@@ -125,51 +201,23 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) cotrain_rows_kernel(const
   }
   const float* y_row = soft ? a.target_soft + n * a.target_soft_stride_row : nullptr;
 
-  // 1. Per-branch statistics.
+  // 1. Per-branch softmax statistics, cross-entropy and hits.
   float y_sum = 1.0f;
   int y_best_index = -1;
-  const CombineBranchPartial combine{inv_t};
   for (int s = 0; s < S; ++s) {
     const int64_t branch = row + s * v.stride_branch;
-    BranchPartial part;
-    part.p = m::softmax_stats_empty();
-    part.q = m::softmax_stats_empty();
-    part.best = -m::positive_infinity();
-    part.best_index = K;  // loses every tie against a real index
-    part.y_dot_z = 0.0f;
-    part.y_sum = 0.0f;
-    part.y_best = -m::positive_infinity();
-    part.y_best_index = K;
-    for (int k = threadIdx.x; k < K; k += blockDim.x) {
-      const float z = load<scalar_t>(v.data, branch + k * v.stride_class);
-      part.p = m::softmax_stats_add(part.p, z, inv_t);
-      if (!same_q) part.q = m::softmax_stats_add(part.q, z, 1.0f);
-      if (m::argmax_prefers(z, k, part.best, part.best_index)) {
-        part.best = z;
-        part.best_index = k;
-      }
-      if (soft) {
-        const float y = y_row[k * a.target_soft_stride_class];
-        part.y_dot_z += y * z;
-        part.y_sum += y;
-        if (m::argmax_prefers(y, k, part.y_best, part.y_best_index)) {
-          part.y_best = y;
-          part.y_best_index = k;
-        }
-      }
-    }
-    const BranchPartial total = block_allreduce(part, ShuffleBranchPartial{}, combine, partial_scratch);
-    const m::SoftmaxStats q = same_q ? total.p : total.q;
+    const BranchPartial total = branch_statistics<scalar_t>(a, branch, y_row, partial_scratch);
+    const m::SoftmaxStats q = inv_t == 1.0f ? total.p : total.q;
     const float lse_z = m::softmax_log_normalizer(q.max, q.sum, 1.0f);
     if (soft) {
       y_sum = total.y_sum;
       y_best_index = first_index_if_empty(total.y_best_index, K);
     }
     if (threadIdx.x == 0) {
-      s_max[s] = total.p.max;
-      s_inv_sum_p[s] = 1.0f / total.p.sum;
-      s_log_sum_p[s] = m::log_f32(total.p.sum);
-      s_inv_sum_q[s] = 1.0f / q.sum;
+      st.max[s] = total.p.max;
+      st.inv_sum_p[s] = 1.0f / total.p.sum;
+      st.log_sum_p[s] = m::log_f32(total.p.sum);
+      st.inv_sum_q[s] = 1.0f / q.sum;
       float ce;
       if (soft) {
         ce = total.y_sum * lse_z - total.y_dot_z;
@@ -181,50 +229,41 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) cotrain_rows_kernel(const
       a.row_hits[n * (S + 1) + s] = first_index_if_empty(total.best_index, K) == label ? 1 : 0;
     }
   }
-  __syncthreads();  // s_* visible to every thread
+  __syncthreads();  // st visible to every thread
 
-  // 2. Ensemble and co-training term, every branch of class k in registers.
+  // 2-3. Ensemble, probabilities and co-training partials, every branch of class k in registers.
   const float inv_branches = 1.0f / static_cast<float>(S);
   const float log_branches = m::log_f32(static_cast<float>(S));
   const float kl_factor = S > 1 ? static_cast<float>(S) / static_cast<float>(S - 1) : 0.0f;
   const bool js = a.kind == CotrainKind::kJensenShannon;
-  float kl_acc[kBranches];
+  float branch_acc[kBranches];  // js: KL(p_s || pbar); kl: masked mass m_s
 #pragma unroll
-  for (int s = 0; s < kBranches; ++s) kl_acc[s] = 0.0f;
+  for (int s = 0; s < kBranches; ++s) branch_acc[s] = 0.0f;
   float kl_value = 0.0f;
   ArgMax ens_best{-m::positive_infinity(), K};
-  for (int k = threadIdx.x; k < K; k += blockDim.x) {
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
     float z[kBranches], p[kBranches];
-    float ens = 0.0f, psum = 0.0f;
+    const float psum = class_probabilities<scalar_t, kBranches>(a, row, k, S, st, z, p);
+    double ens_sum = 0.0;
 #pragma unroll
     for (int s = 0; s < kBranches; ++s) {
-      if (s < S) {
-        z[s] = load<scalar_t>(v.data, row + s * v.stride_branch + k * v.stride_class);
-        p[s] = m::exp_f32((z[s] - s_max[s]) * inv_t) * s_inv_sum_p[s];
-        ens = s == 0 ? z[s] : ens + z[s];
-        psum = s == 0 ? p[s] : psum + p[s];
-      }
+      if (s < S) ens_sum = s == 0 ? static_cast<double>(z[s]) : m::mean_logit_add(ens_sum, z[s]);
     }
-    ens = ens / static_cast<float>(S);
+    const float ens = m::mean_logit_finish(ens_sum, v.inv_branches);
     store<scalar_t>(a.ensemble, n * K + k, ens);
-    if (m::argmax_prefers(ens, k, ens_best.value, ens_best.index)) ens_best = {ens, k};
+    if (m::argmax_prefers(ens, k, ens_best.value, ens_best.index)) ens_best = {ens, static_cast<int>(k)};
     if (S > 1) {
-      if (js) {
-        const float log_pbar = m::log_f32(psum) - log_branches;
+      const float log_pbar = js ? m::log_f32(psum) - log_branches : 0.0f;
+      const float pbar = psum * inv_branches;
 #pragma unroll
-        for (int s = 0; s < kBranches; ++s) {
-          if (s < S) {
-            const float log_p = (z[s] - s_max[s]) * inv_t - s_log_sum_p[s];
-            kl_acc[s] += m::js_kl_element(p[s], log_p, log_pbar);
-          }
-        }
-      } else {
-        const float pbar = psum * inv_branches;
-#pragma unroll
-        for (int s = 0; s < kBranches; ++s) {
-          if (s < S) {
-            const float log_p = (z[s] - s_max[s]) * inv_t - s_log_sum_p[s];
+      for (int s = 0; s < kBranches; ++s) {
+        if (s < S) {
+          const float log_p = log_probability(st, s, z[s], inv_t);
+          if (js) {
+            branch_acc[s] += m::js_kl_element(p[s], log_p, log_pbar);
+          } else {
             kl_value += m::kl_value_element(p[s], pbar, log_p);
+            branch_acc[s] += m::kl_masked_mass_element(pbar, log_p);
           }
         }
       }
@@ -233,20 +272,18 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) cotrain_rows_kernel(const
   const ArgMax ens_total = block_allreduce(ens_best, ShuffleArgMax{}, CombineArgMax{}, argmax_scratch);
   float cot = 0.0f;
   if (S > 1) {
-    if (js) {
-      float kl_sum = 0.0f;
+    float kl_sum = 0.0f;
+    if (js || a.grad != nullptr) {  // kl: the masked masses only serve the gradient
 #pragma unroll
       for (int s = 0; s < kBranches; ++s) {
         if (s < S) {
-          const float kl_s = block_sum(kl_acc[s], float_scratch);
-          if (threadIdx.x == 0) s_kl[s] = kl_s;
-          kl_sum += kl_s;
+          const float total = block_sum(branch_acc[s], float_scratch);
+          if (threadIdx.x == 0) st.branch_cot[s] = total;
+          kl_sum += total;
         }
       }
-      cot = kl_sum * inv_branches;
-    } else {
-      cot = block_sum(kl_value, float_scratch) * kl_factor;
     }
+    cot = js ? kl_sum * inv_branches : block_sum(kl_value, float_scratch) * kl_factor;
   }
   if (threadIdx.x == 0) {
     a.row_cot[n] = cot;
@@ -254,34 +291,26 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) cotrain_rows_kernel(const
     a.row_hits[n * (S + 1) + S] = first_index_if_empty(ens_total.index, K) == label ? 1 : 0;
   }
   if (a.grad == nullptr) return;
-  __syncthreads();  // s_kl visible
+  __syncthreads();  // st.branch_cot visible
 
-  // 3. Gradient: (1/N) dCE + w/(N T) dJ, written contiguous [N, S, K].
+  // 4. Gradient: (1/N) dCE + w/(N T) dJ, written contiguous [N, S, K].
   const float inv_rows = 1.0f / static_cast<float>(v.rows);
   const float cot_scale = S > 1 ? a.weight[0] * inv_t * inv_rows : 0.0f;
-  for (int k = threadIdx.x; k < K; k += blockDim.x) {
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
     float z[kBranches], p[kBranches];
-    float psum = 0.0f;
-#pragma unroll
-    for (int s = 0; s < kBranches; ++s) {
-      if (s < S) {
-        z[s] = load<scalar_t>(v.data, row + s * v.stride_branch + k * v.stride_class);
-        p[s] = m::exp_f32((z[s] - s_max[s]) * inv_t) * s_inv_sum_p[s];
-        psum = s == 0 ? p[s] : psum + p[s];
-      }
-    }
+    const float psum = class_probabilities<scalar_t, kBranches>(a, row, k, S, st, z, p);
     const float log_pbar = js ? m::log_f32(psum) - log_branches : 0.0f;
     const float pbar = psum * inv_branches;
     const float y = soft ? y_row[k * a.target_soft_stride_class] : (k == target ? 1.0f : 0.0f);
 #pragma unroll
     for (int s = 0; s < kBranches; ++s) {
       if (s < S) {
-        const float q = same_q ? p[s] : m::exp_f32(z[s] - s_max[s]) * s_inv_sum_q[s];
+        const float q = inv_t == 1.0f ? p[s] : m::exp_f32(z[s] - st.max[s]) * st.inv_sum_q[s];
         float cot_grad = 0.0f;
         if (S > 1) {
-          const float log_p = (z[s] - s_max[s]) * inv_t - s_log_sum_p[s];
-          cot_grad = js ? m::js_grad_element(p[s], log_p, log_pbar, s_kl[s], inv_branches)
-                        : m::kl_grad_element(p[s], pbar, kl_factor);
+          const float log_p = log_probability(st, s, z[s], inv_t);
+          cot_grad = js ? m::js_grad_element(p[s], log_p, log_pbar, st.branch_cot[s], inv_branches)
+                        : m::kl_grad_element(p[s], pbar, log_p, st.branch_cot[s], kl_factor);
         }
         const float g = target_valid
                             ? m::loss_grad_element(m::ce_grad_element(q, y, y_sum), cot_grad, inv_rows, cot_scale)
@@ -333,22 +362,8 @@ __global__ void cotrain_finalize_kernel(const CotrainArgs a) {
 
 template <typename scalar_t, int kBranches>
 void launch_rows(const CotrainArgs& a, cudaStream_t stream) {
-  const int threads = threads_for_classes(a.logits.classes);
+  const int threads = threads_for_classes(a.logits.classes, max_threads_for_branches(kBranches));
   cotrain_rows_kernel<scalar_t, kBranches><<<static_cast<unsigned>(a.logits.rows), threads, 0, stream>>>(a);
-}
-
-template <typename scalar_t>
-void launch_rows_for_dtype(const CotrainArgs& a, cudaStream_t stream) {
-  const int64_t S = a.logits.branches;
-  if (S <= 2) {
-    launch_rows<scalar_t, 2>(a, stream);
-  } else if (S <= 4) {
-    launch_rows<scalar_t, 4>(a, stream);
-  } else if (S <= 8) {
-    launch_rows<scalar_t, 8>(a, stream);
-  } else {
-    launch_rows<scalar_t, kMaxBranches>(a, stream);
-  }
 }
 
 }  // namespace
@@ -356,30 +371,22 @@ void launch_rows_for_dtype(const CotrainArgs& a, cudaStream_t stream) {
 cudaError_t launch_cotrain_loss(const CotrainArgs& a, cudaStream_t stream) {
   // The host wrapper has checked 1 <= S <= kMaxBranches and 1 <= K < 2^31.
   if (a.logits.rows > 0) {
-    switch (a.logits.dtype) {
-      case LogitsDtype::kFloat32:
-        launch_rows_for_dtype<float>(a, stream);
-        break;
-      case LogitsDtype::kBFloat16:
-        launch_rows_for_dtype<c10::BFloat16>(a, stream);
-        break;
-      case LogitsDtype::kFloat16:
-        launch_rows_for_dtype<c10::Half>(a, stream);
-        break;
-    }
+    dispatch_logits_dtype(a.logits.dtype, [&](auto dtype) {
+      using scalar_t = decltype(dtype);
+      const int64_t S = a.logits.branches;
+      if (S <= 2) {
+        launch_rows<scalar_t, 2>(a, stream);
+      } else if (S <= 4) {
+        launch_rows<scalar_t, 4>(a, stream);
+      } else if (S <= 8) {
+        launch_rows<scalar_t, 8>(a, stream);
+      } else {
+        launch_rows<scalar_t, kMaxBranches>(a, stream);
+      }
+    });
   }
   cotrain_finalize_kernel<<<1, 256, 0, stream>>>(a);
   return cudaGetLastError();
-}
-
-BuildInfo build_info() {
-  BuildInfo info;
-#if defined(__CUDA_ARCH_LIST__)
-  const int archs[] = {__CUDA_ARCH_LIST__};
-  info.archs.assign(archs, archs + sizeof(archs) / sizeof(archs[0]));
-#endif
-  info.cuda_runtime_version = CUDART_VERSION;
-  return info;
 }
 
 }  // namespace cuda

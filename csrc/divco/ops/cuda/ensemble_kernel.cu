@@ -1,5 +1,7 @@
 // CUDA kernels of divco::ensemble_native and divco::ensemble_native_backward: one block per
-// row, online softmax over K (block reductions), fp32 arithmetic, any number of branches.
+// row, online softmax over K (block reductions), fp32 arithmetic, up to
+// kMaxEnsembleBranches branches (mean_probs / max_probs keep two floats per branch in
+// shared memory; the other modes take any S).
 // Formulas from ../../cotrain_math.h, shared with the CPU kernels.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -7,6 +9,7 @@
 #include <cstdint>
 
 #include "../../cotrain_math.h"
+#include "../dtype_dispatch.h"
 #include "../kernel_args.h"
 #include "block_reduce.cuh"
 #include "launchers.h"
@@ -39,38 +42,81 @@ __device__ __forceinline__ void store(void* base, int64_t offset, float value) {
   static_cast<scalar_t*>(base)[offset] = static_cast<scalar_t>(value);
 }
 
-// Mean over branches of class k of the row starting at `row` (branch order fixed).
+// Mean over branches of class k of the row starting at `row` (branch order fixed; double
+// accumulator, see math::mean_logit_add).
 template <typename scalar_t>
-__device__ __forceinline__ float mean_logit(const LogitsView& v, int64_t row, int k) {
-  float sum = 0.0f;
+__device__ __forceinline__ float mean_logit(const LogitsView& v, int64_t row, int64_t k) {
+  double sum = 0.0;
   for (int s = 0; s < static_cast<int>(v.branches); ++s) {
     const float z = load<scalar_t>(v.data, row + s * v.stride_branch + k * v.stride_class);
-    sum = s == 0 ? z : sum + z;
+    sum = s == 0 ? static_cast<double>(z) : m::mean_logit_add(sum, z);
   }
-  return sum / static_cast<float>(v.branches);
+  return m::mean_logit_finish(sum, v.inv_branches);
+}
+
+// p_sk from the branch statistics in shared memory (max, 1 / sum).
+template <typename scalar_t>
+__device__ __forceinline__ float branch_probability(const LogitsView& v, int64_t row, int s, int64_t k,
+                                                    const float* s_max, const float* s_inv_sum) {
+  const float z = load<scalar_t>(v.data, row + s * v.stride_branch + k * v.stride_class);
+  return m::exp_f32(z - s_max[s]) * s_inv_sum[s];
+}
+
+// Every branch's softmax statistics into shared memory (max, 1 / sum); synchronises.
+template <typename scalar_t>
+__device__ void all_branch_stats(const LogitsView& v, int64_t row, float* s_max, float* s_inv_sum,
+                                 m::SoftmaxStats* scratch);
+
+// The first branch holding NaN at class k, else the first maximal one (torch.max), of the
+// values value(s).
+template <typename Value>
+__device__ __forceinline__ int first_max_branch(int S, Value value) {
+  int best = 0;
+  float best_value = value(0);
+  for (int s = 1; s < S; ++s) {
+    const float x = value(s);
+    if (m::argmax_prefers(x, s, best_value, best)) {
+      best = s;
+      best_value = x;
+    }
+  }
+  return best;
 }
 
 // Softmax statistics of one branch (all threads get the block total).
 template <typename scalar_t>
 __device__ m::SoftmaxStats branch_stats(const LogitsView& v, int64_t branch, m::SoftmaxStats* scratch) {
   m::SoftmaxStats stats = m::softmax_stats_empty();
-  for (int k = threadIdx.x; k < static_cast<int>(v.classes); k += blockDim.x) {
+  for (int64_t k = threadIdx.x; k < v.classes; k += blockDim.x) {
     stats = m::softmax_stats_add(stats, load<scalar_t>(v.data, branch + k * v.stride_class), 1.0f);
   }
   return block_allreduce(stats, ShuffleStats{}, MergeStats{}, scratch);
+}
+
+template <typename scalar_t>
+__device__ void all_branch_stats(const LogitsView& v, int64_t row, float* s_max, float* s_inv_sum,
+                                 m::SoftmaxStats* scratch) {
+  for (int s = 0; s < static_cast<int>(v.branches); ++s) {
+    const m::SoftmaxStats stats = branch_stats<scalar_t>(v, row + s * v.stride_branch, scratch);
+    if (threadIdx.x == 0) {
+      s_max[s] = stats.max;
+      s_inv_sum[s] = 1.0f / stats.sum;
+    }
+  }
+  __syncthreads();
 }
 
 // Softmax statistics of the mean logits of the row.
 template <typename scalar_t>
 __device__ m::SoftmaxStats mean_logit_stats(const LogitsView& v, int64_t row, m::SoftmaxStats* scratch) {
   m::SoftmaxStats stats = m::softmax_stats_empty();
-  for (int k = threadIdx.x; k < static_cast<int>(v.classes); k += blockDim.x) {
+  for (int64_t k = threadIdx.x; k < v.classes; k += blockDim.x) {
     stats = m::softmax_stats_add(stats, mean_logit<scalar_t>(v, row, k), 1.0f);
   }
   return block_allreduce(stats, ShuffleStats{}, MergeStats{}, scratch);
 }
 
-// Dynamic shared memory: 2 * S floats (per-branch max and 1/sum) for mean_probs.
+// Dynamic shared memory: 2 * S floats (per-branch max and 1/sum) for mean_probs and max_probs.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock) ensemble_kernel(const EnsembleArgs a) {
   extern __shared__ float branch_stats_smem[];
@@ -83,33 +129,28 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) ensemble_kernel(const Ens
   const int64_t out_row = n * K;
   switch (a.mode) {
     case EnsembleMode::kMeanLogits:
-      for (int k = threadIdx.x; k < K; k += blockDim.x) store<scalar_t>(a.out, out_row + k, mean_logit<scalar_t>(v, row, k));
+      for (int64_t k = threadIdx.x; k < K; k += blockDim.x) store<scalar_t>(a.out, out_row + k, mean_logit<scalar_t>(v, row, k));
       break;
     case EnsembleMode::kMax:
-      for (int k = threadIdx.x; k < K; k += blockDim.x) {
+      for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
         float best = load<scalar_t>(v.data, row + k * v.stride_class);
         for (int s = 1; s < S; ++s) best = m::max_nan(best, load<scalar_t>(v.data, row + s * v.stride_branch + k * v.stride_class));
         store<scalar_t>(a.out, out_row + k, best);
       }
       break;
-    case EnsembleMode::kMeanProbs: {
+    case EnsembleMode::kMeanProbs:
+    case EnsembleMode::kMaxProbs: {
       float* s_max = branch_stats_smem;
       float* s_inv_sum = branch_stats_smem + S;
-      for (int s = 0; s < S; ++s) {
-        const m::SoftmaxStats stats = branch_stats<scalar_t>(v, row + s * v.stride_branch, stats_scratch);
-        if (threadIdx.x == 0) {
-          s_max[s] = stats.max;
-          s_inv_sum[s] = 1.0f / stats.sum;
+      all_branch_stats<scalar_t>(v, row, s_max, s_inv_sum, stats_scratch);
+      const bool mean = a.mode == EnsembleMode::kMeanProbs;
+      for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+        float acc = mean ? 0.0f : branch_probability<scalar_t>(v, row, 0, k, s_max, s_inv_sum);
+        for (int s = mean ? 0 : 1; s < S; ++s) {
+          const float p = branch_probability<scalar_t>(v, row, s, k, s_max, s_inv_sum);
+          acc = mean ? acc + p : m::max_nan(acc, p);
         }
-      }
-      __syncthreads();
-      for (int k = threadIdx.x; k < K; k += blockDim.x) {
-        float sum = 0.0f;
-        for (int s = 0; s < S; ++s) {
-          const float z = load<scalar_t>(v.data, row + s * v.stride_branch + k * v.stride_class);
-          sum += m::exp_f32(z - s_max[s]) * s_inv_sum[s];
-        }
-        store<scalar_t>(a.out, out_row + k, sum / static_cast<float>(S));
+        store<scalar_t>(a.out, out_row + k, mean ? acc / static_cast<float>(S) : acc);
       }
       break;
     }
@@ -117,7 +158,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) ensemble_kernel(const Ens
       // softmax(mean_s log_softmax(z_s)) = softmax(mean_s z_s).
       const m::SoftmaxStats stats = mean_logit_stats<scalar_t>(v, row, stats_scratch);
       const float inv_sum = 1.0f / stats.sum;
-      for (int k = threadIdx.x; k < K; k += blockDim.x) {
+      for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
         store<scalar_t>(a.out, out_row + k, m::exp_f32(mean_logit<scalar_t>(v, row, k) - stats.max) * inv_sum);
       }
       break;
@@ -125,8 +166,10 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) ensemble_kernel(const Ens
   }
 }
 
+// Dynamic shared memory: 2 * S floats (per-branch max and 1/sum) for max_probs.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock) ensemble_backward_kernel(const EnsembleBackwardArgs a) {
+  extern __shared__ float branch_stats_smem[];
   __shared__ m::SoftmaxStats stats_scratch[32];
   __shared__ float float_scratch[32];
   const LogitsView& v = a.logits;
@@ -136,42 +179,54 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) ensemble_backward_kernel(
   const int64_t row = n * v.stride_row;
   const int64_t g_row = n * a.grad_out_stride_row;
   const float inv_branches = 1.0f / static_cast<float>(S);
-  auto grad_out = [&](int k) { return load<scalar_t>(a.grad_out, g_row + k * a.grad_out_stride_class); };
-  auto out_offset = [&](int s, int k) { return (n * S + s) * static_cast<int64_t>(K) + k; };
+  auto grad_out = [&](int64_t k) { return load<scalar_t>(a.grad_out, g_row + k * a.grad_out_stride_class); };
+  auto out_offset = [&](int s, int64_t k) { return (n * S + s) * static_cast<int64_t>(K) + k; };
   switch (a.mode) {
     case EnsembleMode::kMeanLogits:
-      for (int k = threadIdx.x; k < K; k += blockDim.x) {
+      for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
         const float g = grad_out(k) / static_cast<float>(S);
         for (int s = 0; s < S; ++s) store<scalar_t>(a.grad_logits, out_offset(s, k), g);
       }
       break;
     case EnsembleMode::kMax:
-      // The first maximal branch (a NaN counts as maximal) gets the gradient, like torch.max.
-      for (int k = threadIdx.x; k < K; k += blockDim.x) {
-        int best = 0;
-        float best_value = load<scalar_t>(v.data, row + k * v.stride_class);
-        for (int s = 1; s < S; ++s) {
-          const float z = load<scalar_t>(v.data, row + s * v.stride_branch + k * v.stride_class);
-          if (m::argmax_prefers(z, s, best_value, best)) {
-            best = s;
-            best_value = z;
-          }
-        }
+      for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+        const int best = first_max_branch(
+            S, [&](int s) { return load<scalar_t>(v.data, row + s * v.stride_branch + k * v.stride_class); });
         const float g = grad_out(k);
         for (int s = 0; s < S; ++s) store<scalar_t>(a.grad_logits, out_offset(s, k), s == best ? g : 0.0f);
       }
       break;
+    case EnsembleMode::kMaxProbs: {
+      // out_k = p_{b(k),k}: branch s gets the softmax backward of the g_k it holds the max of,
+      // p_s (g_held - <g_held, p_s>). b(k) is recomputed per branch (O(S^2 K), S is small).
+      float* s_max = branch_stats_smem;
+      float* s_inv_sum = branch_stats_smem + S;
+      all_branch_stats<scalar_t>(v, row, s_max, s_inv_sum, stats_scratch);
+      auto probability = [&](int s, int64_t k) { return branch_probability<scalar_t>(v, row, s, k, s_max, s_inv_sum); };
+      for (int s = 0; s < S; ++s) {
+        float dot = 0.0f;
+        for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+          if (first_max_branch(S, [&](int t) { return probability(t, k); }) == s) dot += grad_out(k) * probability(s, k);
+        }
+        dot = block_sum(dot, float_scratch);
+        for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+          const float held = first_max_branch(S, [&](int t) { return probability(t, k); }) == s ? grad_out(k) : 0.0f;
+          store<scalar_t>(a.grad_logits, out_offset(s, k), m::softmax_backward_element(probability(s, k), held, dot, 1.0f));
+        }
+      }
+      break;
+    }
     case EnsembleMode::kMeanProbs:
       for (int s = 0; s < S; ++s) {
         const int64_t branch = row + s * v.stride_branch;
         const m::SoftmaxStats stats = branch_stats<scalar_t>(v, branch, stats_scratch);
         const float inv_sum = 1.0f / stats.sum;
         float dot = 0.0f;
-        for (int k = threadIdx.x; k < K; k += blockDim.x) {
+        for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
           dot += grad_out(k) * (m::exp_f32(load<scalar_t>(v.data, branch + k * v.stride_class) - stats.max) * inv_sum);
         }
         dot = block_sum(dot, float_scratch);
-        for (int k = threadIdx.x; k < K; k += blockDim.x) {
+        for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
           const float p = m::exp_f32(load<scalar_t>(v.data, branch + k * v.stride_class) - stats.max) * inv_sum;
           store<scalar_t>(a.grad_logits, out_offset(s, k), m::softmax_backward_element(p, grad_out(k), dot, inv_branches));
         }
@@ -181,11 +236,11 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) ensemble_backward_kernel(
       const m::SoftmaxStats stats = mean_logit_stats<scalar_t>(v, row, stats_scratch);
       const float inv_sum = 1.0f / stats.sum;
       float dot = 0.0f;
-      for (int k = threadIdx.x; k < K; k += blockDim.x) {
+      for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
         dot += grad_out(k) * (m::exp_f32(mean_logit<scalar_t>(v, row, k) - stats.max) * inv_sum);
       }
       dot = block_sum(dot, float_scratch);
-      for (int k = threadIdx.x; k < K; k += blockDim.x) {
+      for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
         const float e = m::exp_f32(mean_logit<scalar_t>(v, row, k) - stats.max) * inv_sum;
         const float g = m::softmax_backward_element(e, grad_out(k), dot, inv_branches);
         for (int s = 0; s < S; ++s) store<scalar_t>(a.grad_logits, out_offset(s, k), g);
@@ -195,50 +250,30 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) ensemble_backward_kernel(
   }
 }
 
-template <typename scalar_t>
-void launch_forward(const EnsembleArgs& a, cudaStream_t stream) {
-  const size_t smem = a.mode == EnsembleMode::kMeanProbs ? 2 * sizeof(float) * static_cast<size_t>(a.logits.branches) : 0;
-  ensemble_kernel<scalar_t>
-      <<<static_cast<unsigned>(a.logits.rows), threads_for_classes(a.logits.classes), smem, stream>>>(a);
-}
-
-template <typename scalar_t>
-void launch_backward(const EnsembleBackwardArgs& a, cudaStream_t stream) {
-  ensemble_backward_kernel<scalar_t>
-      <<<static_cast<unsigned>(a.logits.rows), threads_for_classes(a.logits.classes), 0, stream>>>(a);
+// Dynamic shared memory of the modes that keep per-branch statistics (two floats per branch).
+size_t branch_stats_bytes(EnsembleMode mode, int64_t branches) {
+  const bool keeps_stats = mode == EnsembleMode::kMeanProbs || mode == EnsembleMode::kMaxProbs;
+  return keeps_stats ? 2 * sizeof(float) * static_cast<size_t>(branches) : 0;
 }
 
 }  // namespace
 
 cudaError_t launch_ensemble(const EnsembleArgs& a, cudaStream_t stream) {
   if (a.logits.rows == 0) return cudaSuccess;
-  switch (a.logits.dtype) {
-    case LogitsDtype::kFloat32:
-      launch_forward<float>(a, stream);
-      break;
-    case LogitsDtype::kBFloat16:
-      launch_forward<c10::BFloat16>(a, stream);
-      break;
-    case LogitsDtype::kFloat16:
-      launch_forward<c10::Half>(a, stream);
-      break;
-  }
+  dispatch_logits_dtype(a.logits.dtype, [&](auto dtype) {
+    ensemble_kernel<decltype(dtype)><<<static_cast<unsigned>(a.logits.rows), threads_for_classes(a.logits.classes),
+                                       branch_stats_bytes(a.mode, a.logits.branches), stream>>>(a);
+  });
   return cudaGetLastError();
 }
 
 cudaError_t launch_ensemble_backward(const EnsembleBackwardArgs& a, cudaStream_t stream) {
   if (a.logits.rows == 0) return cudaSuccess;
-  switch (a.logits.dtype) {
-    case LogitsDtype::kFloat32:
-      launch_backward<float>(a, stream);
-      break;
-    case LogitsDtype::kBFloat16:
-      launch_backward<c10::BFloat16>(a, stream);
-      break;
-    case LogitsDtype::kFloat16:
-      launch_backward<c10::Half>(a, stream);
-      break;
-  }
+  dispatch_logits_dtype(a.logits.dtype, [&](auto dtype) {
+    ensemble_backward_kernel<decltype(dtype)><<<static_cast<unsigned>(a.logits.rows),
+                                                threads_for_classes(a.logits.classes),
+                                                branch_stats_bytes(a.mode, a.logits.branches), stream>>>(a);
+  });
   return cudaGetLastError();
 }
 

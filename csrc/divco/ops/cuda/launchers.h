@@ -12,8 +12,19 @@ namespace divco {
 namespace ops {
 namespace cuda {
 
-// The most branches one CUDA kernel handles (per-thread registers hold one value per branch).
+// The most branches the co-training loss kernel handles (per-thread registers hold one
+// value per branch).
 constexpr int kMaxBranches = 16;
+
+// Shared memory a block may use without opting in (every architecture since sm_50).
+constexpr int kDefaultSharedMemoryBytes = 48 * 1024;
+// Static shared memory set aside for the ensemble kernels' own scratch (block reductions;
+// ptxas reports at most 384 bytes, tests/native/test_cuda_compile.py checks the bound).
+constexpr int kEnsembleStaticSharedBytes = 1024;
+// The mean_probs / max_probs ensembles keep two floats per branch (max, 1 / sum) in
+// dynamic shared memory next to that scratch: at most 6016 branches.
+constexpr int kMaxEnsembleBranches =
+    (kDefaultSharedMemoryBytes - kEnsembleStaticSharedBytes) / static_cast<int>(2 * sizeof(float));
 
 // Each launcher enqueues its kernels on `stream` and returns cudaGetLastError().
 cudaError_t launch_cotrain_loss(const CotrainArgs& args, cudaStream_t stream);

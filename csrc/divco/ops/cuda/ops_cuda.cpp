@@ -21,6 +21,14 @@ void check_cuda_limits(const LogitsView& v, const char* op) {
                     ": the CUDA kernels take at most 2^31 - 1 rows; got N = ", v.rows);
 }
 
+// mean_probs / max_probs keep two floats per branch in shared memory (launchers.h).
+void check_ensemble_branches(const LogitsView& v, EnsembleMode mode, const char* op) {
+  if (mode != EnsembleMode::kMeanProbs && mode != EnsembleMode::kMaxProbs) return;
+  TORCH_CHECK_VALUE(v.branches <= cuda::kMaxEnsembleBranches, op, ": the CUDA kernel of the ",
+                    mode == EnsembleMode::kMeanProbs ? "mean_probs" : "max_probs", " ensemble takes at most ",
+                    cuda::kMaxEnsembleBranches, " branches (S); got S = ", v.branches);
+}
+
 }  // namespace
 
 CotrainResult cotrain_loss_cuda(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
@@ -39,9 +47,7 @@ CotrainResult cotrain_loss_cuda(const at::Tensor& logits, const at::Tensor& targ
 at::Tensor ensemble_cuda(const at::Tensor& logits, std::string_view mode) {
   EnsembleCall call = prepare_ensemble(logits, mode, c10::DeviceType::CUDA);
   check_cuda_limits(call.args.logits, "ensemble_native");
-  // mean_probs keeps two floats per branch in shared memory (48 KiB without opt-in).
-  TORCH_CHECK_VALUE(call.args.logits.branches <= 6144, "ensemble_native: the CUDA kernel takes at most 6144 branches; got S = ",
-                    call.args.logits.branches);
+  check_ensemble_branches(call.args.logits, call.args.mode, "ensemble_native");
   const c10::cuda::CUDAGuard guard(logits.device());
   C10_CUDA_CHECK(cuda::launch_ensemble(call.args, c10::cuda::getCurrentCUDAStream()));
   return call.out;
@@ -50,6 +56,7 @@ at::Tensor ensemble_cuda(const at::Tensor& logits, std::string_view mode) {
 at::Tensor ensemble_backward_cuda(const at::Tensor& grad_out, const at::Tensor& logits, std::string_view mode) {
   EnsembleBackwardCall call = prepare_ensemble_backward(grad_out, logits, mode, c10::DeviceType::CUDA);
   check_cuda_limits(call.args.logits, "ensemble_native_backward");
+  check_ensemble_branches(call.args.logits, call.args.mode, "ensemble_native_backward");
   const c10::cuda::CUDAGuard guard(logits.device());
   C10_CUDA_CHECK(cuda::launch_ensemble_backward(call.args, c10::cuda::getCurrentCUDAStream()));
   return call.grad_logits;
