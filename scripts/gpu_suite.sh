@@ -26,6 +26,7 @@
 #   DIVCO_SUITE_VENV (default /tmp/divco-suite-venv), TORCH_CUDA_ARCH_LIST (default: this card's),
 #   DIVCO_SUITE_KEEP_VENV=1 (reuse an existing venv: a second call skips its creation),
 #   DIVCO_SUITE_SKIP_BUILD=1 (test the divco that PYTHON imports), DIVCO_SUITE_BUILD_BUDGET,
+#   DIVCO_SUITE_PYTEST_WORKERS (pytest-xdist workers of the test phases, default 4; 1: none),
 #   DIVCO_SUITE_TEST_PHASES / DIVCO_SUITE_BENCH_STAGES (replace the lists below; ';' between entries).
 set -u -o pipefail
 
@@ -157,6 +158,12 @@ divco.ops.available_backends(torch.device('cuda' if torch.cuda.is_available() el
 
 # -- tests ------------------------------------------------------------------------------------
 junit_files=()
+# A few workers: Triton's JIT compiles (a CPU matter, seconds per specialisation) overlap;
+# one GPU holds them all easily.
+workers=()
+if (( ! DRY_RUN )) && [[ ${DIVCO_SUITE_PYTEST_WORKERS:-4} -gt 1 ]] && $PY -c "import xdist" 2>/dev/null; then
+    workers=(-n "${DIVCO_SUITE_PYTEST_WORKERS:-4}")
+fi
 for entry in "${TEST_PHASES[@]}"; do
     IFS='|' read -r name seconds args <<< "$entry"
     # shellcheck disable=SC2086
@@ -174,7 +181,7 @@ for entry in "${TEST_PHASES[@]}"; do
         fi
         rm -f "$OUT_DIR/.collect-$name.txt"
     else
-        stage "$name" "$seconds" $PY -m pytest -m gpu -q -p no:cacheprovider -rfE \
+        stage "$name" "$seconds" $PY -m pytest -m gpu -q -p no:cacheprovider -rfE "${workers[@]}" \
             --junitxml="$OUT_DIR/.junit-$name.xml" -o junit_suite_name="$name" $args
         junit_files+=("$OUT_DIR/.junit-$name.xml")
     fi
