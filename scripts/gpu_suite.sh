@@ -136,6 +136,8 @@ build() {
         [[ -n $cap ]] && export TORCH_CUDA_ARCH_LIST=$cap
     fi
     export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+    # ninja and nvcc wrappers beside the calling interpreter (its venv's bin) stay on PATH
+    PATH="$(dirname "$($PYTHON -c 'import sys; print(sys.executable)')"):$PATH"
     echo "native build: TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-} MAX_JOBS=$MAX_JOBS"
     if ! "$VENV/bin/python" -m pip install -v --no-index --no-build-isolation --no-deps -e .; then
         echo "NATIVE BUILD FAILED: installing pure Python (DIVCO_NO_NATIVE=1); native tests will fail"
