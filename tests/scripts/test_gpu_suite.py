@@ -67,7 +67,7 @@ def test_failing_and_timed_out_phases_still_leave_every_output(tmp_path):
     no GPU test, a bench that fails (no CUDA): the suite goes on, writes its files, says so."""
     out = tmp_path / "out"
     code, log = _run(
-        out, timeout=300, DIVCO_SUITE_SKIP_BUILD="1",
+        out, timeout=300, DIVCO_SUITE_SKIP_BUILD="1", DIVCO_SUITE_PYTEST_WORKERS="1",
         DIVCO_SUITE_TEST_PHASES="kernels|1|tests/ops;rest|120|tests/native/test_ptxas.py",
         DIVCO_SUITE_BENCH_STAGES="bench|60|--quick --no-ops")
     assert code == 1, log
