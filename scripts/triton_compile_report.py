@@ -124,7 +124,8 @@ def plan(quick: bool = False) -> list[Spec]:
         cotrain("float32", dict(zip(flag_names, values)), base_s, base_k, base_warps)
     for dtype in ("bfloat16", "float16"):
         # the dtype changes loads and stores only: each path that loads or stores once
-        for soft, grad, single in ((False, True, False), (True, True, True), (False, False, True), (True, False, False)):
+        paths = ((False, True, False), (True, True, True), (False, False, True), (True, False, False))
+        for soft, grad, single in paths:
             flags = dict(SOFT_TARGET=soft, KIND_KL=False, UNIT_TEMPERATURE=False, COMPUTE_GRAD=grad,
                          SINGLE_TILE=single)
             cotrain(dtype, flags, base_s, base_k, base_warps)

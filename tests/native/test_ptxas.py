@@ -24,12 +24,12 @@ DTYPES = ("float", "c10::BFloat16", "c10::Half")
 KNOWN_SPILL = re.compile(r"cotrain_rows_kernel<[^,]+, 16>")
 
 SAMPLE = """\
-ptxas info    : Compiling entry function '_ZN5divco3ops4cuda19cotrain_rows_kernelIfLi16EEEvNS1_11CotrainArgsE' for 'sm_80'
-ptxas info    : Function properties for _ZN5divco3ops4cuda19cotrain_rows_kernelIfLi16EEEvNS1_11CotrainArgsE
+ptxas info    : Compiling entry function '_ZN5divco19cotrain_rows_kernelIfLi16EEEvNS_11CotrainArgsE' for 'sm_80'
+ptxas info    : Function properties for _ZN5divco19cotrain_rows_kernelIfLi16EEEvNS_11CotrainArgsE
     496 bytes stack frame, 496 bytes spill stores, 488 bytes spill loads
 ptxas info    : Used 128 registers, used 1 barriers, 496 bytes cumulative stack size, 1984 bytes smem, 544 bytes cmem[0]
-ptxas info    : Compiling entry function '_ZN5divco3ops4cuda23cotrain_finalize_kernelENS1_11CotrainArgsE' for 'sm_90'
-ptxas info    : Function properties for _ZN5divco3ops4cuda23cotrain_finalize_kernelENS1_11CotrainArgsE
+ptxas info    : Compiling entry function '_ZN5divco23cotrain_finalize_kernelENS_11CotrainArgsE' for 'sm_90'
+ptxas info    : Function properties for _ZN5divco23cotrain_finalize_kernelENS_11CotrainArgsE
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Used 38 registers, used 1 barriers, 512 bytes smem, 544 bytes cmem[0]
 """
@@ -42,7 +42,7 @@ def test_parser_reads_registers_and_spills():
     assert first.spills and not second.spills
     assert (second.arch, second.registers, second.stack_bytes) == (90, 38, 0)
     if ptxas_report.shutil.which("c++filt"):
-        assert first.name.startswith("void divco::ops::cuda::cotrain_rows_kernel<float, 16>(")
+        assert first.name.startswith("void divco::cotrain_rows_kernel<float, 16>(")
 
 
 @functools.lru_cache(maxsize=None)
