@@ -1,7 +1,9 @@
 """Run a benchmark profile: build the methods, time them, record, write as it goes.
 
 The comparisons of :mod:`divco.benchmark.plan` run in their order of importance
-under a time budget; what the budget does not reach is recorded as skipped.  The
+under a time budget; what the budget does not reach is recorded as skipped, except
+in a quick profile, which always measures its whole plan (with fewer repeats once
+it falls behind the budget).  The
 results are written after every comparison, and SIGTERM/SIGINT stop the run
 cleanly with everything measured so far written, so a run cut short (a time limit,
 a lost machine) still leaves its numbers.
@@ -34,6 +36,9 @@ SCHEMA_VERSION = 1
 #: fraction of its memory.  Rebuilding costs model construction and a device copy.
 CPU_METHOD_CACHE_BYTES = 3 * 2**30
 CUDA_METHOD_CACHE_FRACTION = 0.25
+#: A quick profile behind its time budget measures every comparison with this many timed steps
+#: (and at most one warm-up) instead of skipping comparisons: fewer repeats, never fewer cases.
+QUICK_MIN_REPEATS = 2
 
 
 class _Interrupted(BaseException):
@@ -57,6 +62,13 @@ class _Context:
     misses_profiled: int = 0
     # (compile, cuda_graphs) -> the longest one method has taken so far: estimates learn
     observed_s: dict = field(default_factory=dict)
+    # timed / warm-up steps per measurement: the profile's, fewer once a quick run falls behind
+    repeats: int = 0
+    warmup: int = 0
+
+    def __post_init__(self):
+        self.repeats = self.repeats or self.profile.repeats
+        self.warmup = self.warmup or self.profile.warmup
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -206,7 +218,7 @@ def _run_group_cpu(ctx: _Context, group: Group) -> list[dict]:
         try:
             method = ctx.method(group, name)
             step = _make_step(ctx, group, method)
-            for _ in range(max(1, ctx.profile.warmup)):  # warm-up alone: a failing method drops out here
+            for _ in range(max(1, ctx.warmup)):  # warm-up alone: a failing method drops out here
                 step()
             built[name] = (method, step)
         except MethodUnavailable as error:
@@ -216,7 +228,7 @@ def _run_group_cpu(ctx: _Context, group: Group) -> list[dict]:
             ctx.forget(group, name)
             ctx.log(f"  {name}: FAILED {rec['reason']}")
     if built:
-        times = time_interleaved({n: s for n, (_, s) in built.items()}, ctx.profile.repeats, warmup=0)
+        times = time_interleaved({n: s for n, (_, s) in built.items()}, ctx.repeats, warmup=0)
         for name, (method, step) in built.items():
             _fill(ctx, records[name], method, times[name], cpu_peak_memory(step, step.state_tensors))
     out = [records[n] for n in group.methods]
@@ -248,7 +260,7 @@ def _run_group_cuda(ctx: _Context, group: Group) -> list[dict]:
             continue
         rec = _empty_record(ctx, group, name, "failed")
         out.append(rec)
-        if ctx.remaining() < ctx.method_estimate_s(group):
+        if not ctx.profile.quick and ctx.remaining() < ctx.method_estimate_s(group):
             rec.update(status="skipped", reason="time budget exhausted")
             continue
         step = None
@@ -263,7 +275,7 @@ def _run_group_cuda(ctx: _Context, group: Group) -> list[dict]:
             before = torch.cuda.memory_allocated(ctx.device)
             torch.cuda.reset_peak_memory_stats(ctx.device)
             step = _make_step(ctx, group, method)
-            times = time_cuda(step, ctx.profile.repeats, warmup=ctx.profile.warmup)
+            times = time_cuda(step, ctx.repeats, warmup=ctx.warmup)
             peak = torch.cuda.max_memory_allocated(ctx.device) - before + own
             _fill(ctx, rec, method, times, peak)
             if want_tables and name == divco_name:
@@ -322,7 +334,7 @@ def _run_ops(ctx: _Context) -> None:
         accepted = inspect.signature(run).parameters
         kwargs = {}
         if ctx.profile.quick:  # no compiled reference (tens of seconds to compile), few repeats
-            kwargs = {k: v for k, v in (("compiled", False), ("repeats", ctx.profile.repeats)) if k in accepted}
+            kwargs = {k: v for k, v in (("compiled", False), ("repeats", ctx.repeats)) if k in accepted}
         records = list(run(ctx.device, **kwargs))
         for r in records:
             r.setdefault("status", "ok")
@@ -330,6 +342,22 @@ def _run_ops(ctx: _Context) -> None:
     except Exception as error:  # noqa: BLE001
         ctx.results["ops"].append({"status": "failed", "reason": _error_reason(error)})
         ctx.log(f"ops micro-benchmarks FAILED: {_error_reason(error)}")
+
+
+def _fit_quick_run(ctx: _Context, remaining_groups: list[Group]) -> None:
+    """A quick profile measures its whole plan: when the rest of it no longer fits the budget at
+    the profile's repeats, measure with QUICK_MIN_REPEATS from here on (said in the notes)."""
+    if ctx.repeats <= QUICK_MIN_REPEATS:
+        return
+    estimate = sum(ctx.method_estimate_s(g) * len(g.methods) for g in remaining_groups)
+    if ctx.remaining() >= estimate:
+        return
+    ctx.repeats, ctx.warmup = min(ctx.repeats, QUICK_MIN_REPEATS), min(ctx.warmup, 1)
+    note = (f"quick profile behind its {ctx.profile.time_budget_s:.0f} s budget: from "
+            f"{remaining_groups[0].id} on, {ctx.repeats} timed steps and {ctx.warmup} warm-up per measurement "
+            f"(profile: {ctx.profile.repeats} and {ctx.profile.warmup})")
+    ctx.results["notes"].append(note)
+    ctx.log(note)
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -394,9 +422,11 @@ def run_suite(profile: Profile, out_dir: Optional[Path] = None,
             if not ops_done and group.rank > OPS_AFTER_RANK:
                 _run_ops(ctx)
                 ops_done = True
+            if profile.quick:
+                _fit_quick_run(ctx, plan[i:])
             # On the CPU a comparison's methods run together: start it if a quarter fits.
             needed = ctx.method_estimate_s(group) * (0.25 if device.type == "cpu" else 1.0)
-            if ctx.remaining() < needed:
+            if not profile.quick and ctx.remaining() < needed:
                 log(f"[{i + 1}/{len(plan)}] {group.id}: skipped (time budget)")
                 results["records"].extend(
                     _empty_record(ctx, group, m, "skipped", "time budget exhausted") for m in group.methods)

@@ -21,7 +21,8 @@ def add_arguments(parser) -> None:
     g.add_argument("--repeats", type=int, help="timed steps per measurement (median reported)")
     g.add_argument("--warmup", type=int, help="untimed steps before timing")
     g.add_argument("--time-budget", type=float, metavar="SECONDS",
-                   help="stop starting new measurements after this long (the rest is recorded as skipped)")
+                   help="stop starting new measurements after this long (the rest is recorded as skipped); "
+                        "--quick always measures its whole plan, with fewer repeats once behind the budget")
     g.add_argument("--memory-format", choices=("nchw", "channels_last"))
     g.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="add torch.compile variants (CUDA profiles have them already)")
@@ -105,6 +106,7 @@ def build_profile(args):
 
 
 def run(args) -> int:
+    import time
     from pathlib import Path
 
     from ..benchmark.plan import describe
@@ -117,7 +119,19 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out must be a folder, got the file {out}")
+    started = time.time()
     results = run_suite(profile, out, log=lambda line: print(line, flush=True))
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'} and plots"
-          + ("" if results["complete"] else " (PARTIAL: interrupted)"))
+    print(written_message(out, started, results))
     return 0 if results["complete"] else 1
+
+
+def written_message(out, started: float, results: dict) -> str:
+    """What this run wrote (files older than the run, e.g. last run's plots, are not named)."""
+    written = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith(".")
+                     and p.stat().st_mtime >= started - 1)
+    message = f"wrote {', '.join(written) or 'nothing'} in {out}"
+    if not any(name.endswith(".png") for name in written):
+        reason = next((n.split(": ", 1)[1] for n in results.get("notes", []) if n.startswith("plots not drawn")),
+                      "nothing to plot")
+        message += f" (no plots: {reason})"
+    return message + ("" if results["complete"] else " (PARTIAL: interrupted)")
