@@ -20,12 +20,19 @@ def _command_names() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_"))
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (the option, what was wrong, where help is), not the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="divco", description="Divide and Co-training, run as one branch-batched network."
     )
     parser.add_argument("--version", action="version", version=f"divco {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name in _command_names():
         module = importlib.import_module(f"divco.commands.{name}")
@@ -43,6 +50,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as error:  # bad input: a message, not a traceback
         print(f"divco {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a failed write (disk full, file too large, read-only folder): one line
+        print(f"divco {args.command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -23,6 +23,9 @@ def run(args) -> int:
 
     from ..train import train
     from ..train.cli_args import config_from_args, exit_code
+    from ..train.runtime import use_cli_option_names
+
+    use_cli_option_names()  # errors name options as typed here: --resume, not resume=True
     from ..train.comparison import comparison_rows, comparison_table
     from ..train.run_log import write_json
 
@@ -39,9 +42,8 @@ def run(args) -> int:
     rows = comparison_rows(results)
     table = comparison_table(rows, results[0][0], results[0][1])
     write_json(out / "compare.json", rows)
-    from ..data.cache import atomic_write_path
+    from ..io import atomic_write_text
 
-    with atomic_write_path(out / "compare.md") as tmp:
-        tmp.write_text(table + "\n")
+    atomic_write_text(out / "compare.md", table + "\n")
     print(json.dumps(rows) if args.json else table)
     return 0

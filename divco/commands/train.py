@@ -22,6 +22,9 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from ..train import train
     from ..train.cli_args import config_from_args, exit_code
+    from ..train.runtime import use_cli_option_names
+
+    use_cli_option_names()  # errors name options as typed here: --resume, not resume=True
 
     config = config_from_args(args, out=args.out, branches=args.branches, resume=args.resume)
     result = train(config)

@@ -9,7 +9,7 @@ from typing import Optional
 from ..data.augment import AugmentConfig
 from ..data.policies import POLICIES
 from ..data.sources import describe_sources
-from .config import COT_KINDS, PRECISIONS, TrainConfig
+from .config import COT_KINDS, ON_NAN_CHOICES, PRECISIONS, TrainConfig
 
 
 def json_object(text: str) -> dict:
@@ -89,6 +89,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, branches_nargs: bool =
     speed.add_argument("--compile", action="store_true", help="torch.compile the forward pass and loss")
     speed.add_argument("--execution", choices=("auto", "batched", "per_branch"), default="auto")
     speed.add_argument("--sync-bn", action="store_true", help="synchronised BatchNorm across processes (CUDA)")
+    speed.add_argument("--on-nan", choices=ON_NAN_CHOICES, default="stop",
+                       help="a NaN/inf loss: stop at the end of the epoch (exit 1), or skip-step (not applied, "
+                            "counted in train_nonfinite_steps)")
 
     out = parser.add_argument_group("output")
     out.add_argument("--keep-checkpoints", type=int, default=3, help="epoch checkpoints kept besides best.pt")
@@ -112,7 +115,7 @@ def config_from_args(args: argparse.Namespace, *, out: str, branches: int, resum
         train_subset=args.train_subset, test_subset=args.test_subset,
         cache_dir=False if args.no_cache else args.cache_dir, eval_batch_size=args.eval_batch_size,
         model_kwargs=args.model_kwargs, precision=args.precision, channels_last=args.channels_last,
-        compile=args.compile, execution=args.execution, sync_bn=args.sync_bn, keep_checkpoints=args.keep_checkpoints,
+        compile=args.compile, execution=args.execution, sync_bn=args.sync_bn, on_nan=args.on_nan, keep_checkpoints=args.keep_checkpoints,
         progress=not args.no_progress, tensorboard=not args.no_tensorboard,
     )
 

@@ -14,12 +14,13 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 COT_KINDS = ("js", "kl")
 
-#: Options that change how a run executes but not what it computes (or that name where
-#: it lives); everything else must match when a run is resumed.
-OPERATIONAL_FIELDS = frozenset({
-    "out", "resume", "device", "progress", "tensorboard", "compile", "keep_checkpoints", "cache_dir",
-    "eval_batch_size", "precision", "channels_last", "execution", "backend",
-})
+#: Options that cannot change what a run computes (or that name where it lives); everything
+#: else - precision, channels_last, compile, backend, execution included - must match when a
+#: run is resumed.  Of ``device`` only the index may change (cuda:0 -> cuda:1), not the type.
+OPERATIONAL_FIELDS = frozenset({"out", "resume", "device", "progress", "tensorboard", "keep_checkpoints", "cache_dir"})
+
+#: What training does with a step whose loss is not finite (see divco.train.step).
+ON_NAN_CHOICES = ("stop", "skip-step")
 
 
 @dataclass
@@ -68,6 +69,7 @@ class TrainConfig:
     compile: bool = False
     execution: str = "auto"  # BranchBatchedNetwork.execution
     sync_bn: bool = False
+    on_nan: str = "stop"  # a non-finite loss: "stop" the run at the end of the epoch, or "skip-step"
     # -- output -------------------------------------------------------------------------------
     keep_checkpoints: int = 3  # epoch checkpoints kept besides best.pt
     progress: bool = True
@@ -126,6 +128,8 @@ class TrainConfig:
         number("temperature", self.temperature, 0.0, low_open=True)
         if self.cot_kind not in COT_KINDS:
             raise ValueError(f"cot_kind must be one of {COT_KINDS}, got {self.cot_kind!r}")
+        if self.on_nan not in ON_NAN_CHOICES:
+            raise ValueError(f"on_nan must be one of {ON_NAN_CHOICES}, got {self.on_nan!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.execution not in EXECUTIONS:
@@ -160,6 +164,7 @@ class TrainConfig:
     def run_defining_differences(self, other: "TrainConfig") -> list[str]:
         """``"name: mine vs other"`` for every option that changes what a run computes."""
         a, b = self.to_dict(), other.to_dict()
+        a["device_type"], b["device_type"] = (str(c.device).split(":")[0] for c in (self, other))
         return [f"{k}={b[k]!r} (this run: {a[k]!r})" for k in a if k not in OPERATIONAL_FIELDS and a[k] != b[k]]
 
 

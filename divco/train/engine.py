@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from torch import Tensor, nn
 
 from .. import __version__, models
 from ..data import BatchAugmenter, ImageDataset, load_dataset
-from ..data.cache import atomic_write_path
+from ..io import WriteError, atomic_link_or_copy, remove_temporaries
 from . import recipe
 from .checkpoint import (
     BEST_NAME,
@@ -46,11 +45,13 @@ from .checkpoint import (
 from .config import TrainConfig
 from .distributed import DistributedContext, convert_sync_batchnorm
 from .evaluation import EvaluationResult, evaluate
+from .run_lock import LOCK_NAME, RunLock
 from .run_log import CONFIG_NAME, RunLog, write_json
 from .runtime import (
     SignalStop,
     epoch_order,
     global_rng_state,
+    option,
     process_shard,
     progress_bar,
     resolve_device,
@@ -65,6 +66,9 @@ from .step import TrainStep, unwrap_model
 #: Record fields that measure the machine, not the run (they differ between identical runs).
 TIMING_FIELDS = ("images_per_s", "epoch_time_s", "eval_time_s")
 
+#: TrainResult.interrupted of a run stopped because its loss became NaN or infinite (on_nan="stop").
+NONFINITE_STOP = "non-finite loss"
+
 #: ``should_stop(epoch, steps_done_in_epoch) -> bool``, asked after every step.
 StopRequest = Callable[[int, int], bool]
 
@@ -75,7 +79,7 @@ class TrainResult:
     epochs_done: int
     history: list[dict]  # metrics.jsonl records, epoch 1 onwards (on the main process)
     final: Optional[EvaluationResult]  # test metrics after the last epoch done
-    interrupted: Optional[str] = None  # "SIGTERM", "SIGINT" or "stop request" when stopped early
+    interrupted: Optional[str] = None  # "SIGTERM", "SIGINT", "stop request" or NONFINITE_STOP when stopped early
     checkpoint: Optional[Path] = None  # the last checkpoint written
     best_checkpoint: Optional[Path] = None
     info: dict = field(default_factory=dict)  # dataset, device, steps per epoch, lr, weight decay, params
@@ -122,8 +126,8 @@ class _Run:
         existing = list_checkpoints(self.out)
         if not cfg.resume:
             if existing or (self.out / "metrics.jsonl").exists():
-                raise ValueError(f"{self.out} already holds a training run; pass --resume (resume=True) to continue "
-                                 f"it, or choose another --out")
+                raise ValueError(f"{self.out} already holds a training run; pass {option('resume', True)} to "
+                                 f"continue it, or choose another {option('out')}")
             return None
         if not existing:
             say(f"no checkpoint in {self.out}: starting a new run", self.talk)
@@ -132,7 +136,8 @@ class _Run:
         differences = TrainConfig.from_dict(state["config"]).run_defining_differences(cfg)
         if differences:
             raise ValueError(f"cannot resume {path}: it was trained with different options; this command gives "
-                             + "; ".join(differences) + ". Use the run's original options, or choose another --out")
+                             + "; ".join(differences) + f". Use the run's original options, or choose another "
+                             f"{option('out')}")
         return path, state
 
     def load_data(self) -> ImageDataset:
@@ -146,7 +151,11 @@ class _Run:
 
     def build_model(self, num_classes: int) -> nn.Module:
         cfg = self.config
-        model = models.create(cfg.model, num_classes=num_classes, branches=cfg.branches, **cfg.model_kwargs)
+        try:
+            model = models.create(cfg.model, num_classes=num_classes, branches=cfg.branches, **cfg.model_kwargs)
+        except TypeError as error:  # a builder argument of the wrong name or type
+            raise ValueError(f"{option('model_kwargs', json.dumps(cfg.model_kwargs))} does not fit {cfg.model}: "
+                             f"{error}") from None
         model.execution = cfg.execution
         if cfg.sync_bn:
             if not (self.ctx.enabled and self.device.type == "cuda"):
@@ -199,7 +208,7 @@ class _Run:
             train_model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
         step = TrainStep(train_model, optimizer, cot_weight=cot_weight, branches=cfg.branches, cot_kind=cfg.cot_kind,
                          temperature=cfg.temperature, backend=cfg.backend, scheduler=schedule, amp_dtype=amp_dtype,
-                         scaler=scaler, compile=cfg.compile)
+                         scaler=scaler, compile=cfg.compile, on_nonfinite=cfg.on_nan)
         # every process draws its own augmentations
         augment_seed = int(np.random.SeedSequence([cfg.seed, ctx.rank]).generate_state(1)[0])
         augmenter = BatchAugmenter(cfg.augment, data.mean, data.std, device, seed=augment_seed)
@@ -244,6 +253,12 @@ class _Run:
 
     def restore(self, parts: _Parts, path: Path, state: dict) -> tuple[int, int]:
         """Load a checkpoint into the parts; return (epochs done, steps done in the next epoch)."""
+        epochs_done, steps_done = state["epochs_done"], state["steps_into_epoch"]
+        if epochs_done > self.config.epochs or steps_done >= parts.steps_per_epoch or \
+                (epochs_done == self.config.epochs and steps_done):
+            raise ValueError(f"{path} is not a divco checkpoint of this run: it says {epochs_done} epoch(s) and "
+                             f"{steps_done} step(s) done, the run has {self.config.epochs} epoch(s) of "
+                             f"{parts.steps_per_epoch} step(s)")
         unwrap_model(parts.net).load_state_dict(state["model"])
         parts.optimizer.load_state_dict(state["optimizer"])
         parts.schedule.load_state_dict(state["schedule"])
@@ -260,7 +275,6 @@ class _Run:
             say(f"the checkpoint was written by {len(local_states)} process(es), this run has "
                 f"{self.ctx.world_size}: random streams restart, so results will differ from an uninterrupted run",
                 self.talk)
-        epochs_done, steps_done = state["epochs_done"], state["steps_into_epoch"]
         say(f"resuming {path} ({epochs_done} epoch(s) and {steps_done} step(s) done)", self.talk)
         return epochs_done, steps_done
 
@@ -292,10 +306,36 @@ class _Run:
         return None, stop
 
     def execute(self) -> TrainResult:
+        """Lock the run folder (rank 0), train, unlock; a failed start leaves no new empty folder."""
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"{option('out')} must be a folder, got the file {self.out}")
+        if not self.ctx.is_main:
+            return self.execute_locked()
+        created = not self.out.exists()
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(self.out, announce=lambda line: say(line, self.talk)).acquire()
+        except OSError as error:
+            if isinstance(error, WriteError):
+                raise
+            raise WriteError(f"cannot write in the run folder {self.out}: {error.strerror or error}") from None
+        try:
+            for leftover in remove_temporaries(self.out):  # of a killed process (the lock says none runs)
+                say(f"removed {leftover.name}, left by an interrupted write", self.talk)
+            return self.execute_locked()
+        except BaseException:
+            lock.release()
+            lock = None
+            if created and all(p.name == LOCK_NAME for p in self.out.iterdir()):
+                shutil.rmtree(self.out, ignore_errors=True)
+            raise
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def execute_locked(self) -> TrainResult:
         cfg, ctx = self.config, self.ctx
         resume = self.find_resume_point()
-        if ctx.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
         ctx.barrier()
         parts = self.build()
         epochs_done, steps_done = self.restore(parts, *resume) if resume is not None else (0, 0)
@@ -327,15 +367,22 @@ class _Run:
                         return self.stop_mid_epoch(parts, result, signals, epoch, stopped_at, log)
                     record = self.finish_epoch(parts, epoch, first, started, test_images, test_labels)
                     result.epochs_done, result.final = epoch + 1, EvaluationResult.from_dict(record)
+                    diverged = cfg.on_nan == "stop" and record["train_nonfinite_steps"] > 0
+                    last_good = result.checkpoint or (resume[0] if resume is not None else None)
                     if ctx.is_main:
                         log.append(record)
                         result.history.append(record)
-                        result.checkpoint = self.save_epoch(parts, epoch, record)
+                        result.checkpoint = self.save_epoch(parts, epoch, record, keep_older=diverged)
                         result.best_checkpoint = best_path if best_path.exists() else None
                         say(_epoch_line(record, cfg.epochs), self.talk)
                     else:
                         self.checkpoint_state(parts, epoch + 1, 0, record)  # joins the gather
                     ctx.barrier()
+                    if diverged:
+                        result.interrupted = NONFINITE_STOP
+                        say(f"the loss became NaN at epoch {epoch + 1} step {record['train_first_nonfinite_step']};"
+                            f" last good checkpoint: {last_good or 'none (the first epoch diverged)'}", ctx.is_main)
+                        return result
                     if (stop or ctx.any(signals.received is not None)) and epoch + 1 < cfg.epochs:
                         result.interrupted = signals.received or "stop request"
                         say(f"{result.interrupted}: stopped after epoch {epoch + 1} ({result.checkpoint}); "
@@ -372,16 +419,18 @@ class _Run:
             "eval_time_s": time.perf_counter() - eval_started,
         }
 
-    def save_epoch(self, parts: _Parts, epoch: int, record: dict) -> Path:
-        """Checkpoint the end of ``epoch`` (rank 0), update best.pt, prune old checkpoints."""
-        improved = self.best is None or record["test_ensemble_acc"] > self.best["test_ensemble_acc"]
+    def save_epoch(self, parts: _Parts, epoch: int, record: dict, keep_older: bool = False) -> Path:
+        """Checkpoint the end of ``epoch`` (rank 0), update best.pt, prune old checkpoints (unless keep_older)."""
+        finite = math.isfinite(record["train_loss"]) and record["train_nonfinite_steps"] == 0
+        improved = finite and (self.best is None or record["test_ensemble_acc"] > self.best["test_ensemble_acc"])
         if improved:
             self.best = {"epoch": epoch + 1, "test_ensemble_acc": record["test_ensemble_acc"]}
         path = save_checkpoint(self.out / checkpoint_name(epoch + 1, 0),
                                self.checkpoint_state(parts, epoch + 1, 0, record))
         if improved:
-            _link_or_copy(path, self.out / BEST_NAME)
-        prune_checkpoints(self.out, self.config.keep_checkpoints)
+            atomic_link_or_copy(path, self.out / BEST_NAME)
+        if not keep_older:
+            prune_checkpoints(self.out, self.config.keep_checkpoints)
         return path
 
     def stop_mid_epoch(self, parts: _Parts, result: TrainResult, signals: SignalStop, epoch: int, steps: int,
@@ -402,17 +451,6 @@ def _epoch_line(record: dict, epochs: int) -> str:
     return (f"epoch {record['epoch']}/{epochs}: loss {record['train_loss']:.4f}  test acc ensemble "
             f"{100 * record['test_ensemble_acc']:.2f} %  branches [{branches}]  NLL {record['test_nll']:.4f}  "
             f"{record['images_per_s']:.1f} img/s")
-
-
-def _link_or_copy(source: Path, destination: Path) -> Path:
-    """Make ``destination`` the same checkpoint as ``source``, atomically (a hard link where possible)."""
-    with atomic_write_path(destination) as tmp:
-        tmp.unlink()
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
-    return destination
 
 
 def spec_json(model: nn.Module) -> str:

@@ -21,17 +21,21 @@ import torch
 from torch import nn
 
 from .. import __version__, models
-from ..data.cache import atomic_write_path
+from ..io import atomic_write_bytes
 from ..models.base import BranchBatchedNetwork
 from ..stacking import unstack
-from .checkpoint import load_checkpoint
+from .checkpoint import checkpoint_of, load_checkpoint, validate_checkpoint
 
 EXPORT_FORMAT = "divco-branch"
 
 
 def model_from_checkpoint(checkpoint: Union[str, Path, dict]) -> BranchBatchedNetwork:
     """The trained branch-batched model of a training checkpoint (on the CPU, eval mode)."""
-    state = load_checkpoint(checkpoint) if not isinstance(checkpoint, dict) else checkpoint
+    if isinstance(checkpoint, dict):
+        validate_checkpoint(checkpoint)
+        state = checkpoint
+    else:
+        state = load_checkpoint(checkpoint)
     info = state["model_info"]
     model = models.create(info["name"], num_classes=info["num_classes"], branches=info["branches"],
                           **info.get("model_kwargs", {}))
@@ -60,13 +64,14 @@ def export_branches(checkpoint: Union[str, Path], out: Optional[Union[str, Path]
                     branch: Optional[int] = None) -> list[Path]:
     """Write branch ``branch`` (or every branch) of ``checkpoint`` as safetensors; return the paths.
 
+    ``checkpoint`` is a file or a run folder (its best.pt, else its newest checkpoint).
     With ``branch``, ``out`` is the file (default: ``<checkpoint stem>-branch<i>.safetensors``
     beside the checkpoint); without, ``out`` is a folder (default:
     ``<checkpoint stem>-branches/``) receiving ``branch<i>.safetensors`` for every i.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    checkpoint = Path(checkpoint)
+    checkpoint = checkpoint_of(checkpoint)
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state)
     S = model.branches
@@ -84,8 +89,7 @@ def export_branches(checkpoint: Union[str, Path], out: Optional[Union[str, Path]
     for index, target in zip(indices, targets):
         standalone = standalones[index]
         tensors = {k: v.contiguous() for k, v in standalone.state_dict().items()}
-        with atomic_write_path(target) as tmp:
-            save_file(tensors, str(tmp), metadata=_metadata(model, state["model_info"], index, standalone))
+        atomic_write_bytes(target, save(tensors, metadata=_metadata(model, state["model_info"], index, standalone)))
         written.append(target)
     return written
 

@@ -146,3 +146,20 @@ def say(message: str, enabled: bool = True) -> None:
         from tqdm.auto import tqdm
 
         tqdm.write(message, file=sys.stderr)
+
+
+#: How messages name options: "python" (``resume=True``) or "cli" (``--resume``); the
+#: command line switches it (:func:`use_cli_option_names`) so that its errors speak its words.
+_OPTION_SPELLING = ["python"]
+
+
+def use_cli_option_names(enabled: bool = True) -> None:
+    _OPTION_SPELLING[0] = "cli" if enabled else "python"
+
+
+def option(name: str, value: object = None) -> str:
+    """A TrainConfig option as the user spelled it: ``--batch-size 8`` or ``batch_size=8``."""
+    if _OPTION_SPELLING[0] == "cli":
+        flag = "--" + name.replace("_", "-")
+        return flag if value is None or value is True else f"{flag} {value}"
+    return f"{name}={value!r}" if value is not None else name
