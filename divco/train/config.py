@@ -16,7 +16,8 @@ COT_KINDS = ("js", "kl")
 
 #: Options that cannot change what a run computes (or that name where it lives); everything
 #: else - precision, channels_last, compile, backend, execution included - must match when a
-#: run is resumed.  Of ``device`` only the index may change (cuda:0 -> cuda:1), not the type.
+#: run is resumed.  Of ``device`` only the index may change (cuda:0 -> cuda:1), not the type
+#: (the training engine compares the device type a checkpoint was written on).
 OPERATIONAL_FIELDS = frozenset({"out", "resume", "device", "progress", "tensorboard", "keep_checkpoints", "cache_dir"})
 
 #: What training does with a step whose loss is not finite (see divco.train.step).
@@ -164,7 +165,6 @@ class TrainConfig:
     def run_defining_differences(self, other: "TrainConfig") -> list[str]:
         """``"name: mine vs other"`` for every option that changes what a run computes."""
         a, b = self.to_dict(), other.to_dict()
-        a["device_type"], b["device_type"] = (str(c.device).split(":")[0] for c in (self, other))
         return [f"{k}={b[k]!r} (this run: {a[k]!r})" for k in a if k not in OPERATIONAL_FIELDS and a[k] != b[k]]
 
 

@@ -134,6 +134,9 @@ class _Run:
             return None
         path, state = load_latest(self.out)
         differences = TrainConfig.from_dict(state["config"]).run_defining_differences(cfg)
+        written_on = state.get("device_type", self.device.type)  # the device's type changes the numbers
+        if written_on != self.device.type:
+            differences.append(f"a {self.device.type} device (this run: {written_on})")
         if differences:
             raise ValueError(f"cannot resume {path}: it was trained with different options; this command gives "
                              + "; ".join(differences) + f". Use the run's original options, or choose another "
@@ -237,7 +240,7 @@ class _Run:
         cfg, data, net = self.config, parts.data, unwrap_model(parts.net)
         return {
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "divco_version": __version__,
-            "torch_version": str(torch.__version__), "config": cfg.to_dict(),
+            "torch_version": str(torch.__version__), "config": cfg.to_dict(), "device_type": self.device.type,
             "epochs_done": epochs_done, "steps_into_epoch": steps,
             "model_info": {"name": cfg.model, "branches": cfg.branches, "num_classes": data.num_classes,
                            "model_kwargs": cfg.model_kwargs, "family": getattr(net, "family", ""),

@@ -169,25 +169,32 @@ class TrainStep:
                                 temperature=self.temperature, backend=self.backend)
 
     def __call__(self, images: Tensor, targets: Tensor) -> ops.CotrainLoss:
+        # skip-step also undoes the forward pass's BatchNorm statistics: copy them before it
+        buffers = list(unwrap_model(self.model).buffers()) if self.skip_nonfinite else []
+        buffers_before = [b.clone() for b in buffers]
         out = self._forward_loss(images, targets)
         self.optimizer.zero_grad(set_to_none=True)
+        bad = None
         if self.scaler is not None:
             self.scaler.scale(out.loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            bad = None
         else:
             out.loss.backward()
-            bad = self._optimizer_step_unless_nonfinite(out.loss) if self.skip_nonfinite else None
-            if bad is None:
+            if self.skip_nonfinite:
+                bad = self._step_unless_nonfinite(out.loss, list(zip(buffers, buffers_before)))
+            else:
                 self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
-        self.metrics.add(out, images.shape[0], bad=bad, skipped=self.skip_nonfinite and bad is not None)
+        self.metrics.add(out, images.shape[0], bad=bad, skipped=bad is not None)
         return out
 
-    def _optimizer_step_unless_nonfinite(self, loss: Tensor) -> Tensor:
-        """Step, then put back the weights and optimiser state where the loss or a gradient is not finite."""
+    def _step_unless_nonfinite(self, loss: Tensor, restore: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """Step, then put back weights, optimiser state and ``restore`` if the loss or a gradient is not finite.
+
+        The select happens on the device (``torch.where``): no host sync.
+        """
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         grads = [p.grad for p in params if p.grad is not None]
         bad = ~torch.isfinite(loss.detach())
@@ -199,10 +206,11 @@ class TrainStep:
                     for p in group["params"]:
                         self.optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
         state = [t for p in params for t in [p.data, *self.optimizer.state[p].values()] if isinstance(t, Tensor)]
-        before = [t.clone() for t in state]
+        restore = restore + [(t, t.clone()) for t in state]
         self.optimizer.step()
-        for now, then in zip(state, before):
-            now.copy_(torch.where(bad, then, now))
+        with torch.no_grad():
+            for now, then in restore:
+                now.copy_(torch.where(bad, then, now))
         return bad
 
 

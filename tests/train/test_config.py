@@ -25,7 +25,7 @@ def test_resume_compares_only_what_changes_results(tmp_path):
 
 
 @pytest.mark.parametrize("change", [dict(precision="bf16"), dict(channels_last=True), dict(compile=True),
-                                    dict(backend="torch"), dict(execution="per_branch"), dict(device="cpu"),
+                                    dict(backend="torch"), dict(execution="per_branch"),
                                     dict(eval_batch_size=7), dict(on_nan="skip-step")])
 def test_options_that_change_the_numbers_are_run_defining(tmp_path, change):
     # issue 10 item 3: a resume with another precision (...) used to be accepted and overwrote config.json
