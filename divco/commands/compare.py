@@ -23,9 +23,7 @@ def run(args) -> int:
 
     from ..train import train
     from ..train.cli_args import config_from_args, exit_code
-    from ..train.runtime import use_cli_option_names
-
-    use_cli_option_names()  # errors name options as typed here: --resume, not resume=True
+    from ..train.runtime import cli_option_names
     from ..train.comparison import comparison_rows, comparison_table
     from ..train.run_log import write_json
 
@@ -35,7 +33,8 @@ def run(args) -> int:
     results = []
     for S in args.branches:
         config = config_from_args(args, out=str(out / f"S{S}"), branches=S, resume=True)
-        result = train(config)
+        with cli_option_names():  # errors name options as typed here: --resume, not resume=True
+            result = train(config)
         if not result.completed:
             return exit_code(result.interrupted)
         results.append((config, result))

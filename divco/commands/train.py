@@ -22,12 +22,11 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from ..train import train
     from ..train.cli_args import config_from_args, exit_code
-    from ..train.runtime import use_cli_option_names
-
-    use_cli_option_names()  # errors name options as typed here: --resume, not resume=True
+    from ..train.runtime import cli_option_names
 
     config = config_from_args(args, out=args.out, branches=args.branches, resume=args.resume)
-    result = train(config)
+    with cli_option_names():  # errors name options as typed here: --resume, not resume=True
+        result = train(config)
     is_main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints the table
     if result.final is not None and result.completed and is_main:
         print(result.final.table(f"{config.model} x{config.branches}, {result.epochs_done} epoch(s): {args.out}"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import signal
 import sys
@@ -149,12 +150,19 @@ def say(message: str, enabled: bool = True) -> None:
 
 
 #: How messages name options: "python" (``resume=True``) or "cli" (``--resume``); the
-#: command line switches it (:func:`use_cli_option_names`) so that its errors speak its words.
+#: command line switches it (:func:`cli_option_names`) so that its errors speak its words.
 _OPTION_SPELLING = ["python"]
 
 
-def use_cli_option_names(enabled: bool = True) -> None:
-    _OPTION_SPELLING[0] = "cli" if enabled else "python"
+@contextlib.contextmanager
+def cli_option_names():
+    """Within this block, :func:`option` spells options as on the command line."""
+    previous = _OPTION_SPELLING[0]
+    _OPTION_SPELLING[0] = "cli"
+    try:
+        yield
+    finally:
+        _OPTION_SPELLING[0] = previous
 
 
 def option(name: str, value: object = None) -> str:

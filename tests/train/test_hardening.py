@@ -256,3 +256,9 @@ def test_eval_and_export_accept_a_run_folder_and_exports_respect_the_umask(tmp_p
         os.umask(previous)
     assert [p.stat().st_mode & 0o777 for p in paths] == [0o644, 0o644]
     assert (out / LOCK_NAME).exists() and json.loads((out / "config.json").read_text())["epochs"] == 1
+
+
+def test_a_run_stopped_by_a_nan_loss_exits_non_zero():
+    from divco.train.cli_args import exit_code
+
+    assert exit_code(NONFINITE_STOP) == 1 and exit_code(None) == 0
