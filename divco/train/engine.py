@@ -45,6 +45,7 @@ from .checkpoint import (
 from .config import TrainConfig
 from .distributed import DistributedContext, convert_sync_batchnorm
 from .evaluation import EvaluationResult, evaluate
+from .export import spec_json
 from .run_lock import LOCK_NAME, RunLock
 from .run_log import CONFIG_NAME, RunLog, write_json
 from .runtime import (
@@ -454,14 +455,6 @@ def _epoch_line(record: dict, epochs: int) -> str:
     return (f"epoch {record['epoch']}/{epochs}: loss {record['train_loss']:.4f}  test acc ensemble "
             f"{100 * record['test_ensemble_acc']:.2f} %  branches [{branches}]  NLL {record['test_nll']:.4f}  "
             f"{record['images_per_s']:.1f} img/s")
-
-
-def spec_json(model: nn.Module) -> str:
-    """One branch's architecture as JSON (the frozen ``spec`` dataclass), for checkpoints and exports."""
-    spec = getattr(model, "spec", None)
-    if spec is None or not dataclasses.is_dataclass(spec):
-        return "{}"
-    return json.dumps(dataclasses.asdict(spec), sort_keys=True)
 
 
 def train(config: TrainConfig, *, should_stop: Optional[StopRequest] = None) -> TrainResult:

@@ -13,6 +13,7 @@ arguments and the branch's ``spec``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional, Union
@@ -43,10 +44,15 @@ def model_from_checkpoint(checkpoint: Union[str, Path, dict]) -> BranchBatchedNe
     return model.eval()
 
 
-def _metadata(model: BranchBatchedNetwork, info: dict, index: int, standalone: nn.Module) -> dict[str, str]:
-    import dataclasses
+def spec_json(model: nn.Module) -> str:
+    """One branch's architecture as JSON (the frozen ``spec`` dataclass), for checkpoints and exports."""
+    spec = getattr(model, "spec", None)
+    if spec is None or not dataclasses.is_dataclass(spec):
+        return "{}"
+    return json.dumps(dataclasses.asdict(spec), sort_keys=True)
 
-    spec = dataclasses.asdict(model.spec) if dataclasses.is_dataclass(model.spec) else {}
+
+def _metadata(model: BranchBatchedNetwork, info: dict, index: int, standalone: nn.Module) -> dict[str, str]:
     return {
         "format": EXPORT_FORMAT,
         "divco_version": __version__,
@@ -55,7 +61,7 @@ def _metadata(model: BranchBatchedNetwork, info: dict, index: int, standalone: n
         "branch": str(index),
         "num_classes": str(model.num_classes),
         "model_kwargs": json.dumps(info.get("model_kwargs", {}), sort_keys=True),
-        "spec": json.dumps(spec, sort_keys=True),
+        "spec": spec_json(model),
         "standalone_class": f"{type(standalone).__module__}.{type(standalone).__qualname__}",
     }
 
@@ -118,10 +124,7 @@ def load_branch(path: Union[str, Path], *, device: Union[str, torch.device] = "c
     kwargs = json.loads(metadata["model_kwargs"])
     divided = models.create(metadata["model_name"], num_classes=int(metadata["num_classes"]),
                             branches=int(metadata["branches"]), **kwargs)
-    import dataclasses
-
-    spec = json.dumps(dataclasses.asdict(divided.spec), sort_keys=True) if dataclasses.is_dataclass(divided.spec) \
-        else "{}"
+    spec = spec_json(divided)
     if spec != metadata["spec"]:
         raise ValueError(
             f"{path} was exported from a {metadata['model_name']} branch with spec {metadata['spec']}, but this "

@@ -259,6 +259,6 @@ def test_eval_and_export_accept_a_run_folder_and_exports_respect_the_umask(tmp_p
 
 
 def test_a_run_stopped_by_a_nan_loss_exits_non_zero():
-    from divco.train.cli_args import exit_code
+    from divco.commands._train_options import exit_code
 
     assert exit_code(NONFINITE_STOP) == 1 and exit_code(None) == 0
