@@ -141,7 +141,7 @@ def progress_bar(total: int, initial: int, description: str, enabled: bool):
                 leave=False, disable=None if enabled else True, file=sys.stderr)
 
 
-def say(message: str, enabled: bool = True) -> None:
+def status_line(message: str, enabled: bool = True) -> None:
     """A status line on stderr that does not break a progress bar."""
     if enabled:
         from tqdm.auto import tqdm
