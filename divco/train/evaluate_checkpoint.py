@@ -45,6 +45,6 @@ def evaluate_checkpoint(checkpoint: Union[str, Path], *, data: Optional[str] = N
     amp_dtype = torch.bfloat16 if target.type == "cuda" and torch.cuda.is_bf16_supported() else None
     result = evaluate(model, dataset.test_images.to(target), dataset.test_labels.to(target), normalize,
                       batch_size=batch_size, amp_dtype=amp_dtype, channels_last=target.type == "cuda")
-    description = {"checkpoint": str(checkpoint), "model": info["name"], "branches": info["branches"], "epochs_done": state["epochs_done"],
-                   "data": dataset.describe()}
+    description = {"checkpoint": str(checkpoint), "model": info["name"], "branches": info["branches"],
+                   "epochs_done": state["epochs_done"], "data": dataset.describe()}
     return result, description
