@@ -10,8 +10,9 @@ co-training term and top-1 hit counts are summed into device tensors
 (:class:`RunningMetrics`) and read once per epoch.  So are the steps whose loss was
 not finite: with ``on_nonfinite="stop"`` (the default) they are applied and counted
 (the caller stops the run at the end of the epoch); with ``"skip-step"`` a step whose
-loss or gradients are not finite leaves the weights, the BatchNorm statistics and the optimiser state as they
-were (a device-side select, still no host sync) and only its count enters the metrics.
+loss or gradients are not finite leaves the weights, the BatchNorm statistics and the
+optimiser state as they were (a device-side select, still no host sync) and only its
+count enters the metrics.
 The co-training weight is a 0-dim device tensor updated in place, so a warm-up
 schedule never retraces a compiled step.
 """
