@@ -179,8 +179,13 @@ class TrainStep:
         bad = None
         if self.scaler is not None:
             self.scaler.scale(out.loss).backward()
-            self.scaler.step(self.optimizer)
+            self.scaler.step(self.optimizer)  # skips the optimiser step itself when a gradient is not finite
             self.scaler.update()
+            if self.skip_nonfinite:
+                bad = ~torch.isfinite(out.loss.detach())
+                with torch.no_grad():
+                    for now, then in zip(buffers, buffers_before):
+                        now.copy_(torch.where(bad, then, now))
         else:
             out.loss.backward()
             if self.skip_nonfinite:
