@@ -72,6 +72,8 @@ def _argument(name: str, annotation: Any, default: Any, option: dict, dest: str)
         kwargs.update(type=element, nargs=len(default))
     else:
         kwargs["type"] = kind or str
+        if "choices" not in option:
+            kwargs["metavar"] = name.upper()  # argparse would show the dest ("augment.x")
     for key in ("choices", "metavar"):
         if key in option:
             kwargs[key] = option[key]

@@ -48,7 +48,7 @@ class TrainConfig:
     out: str = option_field(help="the run folder: checkpoints, best.pt, metrics.jsonl, config.json", cli=False)
     branches: int = option_field(1, help="S, the number of small networks", metavar="S")
     data: str = option_field("digits", help=describe_sources())
-    epochs: int = option_field(300, help="default 300 (the paper's)")
+    epochs: int = option_field(300, help="the paper's")
     batch_size: int = option_field(128, help="global batch size: divided among the processes of a distributed run")
     seed: int = option_field(0)
     device: str = option_field("auto", help="auto (cuda when available), cpu, cuda or cuda:N")
