@@ -262,3 +262,11 @@ def test_a_run_stopped_by_a_nan_loss_exits_non_zero():
     from divco.commands._train_options import exit_code
 
     assert exit_code(NONFINITE_STOP) == 1 and exit_code(None) == 0
+
+
+def test_a_run_folder_that_cannot_be_created_gets_one_line(tmp_path):
+    # a read-only parent behaves alike; root ignores permissions, so a file in the path stands in for it
+    (tmp_path / "file").write_text("")
+    with pytest.raises(WriteError, match=rf"^cannot write in the run folder {tmp_path / 'file' / 'run'}: "
+                                         r"Not a directory$"):
+        run_training(small(tmp_path / "file" / "run"))
