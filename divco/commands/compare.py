@@ -8,9 +8,9 @@ HELP = "train one network at several S (default 1 and 4) with the same recipe an
 
 
 def add_arguments(parser) -> None:
-    from ..train.cli_args import add_run_arguments
+    from ._train_options import add_train_options
 
-    add_run_arguments(parser, branches_nargs=True)
+    add_train_options(parser, several_branches=True)
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="folder of the runs (DIR/S1, DIR/S4, ...) and of compare.md / compare.json")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -22,7 +22,8 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..train import train
-    from ..train.cli_args import config_from_args, exit_code
+    from ..train.runtime import cli_option_names
+    from ._train_options import exit_code, train_config_from_args
     from ..train.comparison import comparison_rows, comparison_table
     from ..train.run_log import write_json
 
@@ -31,17 +32,17 @@ def run(args) -> int:
     out = Path(args.out)
     results = []
     for S in args.branches:
-        config = config_from_args(args, out=str(out / f"S{S}"), branches=S, resume=True)
-        result = train(config)
+        config = train_config_from_args(args, out=str(out / f"S{S}"), branches=S, resume=True)
+        with cli_option_names():  # errors name options as typed here: --resume, not resume=True
+            result = train(config)
         if not result.completed:
             return exit_code(result.interrupted)
         results.append((config, result))
     rows = comparison_rows(results)
     table = comparison_table(rows, results[0][0], results[0][1])
     write_json(out / "compare.json", rows)
-    from ..data.cache import atomic_write_path
+    from ..io import atomic_write_text
 
-    with atomic_write_path(out / "compare.md") as tmp:
-        tmp.write_text(table + "\n")
+    atomic_write_text(out / "compare.md", table + "\n")
     print(json.dumps(rows) if args.json else table)
     return 0

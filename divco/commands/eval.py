@@ -8,7 +8,8 @@ HELP = "evaluate a checkpoint: per-branch and ensemble accuracy, NLL, ECE, disag
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("checkpoint", metavar="CKPT", help="a checkpoint written by divco train (e.g. DIR/best.pt)")
+    parser.add_argument("checkpoint", metavar="CKPT",
+                        help="a checkpoint written by divco train, or a run folder (its best.pt)")
     parser.add_argument("--data", default=None, help="data to test on (default: the checkpoint's training data)")
     parser.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's")
     parser.add_argument("--test-subset", type=int, default=None)
@@ -25,8 +26,8 @@ def run(args) -> int:
         args.checkpoint, data=args.data, image_size=args.image_size, test_subset=args.test_subset,
         batch_size=args.batch_size, device=args.device, cache_dir=args.cache_dir)
     if args.json:
-        print(json.dumps({"checkpoint": args.checkpoint, **description, **result.to_dict()}))
+        print(json.dumps({**description, **result.to_dict()}))
     else:
-        print(result.table(f"{description['model']} x{description['branches']} after {description['epochs_done']} "
-                           f"epoch(s) on {description['data']}"))
+        print(result.table(f"{description['checkpoint']}: {description['model']} x{description['branches']} after "
+                           f"{description['epochs_done']} epoch(s) on {description['data']}"))
     return 0

@@ -6,7 +6,8 @@ HELP = "write one branch (--branch i) or every branch of a checkpoint as standal
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("checkpoint", metavar="CKPT", help="a checkpoint written by divco train")
+    parser.add_argument("checkpoint", metavar="CKPT",
+                        help="a checkpoint written by divco train, or a run folder (its best.pt)")
     parser.add_argument("--branch", type=int, default=None, metavar="I",
                         help="the branch to export (default: all, one file each)")
     parser.add_argument("--out", default=None, metavar="PATH",

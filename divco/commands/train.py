@@ -8,9 +8,9 @@ HELP = "train S branches of a divided network with co-training (checkpoints and 
 
 
 def add_arguments(parser) -> None:
-    from ..train.cli_args import add_run_arguments
+    from ._train_options import add_train_options
 
-    add_run_arguments(parser)
+    add_train_options(parser)
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="run folder: checkpoints, best.pt, metrics.jsonl, config.json")
     parser.add_argument("--resume", action="store_true",
@@ -21,10 +21,12 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from ..train import train
-    from ..train.cli_args import config_from_args, exit_code
+    from ..train.runtime import cli_option_names
+    from ._train_options import exit_code, train_config_from_args
 
-    config = config_from_args(args, out=args.out, branches=args.branches, resume=args.resume)
-    result = train(config)
+    config = train_config_from_args(args, out=args.out, resume=args.resume)
+    with cli_option_names():  # errors name options as typed here: --resume, not resume=True
+        result = train(config)
     is_main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints the table
     if result.final is not None and result.completed and is_main:
         print(result.final.table(f"{config.model} x{config.branches}, {result.epochs_done} epoch(s): {args.out}"))

@@ -10,21 +10,23 @@ decoded tensors back takes milliseconds.  Cache files live in
 or in the folder given as ``cache_dir=`` (``--cache-dir`` on the command line);
 ``cache_dir=False`` (``--no-cache``) turns caching off.  A cache file is named by a
 fingerprint of its source (path, sizes, modification times, options), so a changed
-source is decoded again; a damaged cache file is ignored and rewritten.
+source is decoded again.  Each file stores a hash of its tensors and metadata and its
+own key: a damaged, edited or misplaced cache file is ignored and rewritten.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
+import torch
 from torch import Tensor
+
+from ..io import atomic_write_bytes
 
 CacheDir = Union[str, os.PathLike, None, bool]
 
@@ -70,55 +72,31 @@ def file_fingerprint(path: Path) -> list:
     return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
 
-@contextlib.contextmanager
-def atomic_write_path(path: Union[str, os.PathLike]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
-
-    Readers see either the old file or the complete new one, never a partial file;
-    on failure the temporary file is removed and ``path`` is untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual permissions
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_directory(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+#: Metadata keys the cache adds to every file: a hash of the content and the file's key.
+HASH_KEY = "content_blake2b"
+KEY_KEY = "cache_key"
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make a rename durable (a no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def content_hash(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
+    """A hash of every tensor (name, dtype, shape, bytes) and every metadata entry."""
+    digest = hashlib.blake2b(digest_size=32)
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b"")
+    entries = sorted((k, v) for k, v in metadata.items() if k != HASH_KEY)
+    digest.update(json.dumps(entries).encode())
+    return digest.hexdigest()
 
 
 def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
+    """Write a cache file atomically, with its content hash and key (its name) in the metadata."""
+    from safetensors.torch import save
 
-    with atomic_write_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    metadata = {**metadata, KEY_KEY: Path(path).stem}
+    metadata[HASH_KEY] = content_hash(tensors, metadata)
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
 def load_tensors(path: Path) -> Optional[tuple[dict[str, Tensor], dict[str, str]]]:
@@ -133,5 +111,11 @@ def load_tensors(path: Path) -> Optional[tuple[dict[str, Tensor], dict[str, str]
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as error:  # a damaged cache is derived data: decode the source again
         warnings.warn(f"ignoring unreadable data cache {path} ({error}); decoding the source again", stacklevel=2)
+        return None
+    # Images of another size, shuffled labels, edited statistics or a file copied under another
+    # key (other decode parameters) all change the hash: decode again rather than use them.
+    if metadata.get(KEY_KEY) != path.stem or metadata.get(HASH_KEY) != content_hash(tensors, metadata):
+        warnings.warn(f"ignoring data cache {path}: its content does not match its hash or its key (modified, "
+                      f"or written by an older divco); decoding the source again", stacklevel=2)
         return None
     return tensors, metadata

@@ -9,7 +9,7 @@ The command line equivalents are ``divco train``, ``divco eval``, ``divco export
 ``divco compare``; distributed runs go through ``torchrun -m divco train``.
 """
 
-from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .engine import TIMING_FIELDS, TrainResult, train
 from .evaluation import ENSEMBLE_MODES, EvaluationResult, Scores, evaluate, metrics_from_logits, predict
@@ -32,7 +32,6 @@ __all__ = [
     "divided_weight_decay",
     "evaluate",
     "export_branches",
-    "latest_checkpoint",
     "list_checkpoints",
     "load_branch",
     "load_checkpoint",

@@ -2,8 +2,12 @@
 
 A checkpoint is written to a temporary file beside its destination, fsynced, renamed
 over the destination and the folder fsynced: a crash leaves the previous checkpoint
-or the new one, never a torn file.  Loading uses ``torch.load(weights_only=True)``:
-only tensors and plain Python values are rebuilt, no pickled code runs.
+or the new one, never a torn file (see :mod:`divco.io`).  Loading uses
+``torch.load(weights_only=True)``: only tensors and plain Python values are rebuilt,
+no pickled code runs.  :func:`load_checkpoint` then checks the structure once
+(:func:`validate_checkpoint`), for eval, export and resume alike: a checkpoint that is
+not what divco writes gets one ValueError "not a divco checkpoint: ...", before any
+model is allocated.
 
 Run folder layout::
 
@@ -15,13 +19,14 @@ Run folder layout::
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Union
 
 import torch
 
-from ..data.cache import atomic_write_path
+from ..io import atomic_torch_save
 
 CHECKPOINT_FORMAT = "divco-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -35,15 +40,18 @@ def checkpoint_name(epochs_done: int, steps_into_epoch: int) -> str:
 
 def save_checkpoint(path: Union[str, Path], state: dict) -> Path:
     """Write ``state`` atomically (temporary file, fsync, rename, fsync of the folder)."""
-    path = Path(path)
-    with atomic_write_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-    return path
+    return atomic_torch_save(path, state)
 
 
 def load_checkpoint(path: Union[str, Path]) -> dict:
-    """Read a checkpoint safely; a missing, truncated or foreign file gets a ValueError naming it."""
+    """Read a training checkpoint safely and check its structure (:func:`validate_checkpoint`)."""
+    state = read_checkpoint_file(path)
+    validate_checkpoint(state, path)
+    return state
+
+
+def read_checkpoint_file(path: Union[str, Path]) -> dict:
+    """Read a checkpoint file safely; a missing, truncated or foreign file gets a ValueError naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -81,9 +89,18 @@ def list_checkpoints(folder: Union[str, Path]) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(folder: Union[str, Path]) -> Optional[Path]:
-    found = list_checkpoints(folder)
-    return found[-1] if found else None
+def checkpoint_of(path: Union[str, Path]) -> Path:
+    """``path`` itself for a file; for a run folder its best.pt, else its newest checkpoint."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if (path / BEST_NAME).is_file():
+        return path / BEST_NAME
+    found = list_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"{path} is a folder without checkpoints (expected {BEST_NAME} or "
+                                f"checkpoint-e*-s*.pt files of a divco training run)")
+    return found[-1]
 
 
 def load_latest(folder: Union[str, Path]) -> tuple[Path, dict]:
@@ -107,3 +124,101 @@ def prune_checkpoints(folder: Union[str, Path], keep: int) -> list[Path]:
     for path in doomed:
         path.unlink(missing_ok=True)
     return doomed
+
+
+# -- structure ---------------------------------------------------------------------------------
+
+
+def validate_checkpoint(state: dict, source: Union[str, Path] = "the checkpoint") -> None:
+    """Check everything eval, export and resume read from a checkpoint, before anything is built.
+
+    Raises ValueError "<source> is not a divco checkpoint: <what is wrong>".  The model's
+    weights are compared with ``model_info`` on the meta device (no memory allocated).
+    """
+
+    def fail(reason: str):
+        raise ValueError(f"{source} is not a divco checkpoint: {reason}")
+
+    def require(container: dict, key: str, kinds, where: str) -> Any:
+        if key not in container:
+            fail(f"{where}{key!r} is missing")
+        value = container[key]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in _as_tuple(kinds)):
+            names = "/".join(k.__name__ for k in _as_tuple(kinds))
+            fail(f"{where}{key!r} must be {names}, got {type(value).__name__}")
+        return value
+
+    def count(container: dict, key: str, where: str = "", minimum: int = 0) -> int:
+        value = require(container, key, int, where)
+        if value < minimum:
+            fail(f"{where}{key!r} must be >= {minimum}, got {value}")
+        return value
+
+    for key in ("config", "model_info", "dataset", "model", "optimizer", "schedule"):
+        require(state, key, dict, "")
+    require(state, "local_states", list, "")
+    if not all(isinstance(local, dict) for local in state["local_states"]):
+        fail("'local_states' must be a list of dicts")
+    info, dataset, weights = state["model_info"], state["dataset"], state["model"]
+    name = require(info, "name", str, "model_info ")
+    branches = count(info, "branches", "model_info ", minimum=1)
+    num_classes = count(info, "num_classes", "model_info ", minimum=1)
+    model_kwargs = require(info, "model_kwargs", dict, "model_info ")
+    if not all(isinstance(k, str) for k in model_kwargs):
+        fail("model_info 'model_kwargs' must have str keys")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
+        fail("'model' must map parameter names to tensors")
+    parameters = sum(v.numel() for v in weights.values())
+    if branches * num_classes > parameters:  # every branch has at least one classifier weight per class
+        fail(f"model_info says {branches} branch(es) x {num_classes} classes but the weights hold only "
+             f"{parameters} values")
+    epochs_done = count(state, "epochs_done")
+    count(state, "steps_into_epoch")
+    count(state, "world_size", minimum=1)
+    for key in ("mean", "std"):
+        values = require(dataset, key, list, "dataset ")
+        if len(values) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            fail(f"dataset {key!r} must be 3 finite numbers, got {values!r}")
+    if min(dataset["std"]) <= 0:
+        fail(f"dataset 'std' must be > 0, got {dataset['std']!r}")
+    classes = require(dataset, "classes", list, "dataset ")
+    if len(classes) != num_classes:
+        fail(f"dataset has {len(classes)} classes but model_info says {num_classes}")
+
+    from .config import TrainConfig
+
+    try:
+        config = TrainConfig.from_dict(state["config"])
+    except (TypeError, ValueError) as error:
+        fail(f"its config is invalid ({error})")
+    if (config.model, config.branches, config.model_kwargs) != (name, branches, model_kwargs):
+        fail(f"its config ({config.model} x{config.branches}, {config.model_kwargs}) and model_info "
+             f"({name} x{branches}, {model_kwargs}) disagree")
+    if epochs_done > config.epochs:
+        fail(f"'epochs_done' is {epochs_done} but the run has only {config.epochs} epoch(s)")
+    _check_weights_match(weights, name, num_classes, branches, model_kwargs, fail)
+
+
+def _check_weights_match(weights: dict, name: str, num_classes: int, branches: int, model_kwargs: dict,
+                         fail) -> None:
+    """The weights have exactly the names and shapes of the model model_info describes."""
+    from .. import models
+
+    try:
+        with torch.device("meta"):
+            expected = models.create(name, num_classes=num_classes, branches=branches, **model_kwargs).state_dict()
+    except (TypeError, ValueError) as error:
+        fail(f"model_info does not describe a model divco can build ({error})")
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        fail(f"its weights do not match model_info {name} x{branches}: missing {missing[:3]}, "
+             f"unexpected {unexpected[:3]}")
+    for key, tensor in expected.items():
+        if tuple(weights[key].shape) != tuple(tensor.shape):
+            fail(f"its weights do not match model_info {name} x{branches}: {key} has shape "
+                 f"{tuple(weights[key].shape)}, expected {tuple(tensor.shape)}")
+
+
+def _as_tuple(kinds) -> tuple:
+    return kinds if isinstance(kinds, tuple) else (kinds,)

@@ -7,7 +7,7 @@ import datetime
 import torch
 
 from .. import __version__
-from ..benchmark.environment import cpu_model
+from ..platform_info import cpu_model
 from .config import TrainConfig
 from .engine import TrainResult
 

@@ -8,18 +8,32 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Union
 
 from ..data.augment import AugmentConfig
-from ..models.base import EXECUTIONS
+from ..data.policies import POLICIES
+from ..data.sources import describe_sources
+from ..vocabulary import BACKENDS, PRECISIONS
+from ..vocabulary import COTRAIN_KINDS as COT_KINDS
+from ..vocabulary import EXECUTION_MODES as EXECUTIONS
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
-COT_KINDS = ("js", "kl")
 
-#: Options that change how a run executes but not what it computes (or that name where
-#: it lives); everything else must match when a run is resumed.
-OPERATIONAL_FIELDS = frozenset({
-    "out", "resume", "device", "progress", "tensorboard", "compile", "keep_checkpoints", "cache_dir",
-    "eval_batch_size", "precision", "channels_last", "execution", "backend",
-})
+#: Options that cannot change what a run computes (or that name where it lives); everything
+#: else - precision, channels_last, compile, backend, execution included - must match when a
+#: run is resumed.  Of ``device`` only the index may change (cuda:0 -> cuda:1), not the type
+#: (the training engine compares the device type a checkpoint was written on).
+OPERATIONAL_FIELDS = frozenset({"out", "resume", "device", "progress", "tensorboard", "keep_checkpoints", "cache_dir"})
+
+#: What training does with a step whose loss is not finite (see divco.train.step).
+ON_NAN_CHOICES = ("stop", "skip-step")
+
+
+def option_field(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, **option: Any) -> Any:
+    """A TrainConfig field with its command-line option described in its metadata.
+
+    ``option`` holds what :mod:`divco.commands.train_options` reads: ``help``, ``choices``,
+    ``group`` (starts a help section), ``metavar``, ``type``, ``false_flag``, ``cli=False``
+    (no generated option) and ``nested`` (per-field overrides of a nested dataclass).
+    """
+    return field(default=default, default_factory=factory, metadata={"option": option})
 
 
 @dataclass
@@ -30,48 +44,69 @@ class TrainConfig:
     checkpoints, ``metrics.jsonl``, ``config.json``).
     """
 
-    model: str
-    out: str
-    branches: int = 1
-    data: str = "digits"  # "digits" or a path (divco.data.describe_sources())
-    epochs: int = 300
-    batch_size: int = 128  # global: divided among the processes of a distributed run
-    seed: int = 0
-    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda" or "cuda:N"
-    resume: bool = False
+    model: str = option_field(help="a model name (`divco models` lists them)")
+    out: str = option_field(help="the run folder: checkpoints, best.pt, metrics.jsonl, config.json", cli=False)
+    branches: int = option_field(1, help="S, the number of small networks", metavar="S")
+    data: str = option_field("digits", help=describe_sources())
+    epochs: int = option_field(300, help="the paper's")
+    batch_size: int = option_field(128, help="global batch size: divided among the processes of a distributed run")
+    seed: int = option_field(0)
+    device: str = option_field("auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    resume: bool = option_field(False, cli=False)
     # -- optimiser and schedule (paper recipe when None) --------------------------------------
-    lr: Optional[float] = None  # default 0.1 x batch_size / 128
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: Optional[float] = None  # default by model (official table), then divided for S > 1
-    divide_weight_decay: bool = True  # wd x exp(1/S - 1) for S > 1, as the official code
-    warmup_epochs: Optional[float] = None  # default 20/300 of the run
-    warmup_start_lr: float = 5e-3
-    min_lr: float = 1e-4
+    lr: Optional[float] = option_field(None, help="peak learning rate (default 0.1 x batch size / 128)",
+                                       group="optimiser and schedule (default: the paper's recipe)")
+    momentum: float = option_field(0.9)
+    nesterov: bool = option_field(True, help="Nesterov momentum")
+    weight_decay: Optional[float] = option_field(
+        None, help="default by model: 5e-4 for large WRNs and ResNeXt-29, else 1e-4 (then divided for S > 1)")
+    divide_weight_decay: bool = option_field(True, help="multiply the weight decay by exp(1/S - 1) for S > 1, "
+                                             "as the official code")
+    warmup_epochs: Optional[float] = option_field(None, help="linear lr warm-up (default 20/300 of the run)")
+    warmup_start_lr: float = option_field(5e-3)
+    min_lr: float = option_field(1e-4, help="floor of the cosine decay")
     # -- co-training --------------------------------------------------------------------------
-    cot_weight: float = 0.5
-    cot_kind: str = "js"
-    cot_warmup_epochs: Optional[int] = None  # default 40/300 of the run
-    temperature: float = 1.0
-    backend: Optional[str] = None  # divco.ops backend; None: the fastest available
+    cot_weight: float = option_field(0.5, group="co-training")
+    cot_kind: str = option_field("js", choices=COT_KINDS)
+    cot_warmup_epochs: Optional[int] = option_field(
+        None, help="linear per-epoch warm-up of the weight (default 40/300 of the run)")
+    temperature: float = option_field(1.0)
+    backend: Optional[str] = option_field(None, choices=BACKENDS,
+                                          help="divco.ops backend (default: the fastest available)")
     # -- data ---------------------------------------------------------------------------------
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    image_size: Optional[int] = None
-    train_subset: Optional[int] = None  # use at most this many training images (a fixed choice)
-    test_subset: Optional[int] = None
-    cache_dir: Union[str, None, bool] = None  # None: default cache folder; False: no cache
-    eval_batch_size: Optional[int] = None  # default max(batch_size, 256)
+    augment: AugmentConfig = option_field(factory=AugmentConfig, group="data and augmentation", nested={
+        "crop_padding": {"help": "random crop from the zero-padded image; 0 disables"},
+        "flip": {"help": "random horizontal flips"},
+        "policy": {"help": "AutoAugment (CIFAR-10 policy) or RandAugment", "choices": ("none",) + POLICIES},
+        "erase_p": {"help": "random erasing probability"},
+        "erase_scale": {"metavar": ("LOW", "HIGH"), "help": "erased fraction of the image"},
+        "erase_ratio": {"metavar": ("LOW", "HIGH"), "help": "aspect ratio of the erased rectangle"},
+        "mixup_alpha": {"help": "0 disables mixup"},
+        "same_view": {"help": "every branch gets the same augmented view"},
+    })
+    image_size: Optional[int] = option_field(None, help="resize every image to this size (digits: 32)")
+    train_subset: Optional[int] = option_field(None, help="train on at most this many images (a fixed choice)")
+    test_subset: Optional[int] = option_field(None, help="test on at most this many images")
+    cache_dir: Union[str, None, bool] = option_field(
+        None, type=str, false_flag="no-cache",
+        help="decoded-data cache (default $DIVCO_CACHE_DIR/data or ~/.cache/divco/data); --no-cache: decode every time")
+    eval_batch_size: Optional[int] = option_field(None, help="default max(batch size, 256)")
     # -- model and speed ----------------------------------------------------------------------
-    model_kwargs: dict = field(default_factory=dict)
-    precision: str = "auto"  # auto: bf16 autocast on GPUs (fp16 + GradScaler without bf16), fp32 on CPU
-    channels_last: Optional[bool] = None  # default: on for CUDA
-    compile: bool = False
-    execution: str = "auto"  # BranchBatchedNetwork.execution
-    sync_bn: bool = False
+    model_kwargs: dict = option_field(factory=dict, group="model and speed", metavar="JSON",
+                                      help='extra model builder arguments, e.g. \'{"dropout": 0.1}\'')
+    precision: str = option_field("auto", choices=PRECISIONS,
+                                  help="auto: bf16 autocast on GPUs (fp16 + GradScaler without bf16), fp32 on CPUs")
+    channels_last: Optional[bool] = option_field(None, help="channels-last memory format (default: on for CUDA)")
+    compile: bool = option_field(False, help="torch.compile the forward pass and loss")
+    execution: str = option_field("auto", choices=EXECUTIONS, help="BranchBatchedNetwork.execution")
+    sync_bn: bool = option_field(False, help="synchronised BatchNorm across processes (CUDA)")
+    on_nan: str = option_field("stop", choices=ON_NAN_CHOICES,
+                               help="a NaN/inf loss: stop at the end of the epoch (exit status 1), or skip-step "
+                                    "(not applied, counted in train_nonfinite_steps)")
     # -- output -------------------------------------------------------------------------------
-    keep_checkpoints: int = 3  # epoch checkpoints kept besides best.pt
-    progress: bool = True
-    tensorboard: bool = True  # when the tensorboard package is installed
+    keep_checkpoints: int = option_field(3, group="output", help="epoch checkpoints kept besides best.pt")
+    progress: bool = option_field(True, help="progress bar and epoch lines")
+    tensorboard: bool = option_field(True, help="TensorBoard logs (when the tensorboard package is installed)")
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, dict):
@@ -126,6 +161,8 @@ class TrainConfig:
         number("temperature", self.temperature, 0.0, low_open=True)
         if self.cot_kind not in COT_KINDS:
             raise ValueError(f"cot_kind must be one of {COT_KINDS}, got {self.cot_kind!r}")
+        if self.on_nan not in ON_NAN_CHOICES:
+            raise ValueError(f"on_nan must be one of {ON_NAN_CHOICES}, got {self.on_nan!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.execution not in EXECUTIONS:

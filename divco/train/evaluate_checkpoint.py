@@ -8,7 +8,7 @@ from typing import Optional, Union
 import torch
 
 from ..data import Normalize, load_dataset
-from .checkpoint import load_checkpoint
+from .checkpoint import checkpoint_of, load_checkpoint
 from .evaluation import EvaluationResult, evaluate
 from .export import model_from_checkpoint
 from .runtime import resolve_device
@@ -17,7 +17,7 @@ from .runtime import resolve_device
 def evaluate_checkpoint(checkpoint: Union[str, Path], *, data: Optional[str] = None, image_size: Optional[int] = None,
                         test_subset: Optional[int] = None, batch_size: int = 256, device: str = "auto",
                         cache_dir=None) -> tuple[EvaluationResult, dict]:
-    """Test metrics of ``checkpoint`` and a description of what was evaluated.
+    """Test metrics of ``checkpoint`` (a file, or a run folder: its best.pt) and a description.
 
     By default the test split of the data the checkpoint was trained on (same image
     size and test subset).  Inputs are normalised with the training data's statistics,
@@ -25,6 +25,7 @@ def evaluate_checkpoint(checkpoint: Union[str, Path], *, data: Optional[str] = N
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    checkpoint = checkpoint_of(checkpoint)
     state = load_checkpoint(checkpoint)
     config = state["config"]
     data = data if data is not None else config["data"]
@@ -44,6 +45,6 @@ def evaluate_checkpoint(checkpoint: Union[str, Path], *, data: Optional[str] = N
     amp_dtype = torch.bfloat16 if target.type == "cuda" and torch.cuda.is_bf16_supported() else None
     result = evaluate(model, dataset.test_images.to(target), dataset.test_labels.to(target), normalize,
                       batch_size=batch_size, amp_dtype=amp_dtype, channels_last=target.type == "cuda")
-    description = {"model": info["name"], "branches": info["branches"], "epochs_done": state["epochs_done"],
-                   "data": dataset.describe()}
+    description = {"checkpoint": str(checkpoint), "model": info["name"], "branches": info["branches"],
+                   "epochs_done": state["epochs_done"], "data": dataset.describe()}
     return result, description

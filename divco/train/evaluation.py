@@ -84,10 +84,11 @@ class EvaluationResult:
 
 
 def expected_calibration_error(probs: Tensor, labels: Tensor, bins: int = ECE_BINS) -> Tensor:
-    """Σ_b |B_b|/N · |acc(B_b) - conf(B_b)| over equal-width confidence bins (0-dim tensor)."""
+    """Σ_b |B_b|/N · |acc(B_b) - conf(B_b)| over equal-width confidence bins (0-dim tensor; NaN for NaN input)."""
     confidence, prediction = probs.max(dim=-1)
     hit = (prediction == labels).to(probs.dtype)
-    index = (confidence * bins).long().clamp_(max=bins - 1)
+    # NaN confidences (a diverged model) go to bin 0, where they make the result NaN: never an index error.
+    index = torch.nan_to_num(confidence * bins, nan=0.0).long().clamp_(0, bins - 1)
     count = torch.zeros(bins, dtype=probs.dtype, device=probs.device).index_add_(0, index, torch.ones_like(hit))
     conf_sum = torch.zeros_like(count).index_add_(0, index, confidence)
     hit_sum = torch.zeros_like(count).index_add_(0, index, hit)

@@ -13,6 +13,7 @@ arguments and the branch's ``spec``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional, Union
@@ -21,17 +22,21 @@ import torch
 from torch import nn
 
 from .. import __version__, models
-from ..data.cache import atomic_write_path
+from ..io import atomic_write_bytes
 from ..models.base import BranchBatchedNetwork
 from ..stacking import unstack
-from .checkpoint import load_checkpoint
+from .checkpoint import checkpoint_of, load_checkpoint, validate_checkpoint
 
 EXPORT_FORMAT = "divco-branch"
 
 
 def model_from_checkpoint(checkpoint: Union[str, Path, dict]) -> BranchBatchedNetwork:
     """The trained branch-batched model of a training checkpoint (on the CPU, eval mode)."""
-    state = load_checkpoint(checkpoint) if not isinstance(checkpoint, dict) else checkpoint
+    if isinstance(checkpoint, dict):
+        validate_checkpoint(checkpoint)
+        state = checkpoint
+    else:
+        state = load_checkpoint(checkpoint)
     info = state["model_info"]
     model = models.create(info["name"], num_classes=info["num_classes"], branches=info["branches"],
                           **info.get("model_kwargs", {}))
@@ -39,10 +44,15 @@ def model_from_checkpoint(checkpoint: Union[str, Path, dict]) -> BranchBatchedNe
     return model.eval()
 
 
-def _metadata(model: BranchBatchedNetwork, info: dict, index: int, standalone: nn.Module) -> dict[str, str]:
-    import dataclasses
+def spec_json(model: nn.Module) -> str:
+    """One branch's architecture as JSON (the frozen ``spec`` dataclass), for checkpoints and exports."""
+    spec = getattr(model, "spec", None)
+    if spec is None or not dataclasses.is_dataclass(spec):
+        return "{}"
+    return json.dumps(dataclasses.asdict(spec), sort_keys=True)
 
-    spec = dataclasses.asdict(model.spec) if dataclasses.is_dataclass(model.spec) else {}
+
+def _metadata(model: BranchBatchedNetwork, info: dict, index: int, standalone: nn.Module) -> dict[str, str]:
     return {
         "format": EXPORT_FORMAT,
         "divco_version": __version__,
@@ -51,7 +61,7 @@ def _metadata(model: BranchBatchedNetwork, info: dict, index: int, standalone: n
         "branch": str(index),
         "num_classes": str(model.num_classes),
         "model_kwargs": json.dumps(info.get("model_kwargs", {}), sort_keys=True),
-        "spec": json.dumps(spec, sort_keys=True),
+        "spec": spec_json(model),
         "standalone_class": f"{type(standalone).__module__}.{type(standalone).__qualname__}",
     }
 
@@ -60,13 +70,14 @@ def export_branches(checkpoint: Union[str, Path], out: Optional[Union[str, Path]
                     branch: Optional[int] = None) -> list[Path]:
     """Write branch ``branch`` (or every branch) of ``checkpoint`` as safetensors; return the paths.
 
+    ``checkpoint`` is a file or a run folder (its best.pt, else its newest checkpoint).
     With ``branch``, ``out`` is the file (default: ``<checkpoint stem>-branch<i>.safetensors``
     beside the checkpoint); without, ``out`` is a folder (default:
     ``<checkpoint stem>-branches/``) receiving ``branch<i>.safetensors`` for every i.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    checkpoint = Path(checkpoint)
+    checkpoint = checkpoint_of(checkpoint)
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state)
     S = model.branches
@@ -84,8 +95,7 @@ def export_branches(checkpoint: Union[str, Path], out: Optional[Union[str, Path]
     for index, target in zip(indices, targets):
         standalone = standalones[index]
         tensors = {k: v.contiguous() for k, v in standalone.state_dict().items()}
-        with atomic_write_path(target) as tmp:
-            save_file(tensors, str(tmp), metadata=_metadata(model, state["model_info"], index, standalone))
+        atomic_write_bytes(target, save(tensors, metadata=_metadata(model, state["model_info"], index, standalone)))
         written.append(target)
     return written
 
@@ -114,10 +124,7 @@ def load_branch(path: Union[str, Path], *, device: Union[str, torch.device] = "c
     kwargs = json.loads(metadata["model_kwargs"])
     divided = models.create(metadata["model_name"], num_classes=int(metadata["num_classes"]),
                             branches=int(metadata["branches"]), **kwargs)
-    import dataclasses
-
-    spec = json.dumps(dataclasses.asdict(divided.spec), sort_keys=True) if dataclasses.is_dataclass(divided.spec) \
-        else "{}"
+    spec = spec_json(divided)
     if spec != metadata["spec"]:
         raise ValueError(
             f"{path} was exported from a {metadata['model_name']} branch with spec {metadata['spec']}, but this "

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Optional
 
-from ..data.cache import atomic_write_path
+from ..io import append_line, atomic_write_text
 
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.json"
@@ -30,8 +29,7 @@ def read_metrics(folder) -> list[dict]:
 
 
 def write_json(path: Path, value) -> None:
-    with atomic_write_path(path) as tmp:
-        tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 class RunLog:
@@ -43,8 +41,7 @@ class RunLog:
         kept = [r for r in read_metrics(self.folder) if r.get("epoch", 0) <= epochs_done]
         if self.path.exists() or kept:
             # Epochs after the checkpoint are recomputed: drop their records (atomically).
-            with atomic_write_path(self.path) as tmp:
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.records = kept
         self.writer = self._tensorboard(purge_step=epochs_done + 1) if tensorboard else None
 
@@ -60,11 +57,7 @@ class RunLog:
             return None
 
     def append(self, record: dict) -> None:
-        line = json.dumps(record) + "\n"
-        with open(self.path, "a") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.path, json.dumps(record))
         self.records.append(record)
         if self.writer is not None:
             step = record["epoch"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import signal
 import sys
@@ -140,9 +141,33 @@ def progress_bar(total: int, initial: int, description: str, enabled: bool):
                 leave=False, disable=None if enabled else True, file=sys.stderr)
 
 
-def say(message: str, enabled: bool = True) -> None:
+def status_line(message: str, enabled: bool = True) -> None:
     """A status line on stderr that does not break a progress bar."""
     if enabled:
         from tqdm.auto import tqdm
 
         tqdm.write(message, file=sys.stderr)
+
+
+#: How messages name options: "python" (``resume=True``) or "cli" (``--resume``); the
+#: command line switches it (:func:`cli_option_names`) so that its errors speak its words.
+_OPTION_SPELLING = ["python"]
+
+
+@contextlib.contextmanager
+def cli_option_names():
+    """Within this block, :func:`option` spells options as on the command line."""
+    previous = _OPTION_SPELLING[0]
+    _OPTION_SPELLING[0] = "cli"
+    try:
+        yield
+    finally:
+        _OPTION_SPELLING[0] = previous
+
+
+def option(name: str, value: object = None) -> str:
+    """A TrainConfig option as the user spelled it: ``--batch-size 8`` or ``batch_size=8``."""
+    if _OPTION_SPELLING[0] == "cli":
+        flag = "--" + name.replace("_", "-")
+        return flag if value is None or value is True else f"{flag} {value}"
+    return f"{name}={value!r}" if value is not None else name

@@ -7,8 +7,14 @@
 
 The step reads nothing back from the device: the loss, per-branch cross-entropies,
 co-training term and top-1 hit counts are summed into device tensors
-(:class:`RunningMetrics`) and read once per epoch.  The co-training weight is a 0-dim
-device tensor updated in place, so a warm-up schedule never retraces a compiled step.
+(:class:`RunningMetrics`) and read once per epoch.  So are the steps whose loss was
+not finite: with ``on_nonfinite="stop"`` (the default) they are applied and counted
+(the caller stops the run at the end of the epoch); with ``"skip-step"`` a step whose
+loss or gradients are not finite leaves the weights, the BatchNorm statistics and the
+optimiser state as they were (a device-side select, still no host sync) and only its
+count enters the metrics.
+The co-training weight is a 0-dim device tensor updated in place, so a warm-up
+schedule never retraces a compiled step.
 """
 
 from __future__ import annotations
@@ -20,6 +26,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+
+
+#: What a TrainStep does with a step whose loss is not finite (TrainConfig.on_nan).
+NONFINITE_POLICIES = ("stop", "skip-step")
 
 
 class RunningMetrics:
@@ -34,44 +44,72 @@ class RunningMetrics:
         # float64 sums: thousands of float32 batch means add up without visible rounding.
         self.sums = torch.zeros(self.branches + 2, dtype=torch.float64, device=self.device)  # loss, ce[S], cot
         self.correct = torch.zeros(self.branches + 1, dtype=torch.int64, device=self.device)
+        # non-finite steps, the first of them (1-based step of the epoch, 0: none), images of skipped steps
+        self.nonfinite = torch.zeros(3, dtype=torch.int64, device=self.device)
         self.count = 0  # images: a host number, known without asking the device
+        self.steps = 0
 
-    def add(self, out: ops.CotrainLoss, batch_size: int) -> None:
+    def add(self, out: ops.CotrainLoss, batch_size: int, *, bad: Optional[Tensor] = None,
+            skipped: bool = False) -> None:
+        """Add a step's outputs; ``bad`` (0-dim bool) marks a non-finite step, left out of the sums if ``skipped``."""
+        self.steps += 1
         packed = torch.cat([out.loss.detach().reshape(1), out.ce, out.cot.reshape(1)]).to(torch.float64)
+        correct = out.correct
+        if bad is None:
+            bad = ~torch.isfinite(out.loss.detach())
+        if skipped:
+            packed = torch.where(bad, 0.0, packed)
+            correct = torch.where(bad, 0, correct)
         self.sums.add_(packed, alpha=batch_size)
-        self.correct.add_(out.correct)
+        self.correct.add_(correct)
+        first = torch.where(self.nonfinite[1] == 0, self.steps, self.nonfinite[1])
+        self.nonfinite.add_(torch.stack([bad.long(), (first - self.nonfinite[1]) * bad,
+                                         bad.long() * batch_size * int(skipped)]))
         self.count += batch_size
 
     def read(self, process_group=None) -> dict:
         """Means over the images seen (summed over processes when distributed); syncs once."""
+        nonfinite = self.nonfinite.clone()
+        if process_group is not None:  # first non-finite step: the earliest of any process
+            nonfinite[1] = torch.where(nonfinite[1] == 0, torch.iinfo(torch.int64).max, nonfinite[1])
         packed = torch.cat([self.sums, self.correct.to(torch.float64),
-                            torch.tensor([float(self.count)], dtype=torch.float64, device=self.device)])
+                            torch.tensor([float(self.count)], dtype=torch.float64, device=self.device),
+                            nonfinite[[0, 2]].to(torch.float64)])
         if process_group is not None:
             import torch.distributed as dist
 
             dist.all_reduce(packed, group=process_group)
+            dist.all_reduce(nonfinite[1:2], op=dist.ReduceOp.MIN, group=process_group)
         values = packed.cpu().tolist()
+        first = int(nonfinite[1])
         S = self.branches
-        count = values[-1]
+        count = values[-3]
         if count == 0:
             raise ValueError("no training images were seen this epoch")
         sums, correct = values[: S + 2], values[S + 2: 2 * S + 3]
+        used = count - values[-1]  # images of applied steps (all of them unless steps were skipped)
+        mean = (lambda v: v / used) if used else (lambda v: float("nan"))
         return {
-            "train_loss": sums[0] / count,
-            "train_ce": [v / count for v in sums[1: S + 1]],
-            "train_cot": sums[S + 1] / count,
-            "train_branch_acc": [v / count for v in correct[:S]],
-            "train_ensemble_acc": correct[S] / count,
+            "train_loss": mean(sums[0]),
+            "train_ce": [mean(v) for v in sums[1: S + 1]],
+            "train_cot": mean(sums[S + 1]),
+            "train_branch_acc": [mean(v) for v in correct[:S]],
+            "train_ensemble_acc": mean(correct[S]),
             "train_images": int(count),
+            "train_nonfinite_steps": int(values[-2]),
+            "train_first_nonfinite_step": first if 0 < first < torch.iinfo(torch.int64).max else None,
         }
 
     def state_dict(self) -> dict:
-        return {"sums": self.sums.cpu(), "correct": self.correct.cpu(), "count": self.count}
+        return {"sums": self.sums.cpu(), "correct": self.correct.cpu(), "count": self.count,
+                "nonfinite": self.nonfinite.cpu(), "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.sums.copy_(state["sums"])
         self.correct.copy_(state["correct"])
         self.count = int(state["count"])
+        self.nonfinite.copy_(state["nonfinite"])
+        self.steps = int(state["steps"])
 
 
 class TrainStep:
@@ -89,14 +127,20 @@ class TrainStep:
         scaler: a ``torch.amp.GradScaler`` for float16 (it reads its overflow flag on the
             host: the one synchronisation float16 training needs).
         compile: wrap forward + loss in ``torch.compile``.
+        on_nonfinite: ``"stop"`` (apply and count non-finite steps; the caller stops) or
+            ``"skip-step"`` (do not apply them: weights and optimiser state are restored
+            on the device from a copy taken before the step; counted in the metrics).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, cot_weight: Tensor,
                  branches: Optional[int] = None, cot_kind: str = "js", temperature: float = 1.0,
                  backend: Optional[str] = None, scheduler=None, amp_dtype: Optional[torch.dtype] = None,
-                 scaler=None, compile: bool = False) -> None:
+                 scaler=None, compile: bool = False, on_nonfinite: str = "stop") -> None:
         if not isinstance(cot_weight, Tensor) or cot_weight.dim() != 0:
             raise ValueError(f"cot_weight must be a 0-dim tensor, got {cot_weight!r}")
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
+        self.skip_nonfinite = on_nonfinite == "skip-step"
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -127,19 +171,54 @@ class TrainStep:
                                 temperature=self.temperature, backend=self.backend)
 
     def __call__(self, images: Tensor, targets: Tensor) -> ops.CotrainLoss:
+        # skip-step also undoes the forward pass's BatchNorm statistics: copy them before it
+        buffers = list(unwrap_model(self.model).buffers()) if self.skip_nonfinite else []
+        buffers_before = [b.clone() for b in buffers]
         out = self._forward_loss(images, targets)
         self.optimizer.zero_grad(set_to_none=True)
+        bad = None
         if self.scaler is not None:
             self.scaler.scale(out.loss).backward()
-            self.scaler.step(self.optimizer)
+            self.scaler.step(self.optimizer)  # skips the optimiser step itself when a gradient is not finite
             self.scaler.update()
+            if self.skip_nonfinite:
+                bad = ~torch.isfinite(out.loss.detach())
+                with torch.no_grad():
+                    for now, then in zip(buffers, buffers_before):
+                        now.copy_(torch.where(bad, then, now))
         else:
             out.loss.backward()
-            self.optimizer.step()
+            if self.skip_nonfinite:
+                bad = self._step_unless_nonfinite(out.loss, list(zip(buffers, buffers_before)))
+            else:
+                self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
-        self.metrics.add(out, images.shape[0])
+        self.metrics.add(out, images.shape[0], bad=bad, skipped=bad is not None)
         return out
+
+    def _step_unless_nonfinite(self, loss: Tensor, restore: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """Step, then put back weights, optimiser state and ``restore`` if the loss or a gradient is not finite.
+
+        The select happens on the device (``torch.where``): no host sync.
+        """
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        bad = ~torch.isfinite(loss.detach())
+        if grads:
+            bad = bad | ~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+        if isinstance(self.optimizer, torch.optim.SGD):  # make the state exist before the copy: SGD creates its
+            for group in self.optimizer.param_groups:     # momentum buffers in the first step, and a zero buffer
+                if group["momentum"] and not group["dampening"]:  # steps exactly as a missing one (dampening 0)
+                    for p in group["params"]:
+                        self.optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+        state = [t for p in params for t in [p.data, *self.optimizer.state[p].values()] if isinstance(t, Tensor)]
+        restore = restore + [(t, t.clone()) for t in state]
+        self.optimizer.step()
+        with torch.no_grad():
+            for now, then in restore:
+                now.copy_(torch.where(bad, then, now))
+        return bad
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -91,3 +91,32 @@ def test_compare_prints_the_s1_versus_s2_table(tmp_path, capsys, cache):
     assert main(argv + ["--json"]) == 0
     assert json.loads(capsys.readouterr().out)[1]["test_ensemble_acc"] == saved[1]["test_ensemble_acc"]
     assert load_checkpoint(out / "S2" / "best.pt")["model_info"]["branches"] == 2
+
+
+def test_usage_errors_are_one_line(tmp_path, capsys):
+    # issue 10 item 8: `--branches abc` printed the whole usage block
+    with pytest.raises(SystemExit) as exit:
+        main(["train", *TINY, "--branches", "abc", "--out", str(tmp_path / "run")])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["divco train: error: argument --branches: invalid int value: 'abc' "
+                                        "(see divco train --help)"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_errors_speak_command_line_options(tmp_path, capsys, cache):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, *cache, "--epochs", "1", "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["train", *TINY, *cache, "--epochs", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "pass --resume to continue it, or choose another --out" in err and "resume=True" not in err
+    assert main(["train", *TINY, *cache, "--epochs", "1", "--out", str(tmp_path / "b"),
+                 "--model-kwargs", '{"dropout": "high"}']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("divco train: error: --model-kwargs {\"dropout\": \"high\"} does not fit") and \
+        len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists()  # a failed start leaves no empty run folder
+    # eval of a run folder: its best checkpoint
+    assert main(["eval", str(out), "--device", "cpu", *cache]) == 0
+    assert capsys.readouterr().out.startswith(f"{out / 'best.pt'}: wide_resnet16_4 x1 after 1 epoch(s)")

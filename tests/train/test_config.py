@@ -19,9 +19,18 @@ def test_json_round_trip(tmp_path):
 
 
 def test_resume_compares_only_what_changes_results(tmp_path):
-    config = tiny_config(tmp_path)
-    assert config.run_defining_differences(config.replace(device="cpu", progress=True, keep_checkpoints=9,
-                                                          resume=True, compile=True)) == []
+    config = tiny_config(tmp_path, device="cuda:0")
+    assert config.run_defining_differences(config.replace(device="cuda:1", progress=True, keep_checkpoints=9,
+                                                          resume=True, tensorboard=True, cache_dir=False)) == []
+
+
+@pytest.mark.parametrize("change", [dict(precision="bf16"), dict(channels_last=True), dict(compile=True),
+                                    dict(backend="torch"), dict(execution="per_branch"),
+                                    dict(eval_batch_size=7), dict(on_nan="skip-step")])
+def test_options_that_change_the_numbers_are_run_defining(tmp_path, change):
+    # issue 10 item 3: a resume with another precision (...) used to be accepted and overwrote config.json
+    config = tiny_config(tmp_path, device="cuda")
+    assert len(config.run_defining_differences(config.replace(**change))) == 1
     differences = config.run_defining_differences(config.replace(seed=5, augment=AugmentConfig(mixup_alpha=0.0)))
     assert any(d.startswith("seed=5") for d in differences) and any(d.startswith("augment=") for d in differences)
 

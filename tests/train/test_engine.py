@@ -109,7 +109,7 @@ def test_resume_refuses_other_options_and_runs_are_never_overwritten(tmp_path):
     train(config)
     with pytest.raises(ValueError, match=r"branches=4 \(this run: 2\)"):
         train(config.replace(out=str(run), branches=4, resume=True))
-    with pytest.raises(ValueError, match=r"already holds a training run; pass --resume"):
+    with pytest.raises(ValueError, match=r"already holds a training run; pass resume=True"):
         train(config.replace(out=str(run)))
     # a truncated newest checkpoint: a clear error, and the previous one is still there and loads
     newest = list_checkpoints(run)[-1]

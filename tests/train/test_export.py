@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_helpers import tiny_config
+from train_helpers import checkpoint_state, tiny_config
 
 import divco
 from divco.train import export_branches, load_branch, read_branch_metadata, save_checkpoint, train
-from divco.train.checkpoint import CHECKPOINT_FORMAT
 from divco.train.export import model_from_checkpoint
 
 
@@ -54,8 +53,7 @@ def test_export_of_an_imagenet_family_checkpoint_gives_torchvision_resnets(tmp_p
                 m.running_mean.uniform_(-1, 1)
                 m.running_var.uniform_(0.5, 2)
     path = tmp_path / "checkpoint.pt"
-    save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "version": 1, "model": model.state_dict(),
-                           "model_info": {"name": "resnet18", "branches": 2, "num_classes": 7, "model_kwargs": {}}})
+    save_checkpoint(path, checkpoint_state(model="resnet18", branches=2, num_classes=7, weights=model.state_dict()))
     exported = export_branches(path, tmp_path / "out")
     x = torch.randn(2, 3, 32, 32)
     for index, branch in enumerate(divco.unstack(model)):

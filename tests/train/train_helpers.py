@@ -27,3 +27,29 @@ def subprocess_env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env.pop("PYTEST_XDIST_WORKER", None)
     return env
+
+
+def checkpoint_state(value: float = 0.0, *, model: str = "wide_resnet16_2", branches: int = 1, num_classes: int = 10,
+                     weights: dict = None, **fields) -> dict:
+    """A structurally valid training checkpoint of an untrained model, its first weight set to ``value``."""
+    import torch
+
+    from divco import models
+    from divco.train.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
+
+    if weights is None:
+        weights = models.create(model, num_classes=num_classes, branches=branches).state_dict()
+        first = next(iter(weights))
+        weights[first] = torch.full_like(weights[first], value)
+    config = tiny_config("unused", model=model, branches=branches, epochs=20)
+    state = {
+        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": config.to_dict(),
+        "epochs_done": 1, "steps_into_epoch": 0, "world_size": 1, "local_states": [{}],
+        "model_info": {"name": model, "branches": branches, "num_classes": num_classes, "model_kwargs": {},
+                       "family": "", "spec": "{}"},
+        "dataset": {"name": "digits", "source": "x", "classes": [str(i) for i in range(num_classes)], "mean": [0.5] * 3,
+                    "std": [0.25] * 3, "image_size": [8, 8]},
+        "model": weights, "optimizer": {}, "schedule": {}, "scaler": None, "best": None, "last_record": None,
+    }
+    state.update(fields)
+    return state

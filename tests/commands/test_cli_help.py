@@ -1,0 +1,37 @@
+"""`divco --help` stays light: it imports neither torch, torchvision, the extension nor Triton (issue 11 item 9)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from divco.cli import main
+
+HEAVY = ("torch", "torchvision", "triton", "divco._C", "numpy")
+
+PROBE = """
+import json, runpy, sys
+sys.argv = ["divco", "--help"]
+try:
+    runpy.run_module("divco", run_name="__main__", alter_sys=True)
+except SystemExit as done:
+    code = done.code
+print(json.dumps({"code": code, "heavy": sorted(m for m in sys.modules if m.split(".")[0] in %r or m in %r)}))
+"""
+
+
+def test_divco_help_imports_no_heavy_module():
+    done = subprocess.run([sys.executable, "-c", PROBE % (HEAVY, HEAVY)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    *help_lines, last = done.stdout.strip().splitlines()
+    result = json.loads(last)
+    assert result == {"code": 0, "heavy": []}
+    help_text = "\n".join(help_lines)
+    for command in ("train", "eval", "export", "compare", "bench", "summary", "models", "demo"):
+        assert command in help_text
+
+
+def test_a_command_still_gets_its_arguments(capsys):
+    assert main(["models", "--family", "cifar"]) == 0
+    assert "wide_resnet16_8" in capsys.readouterr().out
