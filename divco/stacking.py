@@ -8,22 +8,14 @@ entry, with no other transformation.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .models.base import BranchBatchedNetwork
+from .models.standalone import STANDALONE_KINDS, register_standalone  # noqa: F401  (the public hook)
 from .nn import BRANCH_LAYERS
-
-# (standalone class, fn(model) -> (batched class, spec)) for non-divco standalone models,
-# e.g. torchvision's ResNet; registered by the model families that support them.
-_STANDALONE_KINDS: list[tuple[type, Callable[[nn.Module], tuple[type, object]]]] = []
-
-
-def register_standalone(kind: type, describe: Callable[[nn.Module], tuple[type, object]]) -> None:
-    """Teach :func:`stack` a kind of ordinary model: ``describe(m) -> (batched_cls, spec)``."""
-    _STANDALONE_KINDS.append((kind, describe))
 
 
 def _describe(model: nn.Module, position: int) -> tuple[type, object]:
@@ -34,10 +26,10 @@ def _describe(model: nn.Module, position: int) -> tuple[type, object]:
                 f"model {position} has {model.branches} branches"
             )
         return type(model), model.spec
-    for kind, describe in _STANDALONE_KINDS:
+    for kind, describe in STANDALONE_KINDS:
         if isinstance(model, kind):
             return describe(model)
-    known = ", ".join(k.__module__ + "." + k.__qualname__ for k, _ in _STANDALONE_KINDS)
+    known = ", ".join(k.__module__ + "." + k.__qualname__ for k, _ in STANDALONE_KINDS)
     raise ValueError(
         f"stack does not know how to batch model {position} of type {type(model).__qualname__}; "
         f"expected a divco model with branches=1{' or one of: ' + known if known else ''}"
