@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Optional
 
-from ..data.augment import AugmentConfig
+from ..data.augment import CROPS, AugmentConfig
 from ..data.policies import POLICIES
 from ..data.sources import describe_sources
 from .config import COT_KINDS, PRECISIONS, TrainConfig
@@ -41,16 +42,24 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, branches_nargs: bool =
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
 
-    opt = parser.add_argument_group("optimiser and schedule (default: the paper's recipe)")
-    opt.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.1 x batch size / 128)")
+    opt = parser.add_argument_group("optimiser and schedule (default: the dataset's official recipe)")
+    meta = {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}
+    opt.add_argument("--recipe", default="auto", choices=meta["recipe"]["choices"], help=meta["recipe"]["help"])
+    opt.add_argument("--lr", type=float, default=None,
+                     help="peak learning rate (default: the recipe's, 0.1 at any batch size officially)")
+    opt.add_argument("--lr-scaling", default=None, choices=meta["lr_scaling"]["choices"],
+                     help=meta["lr_scaling"]["help"])
     opt.add_argument("--momentum", type=float, default=0.9)
     _bool_flag(opt, "nesterov", True, "Nesterov momentum (default on)")
     opt.add_argument("--weight-decay", type=float, default=None,
-                     help="default by model: 5e-4 for large WRNs and ResNeXt-29, else 1e-4")
-    _bool_flag(opt, "divide-weight-decay", True, "multiply the weight decay by exp(1/S - 1) for S > 1 (default on)")
-    opt.add_argument("--warmup-epochs", type=float, default=None, help="linear lr warm-up (default 20/300 of the run)")
+                     help="default by model and dataset (the official table), before division")
+    _bool_flag(opt, "divide-weight-decay", None, meta["divide_weight_decay"]["help"])
+    _bool_flag(opt, "exempt-norm-weight-decay", None, meta["exempt_norm_weight_decay"]["help"])
+    opt.add_argument("--warmup-epochs", type=float, default=None,
+                     help="linear lr warm-up (default: the official count, 20 of 300 CIFAR epochs, 5 on ImageNet)")
     opt.add_argument("--warmup-start-lr", type=float, default=5e-3)
-    opt.add_argument("--min-lr", type=float, default=1e-4, help="floor of the cosine decay")
+    opt.add_argument("--min-lr", type=float, default=None, help=meta["min_lr"]["help"])
+    opt.add_argument("--label-smoothing", type=float, default=None, help=meta["label_smoothing"]["help"])
 
     cot = parser.add_argument_group("co-training")
     cot.add_argument("--cot-weight", type=float, default=0.5)
@@ -70,12 +79,18 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, branches_nargs: bool =
     aug.add_argument("--no-cache", action="store_true", help="decode the data every time")
     aug.add_argument("--crop-padding", type=int, default=defaults.crop_padding)
     _bool_flag(aug, "flip", defaults.flip, "random horizontal flips (default on)")
-    aug.add_argument("--policy", choices=("none",) + POLICIES, default=defaults.policy,
-                     help="AutoAugment (CIFAR-10 policy) or RandAugment")
+    aug.add_argument("--crop", choices=CROPS, default=None,
+                     help="pad (CIFAR: random crop of the zero-padded image) or resized (ImageNet's random resized "
+                          "crop); default: the recipe's")
+    aug.add_argument("--policy", choices=("none",) + POLICIES, default=None,
+                     help="AutoAugment (CIFAR-10 or ImageNet policy) or RandAugment (default: the recipe's: "
+                          "autoaugment on CIFAR, autoaugment_imagenet on ImageNet, none in quick)")
     aug.add_argument("--randaugment-ops", type=int, default=defaults.randaugment_ops)
     aug.add_argument("--randaugment-magnitude", type=int, default=defaults.randaugment_magnitude)
     aug.add_argument("--erase-p", type=float, default=defaults.erase_p, help="random erasing probability")
-    aug.add_argument("--erase-scale", type=float, nargs=2, default=defaults.erase_scale, metavar=("LOW", "HIGH"))
+    aug.add_argument("--erase-scale", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                     help="erased area fraction (default: the recipe's, (0.125, 0.2) CIFAR-10, (0.0625, 0.1) "
+                          "CIFAR-100, (0.05, 0.12) ImageNet)")
     aug.add_argument("--mixup-alpha", type=float, default=defaults.mixup_alpha, help="0 disables mixup")
     aug.add_argument("--same-view", action="store_true", help="every branch gets the same augmented view")
     aug.add_argument("--eval-batch-size", type=int, default=None)
@@ -98,15 +113,18 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, branches_nargs: bool =
 
 def config_from_args(args: argparse.Namespace, *, out: str, branches: int, resume: bool) -> TrainConfig:
     augment = AugmentConfig(
-        crop_padding=args.crop_padding, flip=args.flip, policy=args.policy, randaugment_ops=args.randaugment_ops,
-        randaugment_magnitude=args.randaugment_magnitude, erase_p=args.erase_p, erase_scale=tuple(args.erase_scale),
+        crop_padding=args.crop_padding, flip=args.flip, crop=args.crop, policy=args.policy,
+        randaugment_ops=args.randaugment_ops, randaugment_magnitude=args.randaugment_magnitude, erase_p=args.erase_p,
+        erase_scale=tuple(args.erase_scale) if args.erase_scale is not None else None,
         mixup_alpha=args.mixup_alpha, same_view=args.same_view,
     )
     return TrainConfig(
         model=args.model, out=out, branches=branches, data=args.data, epochs=args.epochs, batch_size=args.batch_size,
-        seed=args.seed, device=args.device, resume=resume, lr=args.lr, momentum=args.momentum,
-        nesterov=args.nesterov, weight_decay=args.weight_decay, divide_weight_decay=args.divide_weight_decay,
+        seed=args.seed, device=args.device, resume=resume, recipe=args.recipe, lr=args.lr,
+        lr_scaling=args.lr_scaling, momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay,
+        divide_weight_decay=args.divide_weight_decay, exempt_norm_weight_decay=args.exempt_norm_weight_decay,
         warmup_epochs=args.warmup_epochs, warmup_start_lr=args.warmup_start_lr, min_lr=args.min_lr,
+        label_smoothing=args.label_smoothing,
         cot_weight=args.cot_weight, cot_kind=args.cot_kind, cot_warmup_epochs=args.cot_warmup_epochs,
         temperature=args.temperature, backend=args.backend, augment=augment, image_size=args.image_size,
         train_subset=args.train_subset, test_subset=args.test_subset,

@@ -39,19 +39,36 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda" or "cuda:N"
     resume: bool = False
-    # -- optimiser and schedule (paper recipe when None) --------------------------------------
-    lr: Optional[float] = None  # default 0.1 x batch_size / 128
+    # -- the recipe (None: the dataset recipe's value, see divco.train.recipe) ----------------
+    recipe: str = field(default="auto", metadata={
+        "help": "dataset recipe: auto (identified from --data; digits -> quick), cifar10, cifar100, imagenet "
+                "(the official recipes) or quick (divco's small CPU preset, not the paper's)",
+        "choices": ("auto", "cifar10", "cifar100", "imagenet", "quick")})
+    # -- optimiser and schedule (the recipe's when None) -------------------------------------
+    lr: Optional[float] = None  # official: 0.1 at any batch size (0.05 for ResNeXt-29 16x64d)
+    lr_scaling: Optional[str] = field(default=None, metadata={
+        "help": "none (official: lr 0.1 at any batch), linear (the official is_linear_lr: lr x B/B0 and "
+                "momentum ** (B/B0); B0 128 CIFAR, 256 ImageNet), linear_lr_only (the quick preset)",
+        "choices": ("none", "linear", "linear_lr_only")})
     momentum: float = 0.9
     nesterov: bool = True
-    weight_decay: Optional[float] = None  # default by model (official table), then divided for S > 1
-    divide_weight_decay: bool = True  # wd x exp(1/S - 1) for S > 1, as the official code
-    warmup_epochs: Optional[float] = None  # default 20/300 of the run
+    weight_decay: Optional[float] = None  # default by model and dataset (official table), then divided
+    divide_weight_decay: Optional[bool] = field(default=None, metadata={
+        "help": "multiply the weight decay by exp(1/S - 1) for S > 1 (default: where the paper does, i.e. "
+                "WRN-40-10 at 1800 CIFAR epochs and the ImageNet Wide-ResNets; always in the quick preset)"})
+    exempt_norm_weight_decay: Optional[bool] = field(default=None, metadata={
+        "help": "exempt every BatchNorm parameter from weight decay (a departure; default: the official rule, "
+                "only names with 'norm'/'bias', so BN scales are decayed; on in the quick preset)"})
+    warmup_epochs: Optional[float] = None  # official: 20 of 300 CIFAR epochs, 5 on ImageNet (scaled otherwise)
     warmup_start_lr: float = 5e-3
-    min_lr: float = 1e-4
+    min_lr: Optional[float] = field(default=None, metadata={
+        "help": "floor of the cosine decay (default 1e-4, 1e-5 on ImageNet)"})
+    label_smoothing: Optional[float] = field(default=None, metadata={
+        "help": "label smoothing e of the targets (default 0.1 on ImageNet, 0 on CIFAR)"})
     # -- co-training --------------------------------------------------------------------------
     cot_weight: float = 0.5
     cot_kind: str = "js"
-    cot_warmup_epochs: Optional[int] = None  # default 40/300 of the run
+    cot_warmup_epochs: Optional[int] = None  # official: 40 of 300 CIFAR epochs, 60 on ImageNet (scaled otherwise)
     temperature: float = 1.0
     backend: Optional[str] = None  # divco.ops backend; None: the fastest available
     # -- data ---------------------------------------------------------------------------------
@@ -121,7 +138,18 @@ class TrainConfig:
         if self.warmup_epochs is not None and self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs must be < epochs ({self.epochs}), got {self.warmup_epochs!r}")
         number("warmup_start_lr", self.warmup_start_lr, 0.0, low_open=False)
-        number("min_lr", self.min_lr, 0.0, low_open=False)
+        number("min_lr", self.min_lr, 0.0, low_open=False, allow_none=True)
+        number("label_smoothing", self.label_smoothing, 0.0, low_open=False, allow_none=True)
+        if self.label_smoothing is not None and self.label_smoothing >= 1:
+            raise ValueError(f"label_smoothing must be < 1, got {self.label_smoothing!r}")
+        for name in ("recipe", "lr_scaling"):
+            choices = _choices(name)
+            value = getattr(self, name)
+            if value is not None and value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        for name in ("divide_weight_decay", "exempt_norm_weight_decay"):
+            if getattr(self, name) not in (None, True, False):
+                raise ValueError(f"{name} must be True, False or None (the recipe's), got {getattr(self, name)!r}")
         number("cot_weight", self.cot_weight, 0.0, low_open=False)
         number("temperature", self.temperature, 0.0, low_open=True)
         if self.cot_kind not in COT_KINDS:
@@ -161,6 +189,10 @@ class TrainConfig:
         """``"name: mine vs other"`` for every option that changes what a run computes."""
         a, b = self.to_dict(), other.to_dict()
         return [f"{k}={b[k]!r} (this run: {a[k]!r})" for k in a if k not in OPERATIONAL_FIELDS and a[k] != b[k]]
+
+
+def _choices(name: str) -> tuple:
+    return next(f.metadata["choices"] for f in fields(TrainConfig) if f.name == name)
 
 
 def _lists(value):

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .. import __version__, models
 from ..data import BatchAugmenter, ImageDataset, load_dataset
+from ..data.sources import identify_loaded_dataset
 from ..data.cache import atomic_write_path
 from . import recipe
 from .checkpoint import (
@@ -174,21 +175,17 @@ class _Run:
                              f"({per_process} per process); lower --batch-size")
 
         net = self.build_model(data.num_classes)
-        weight_decay = cfg.weight_decay if cfg.weight_decay is not None else recipe.default_weight_decay(cfg.model)
-        if cfg.divide_weight_decay and cfg.branches > 1:
-            weight_decay = recipe.divided_weight_decay(weight_decay, cfg.branches)
-        base_lr = cfg.lr if cfg.lr is not None else recipe.default_lr(cfg.batch_size)
-        optimizer = torch.optim.SGD(recipe.parameter_groups(net, weight_decay), lr=base_lr, momentum=cfg.momentum,
-                                    nesterov=cfg.nesterov)
-        warmup_epochs = cfg.warmup_epochs if cfg.warmup_epochs is not None else \
-            recipe.default_lr_warmup_epochs(cfg.epochs)
+        resolved = recipe.resolve(cfg, recipe.recipe_name(cfg, identify_loaded_dataset(cfg.data, data)))
+        weight_decay, base_lr = resolved.weight_decay, resolved.lr
+        optimizer = torch.optim.SGD(
+            recipe.parameter_groups(net, weight_decay, exempt_all_norms=resolved.exempt_all_norms), lr=base_lr,
+            momentum=resolved.momentum, nesterov=cfg.nesterov)
         total_steps = cfg.epochs * steps_per_epoch
         schedule = recipe.WarmupCosineSchedule(
             optimizer, base_lr=base_lr, total_steps=total_steps,
-            warmup_steps=min(round(warmup_epochs * steps_per_epoch), total_steps - 1),
-            warmup_start_lr=cfg.warmup_start_lr, min_lr=cfg.min_lr)
-        cot_warmup = cfg.cot_warmup_epochs if cfg.cot_warmup_epochs is not None else \
-            recipe.default_cot_warmup_epochs(cfg.epochs)
+            warmup_steps=recipe.warmup_steps(resolved.warmup_epochs, steps_per_epoch, total_steps),
+            warmup_start_lr=resolved.warmup_start_lr, min_lr=resolved.min_lr)
+        cot_warmup = resolved.cot_warmup_epochs
         scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
         cot_weight = torch.zeros((), dtype=torch.float32, device=device)
 
@@ -202,13 +199,15 @@ class _Run:
                          scaler=scaler, compile=cfg.compile)
         # every process draws its own augmentations
         augment_seed = int(np.random.SeedSequence([cfg.seed, ctx.rank]).generate_state(1)[0])
-        augmenter = BatchAugmenter(cfg.augment, data.mean, data.std, device, seed=augment_seed)
+        augmenter = BatchAugmenter(resolved.augment_config(), data.mean, data.std, device, seed=augment_seed,
+                                   label_smoothing=resolved.label_smoothing)
         info = {
             "dataset": data.describe(), "device": str(device), "processes": ctx.world_size,
             "steps_per_epoch": steps_per_epoch, "base_lr": base_lr, "weight_decay": weight_decay,
             "cot_warmup_epochs": cot_warmup, "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
             "channels_last": self.channels_last, "execution": unwrap_model(net).execution,
             "params": sum(p.numel() for p in net.parameters()),
+            "resolved": resolved.to_dict(),  # every recipe value used (warm-ups included); also in config.json
         }
         return _Parts(data, net, optimizer, schedule, scaler, cot_weight, cot_warmup, step, augmenter, batch,
                       steps_per_epoch, amp_dtype, info)
@@ -305,7 +304,7 @@ class _Run:
 
         log = None
         if ctx.is_main:
-            write_json(self.out / CONFIG_NAME, cfg.to_dict())
+            write_json(self.out / CONFIG_NAME, {**cfg.to_dict(), "resolved": parts.info["resolved"]})
             log = RunLog(self.out, tensorboard=cfg.tensorboard, epochs_done=epochs_done)
         result = TrainResult(out=self.out, epochs_done=epochs_done, history=list(log.records) if log else [],
                              final=None, info=parts.info)

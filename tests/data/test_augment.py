@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from divco.data import AugmentConfig, BatchAugmenter, random_crop, random_erase, random_flip
+from divco.data import AUGMENT_PRESETS, AugmentConfig, BatchAugmenter, random_crop, random_erase, random_flip
 
 
 def images(n: int, h: int = 8, w: int = 8, seed: int = 0) -> torch.Tensor:
@@ -66,7 +66,7 @@ def test_random_erase_zeroes_one_rectangle_of_the_right_area():
 
 
 def augmenter(**overrides) -> BatchAugmenter:
-    config = AugmentConfig(**overrides)
+    config = AugmentConfig(**overrides).with_defaults(**AUGMENT_PRESETS["quick"])
     return BatchAugmenter(config, (0.5, 0.4, 0.3), (0.25, 0.2, 0.2), "cpu", seed=0)
 
 
@@ -146,7 +146,7 @@ def test_beta_lambda_matches_the_official_distribution():
 @pytest.mark.parametrize("policy", ["none", "randaugment"])
 def test_cuda_views_and_mixup_never_synchronise(policy):
     device = torch.device("cuda")
-    aug = BatchAugmenter(AugmentConfig(policy=policy), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), device, seed=0)
+    aug = BatchAugmenter(AugmentConfig(policy=policy).with_defaults(**AUGMENT_PRESETS["quick"]), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), device, seed=0)
     x = images(64, 32, 32).to(device)
     labels = torch.randint(0, 10, (64,), device=device)
     aug.training_batch(x, labels, 4, 10)  # warm-up
