@@ -13,8 +13,8 @@ script/train_split.sh) sets, and divco's default run follows:
   ResNeXt-29), 1e-4 for the others; on ImageNet 5e-5 for ResNet-34/50 and 1e-4 for the
   others.  Only tensors whose name contains "norm" or "bias" are exempt, so every
   BatchNorm scale (named ``bn*``) IS decayed and only biases are not.  The exp(1/S - 1)
-  division applies where the paper's tables apply it (WRN-40-10 at 1800 CIFAR epochs and
-  the Wide-ResNets on ImageNet); the released training script turns it off elsewhere.
+  division applies where the paper's tables apply it (every CIFAR-10 network, WRN-40-10
+  at 1800 CIFAR-100 epochs, the Wide-ResNets on ImageNet).
 * Co-training weight 0.5 (Jensen-Shannon), per-epoch warm-up max(0.5 e / W, 0.005) with
   W = 40 epochs on CIFAR (80 at 1800 epochs) and 60 on ImageNet (the released script).
 * Augmentation per dataset (:data:`divco.data.augment.AUGMENT_PRESETS`), mixup 0.2,
@@ -108,9 +108,14 @@ def divided_weight_decay(weight_decay: float, branches: int) -> float:
 
 
 def official_divides_weight_decay(model_name: str, dataset: str, epochs: int) -> bool:
-    """Where the paper's tables apply exp(1/S - 1): WRN-40-10 at 1800 CIFAR epochs, WRNs on ImageNet."""
+    """Where the paper's tables apply exp(1/S - 1) (the parser's default is_div_wd=1 applies it
+    everywhere, the released script's is_div_wd=0 nowhere; divco follows the tables):
+    every CIFAR-10 network (Table III), WRN-40-10 at 1800 CIFAR-100 epochs (Table II), the
+    Wide-ResNets on ImageNet (Table IV)."""
     if dataset == "imagenet":
         return model_name.startswith("wide_resnet")
+    if dataset == "cifar10":
+        return True
     return model_name == "wide_resnet40_10" and epochs == 1800
 
 
@@ -231,7 +236,7 @@ def _warmups(table: DatasetRecipe, model_name: str, epochs: int, lr_warmup_overr
 def resolve(config: Any, recipe: str) -> ResolvedRecipe:
     """The recipe values of ``config`` (a TrainConfig) on dataset recipe ``recipe``; explicit options win."""
     table = _RECIPES[recipe]
-    dataset = "imagenet" if recipe == "imagenet" else "cifar100"
+    dataset = recipe if recipe != "quick" else "cifar100"
     lr_multiplier, _ = _official_exceptions(config.model, config.epochs) if table.official else (1.0, None)
     lr_scaling = config.lr_scaling if config.lr_scaling is not None else table.lr_scaling
     ratio = config.batch_size / table.reference_batch

@@ -196,6 +196,8 @@ def test_weight_decay_division_where_the_paper_applies_it(tmp_path):
     assert wrn40["groups"][0]["weight_decay"] == pytest.approx(5e-4 * math.exp(-0.75))
     forced = run_of(tmp_path, data, branches=4, divide_weight_decay=True)["optimizer"]["groups"][0]
     assert forced["weight_decay"] == pytest.approx(5e-4 * math.exp(-0.75))
+    cifar10 = run_of(tmp_path, cifar_folder(tmp_path, "cifar-10-batches-py"), branches=4)["optimizer"]["groups"][0]
+    assert cifar10["weight_decay"] == pytest.approx(5e-4 * math.exp(-0.75))  # Table III divides
 
 
 def test_bn_exemption_is_an_option(tmp_path):
