@@ -226,3 +226,21 @@ def test_print_config_keys_are_stable():
     assert list(run) == keys
     for key in keys:
         assert f"`{key}`" in readme, key
+
+
+def test_cli_print_config_prints_the_resolved_run_and_trains_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "divco", "train", "--model", "wide_resnet28_10", "--branches", "4", "--data",
+               cifar_folder(tmp_path, "cifar-100-python"), "--out", str(out), "--print-config"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    run = json.loads(done.stdout)
+    assert run["recipe"]["name"] == "cifar100" and run["optimizer"]["lr"] == 0.1
+    assert run["lr_schedule"]["warmup_epochs"] == 20 and run["cotrain"]["warmup_epochs"] == 40
+    assert not out.exists()  # nothing trained, no run folder
+    quick = subprocess.run(command[:7] + ["digits", "--out", str(out), "--print-config", "--lr-scaling", "linear",
+                                          "--batch-size", "256"], capture_output=True, text=True, timeout=120)
+    assert json.loads(quick.stdout)["optimizer"]["momentum"] == pytest.approx(0.81)
