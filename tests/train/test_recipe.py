@@ -241,6 +241,6 @@ def test_cli_print_config_prints_the_resolved_run_and_trains_nothing(tmp_path):
     assert run["recipe"]["name"] == "cifar100" and run["optimizer"]["lr"] == 0.1
     assert run["lr_schedule"]["warmup_epochs"] == 20 and run["cotrain"]["warmup_epochs"] == 40
     assert not out.exists()  # nothing trained, no run folder
-    quick = subprocess.run(command[:7] + ["digits", "--out", str(out), "--print-config", "--lr-scaling", "linear",
+    quick = subprocess.run(command[:9] + ["digits", "--out", str(out), "--print-config", "--lr-scaling", "linear",
                                           "--batch-size", "256"], capture_output=True, text=True, timeout=120)
     assert json.loads(quick.stdout)["optimizer"]["momentum"] == pytest.approx(0.81)
