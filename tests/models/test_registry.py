@@ -119,3 +119,15 @@ def test_readme_documents_set_conv_impl_as_the_api_takes_it():
     assert list(inspect.signature(divco.nn.set_conv_impl).parameters) == ["module", "impl"]
     assert 'set_conv_impl(model, "grouped" | "split" | "auto")' in readme
     assert 'set_conv_impl("grouped"' not in readme
+
+
+def test_models_do_not_import_higher_layers():
+    """Issue 11 item 5: the model layer imports neither divco.stacking nor divco.train."""
+    import ast
+    from pathlib import Path
+
+    for path in Path(divco.models.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert not node.module.startswith(("stacking", "train")) or node.level == 0, (path.name, node.module)
+                assert not (node.level == 2 and node.module.split(".")[0] in ("stacking", "train")), path.name
