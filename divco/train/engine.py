@@ -300,7 +300,9 @@ class _Run:
         epochs_done, steps_done = self.restore(parts, *resume) if resume is not None else (0, 0)
         say(f"divco {__version__}: {cfg.model} x{cfg.branches} on {parts.info['dataset']}; {self.device}, "
             f"{ctx.world_size} process(es), {parts.steps_per_epoch} steps/epoch, lr {parts.info['base_lr']:.4g}, "
-            f"wd {parts.info['weight_decay']:.3g}, {parts.info['precision']}", self.talk)
+            f"wd {parts.info['weight_decay']:.3g}, {parts.info['precision']}; recipe {parts.info['resolved']['recipe']}: "
+            f"lr warm-up {parts.info['resolved']['warmup_epochs']:g} epoch(s), co-training warm-up "
+            f"{parts.info['resolved']['cot_warmup_epochs']} epoch(s)", self.talk)
 
         log = None
         if ctx.is_main:
