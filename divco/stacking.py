@@ -8,40 +8,14 @@ entry, with no other transformation.
 
 from __future__ import annotations
 
-import sys
-from typing import Callable, Optional, Sequence, Union
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .models.base import BranchBatchedNetwork
+from .models.standalone import describe_standalone, known_kinds, register_standalone  # noqa: F401  (the public hook)
 from .nn import BRANCH_LAYERS
-
-# (standalone class or its dotted name, fn(model) -> (batched class, spec)) for non-divco
-# standalone models, e.g. torchvision's ResNet; registered by the model families that support them.
-_STANDALONE_KINDS: list[tuple[Union[type, str], Callable[[nn.Module], tuple[type, object]]]] = []
-
-
-def register_standalone(kind: Union[type, str], describe: Callable[[nn.Module], tuple[type, object]]) -> None:
-    """Teach :func:`stack` a kind of ordinary model: ``describe(m) -> (batched_cls, spec)``.
-
-    ``kind`` is the class, or its dotted name ("package.module.Class") for a class of an optional
-    package: the name is resolved only once that module has been imported, so registering
-    imports nothing (a model of that class cannot exist before its module is imported).
-    """
-    _STANDALONE_KINDS.append((kind, describe))
-
-
-def _resolve_kind(kind: Union[type, str]) -> Optional[type]:
-    if isinstance(kind, type):
-        return kind
-    module_name, _, class_name = kind.rpartition(".")
-    module = sys.modules.get(module_name)
-    return getattr(module, class_name, None) if module is not None else None
-
-
-def _kind_name(kind: Union[type, str]) -> str:
-    return kind if isinstance(kind, str) else kind.__module__ + "." + kind.__qualname__
 
 
 def _describe(model: nn.Module, position: int) -> tuple[type, object]:
@@ -52,11 +26,10 @@ def _describe(model: nn.Module, position: int) -> tuple[type, object]:
                 f"model {position} has {model.branches} branches"
             )
         return type(model), model.spec
-    for kind, describe in _STANDALONE_KINDS:
-        resolved = _resolve_kind(kind)
-        if resolved is not None and isinstance(model, resolved):
-            return describe(model)
-    known = ", ".join(_kind_name(k) for k, _ in _STANDALONE_KINDS)
+    described = describe_standalone(model)
+    if described is not None:
+        return described
+    known = known_kinds()
     raise ValueError(
         f"stack does not know how to batch model {position} of type {type(model).__qualname__}; "
         f"expected a divco model with branches=1{' or one of: ' + known if known else ''}"

@@ -15,6 +15,9 @@ def add_arguments(parser) -> None:
                         help="run folder: checkpoints, best.pt, metrics.jsonl, config.json")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its newest checkpoint (same options required)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the fully resolved run (model, optimiser groups, schedules, augmentation) as "
+                             "JSON and exit without training")
     parser.epilog = ("SIGINT/SIGTERM save a checkpoint and stop (exit status 128 + signal); run the same command "
                      "with --resume to continue. Multi-GPU: torchrun --nproc_per_node=N -m divco train ...")
 
@@ -25,6 +28,13 @@ def run(args) -> int:
     from ._train_options import exit_code, train_config_from_args
 
     config = train_config_from_args(args, out=args.out, resume=args.resume)
+    if args.print_config:
+        import json
+
+        from ..train.recipe import resolve_run
+
+        print(json.dumps(resolve_run(config), indent=2))
+        return 0
     with cli_option_names():  # errors name options as typed here: --resume, not resume=True
         result = train(config)
     is_main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints the table

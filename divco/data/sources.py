@@ -424,3 +424,78 @@ def _cached(name: str, key: str, cache_dir: CacheDir, decode: Callable[[], Decod
         except OSError as error:  # a read-only home is no reason to fail: the data is decoded
             warnings.warn(f"could not write the data cache {cache_file}: {error}", stacklevel=2)
     return dataset
+
+
+# -- which data set is this (for the dataset's training recipe) ----------------------------------
+
+#: The data sets whose official recipe divco knows (divco.train.recipe), plus the bundled digits.
+KNOWN_DATASETS = ("cifar10", "cifar100", "imagenet", "digits")
+
+_CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+_WORDNET_ID = re.compile(r"^n\d{8}$")
+
+
+def identify_classes(classes: Iterable[str]) -> Optional[str]:
+    """"cifar10", "cifar100" or "imagenet" when the class names are that data set's, else None.
+
+    CIFAR-10: its ten names; CIFAR-100: 100 classes with its characteristic names; ImageNet:
+    1000 WordNet ids (``n01440764``...), as in the official train/ folders.
+    """
+    names = tuple(sorted(classes))
+    if names == _CIFAR10_CLASSES:
+        return "cifar10"
+    if len(names) == 100 and {"aquarium_fish", "sweet_pepper", "maple_tree", "willow_tree"} <= set(names):
+        return "cifar100"
+    if len(names) == 1000 and all(_WORDNET_ID.match(n) for n in names):
+        return "imagenet"
+    return None
+
+
+def _archive_classes(path: Path) -> tuple[Optional[str], tuple[str, ...]]:
+    """(CIFAR layout or None, the train/ class names) of an archive, from its member names only."""
+    classes: set[str] = set()
+    try:
+        with _open_archive(path) as archive:
+            for name in archive.getnames():
+                base = name.rsplit("/", 1)[-1]
+                for layout, (_, _, meta_file, _, _) in CIFAR_LAYOUTS.items():
+                    if base == meta_file:
+                        return layout, ()
+                match = _SPLIT_MEMBER.match(name)
+                if match is not None and match.group(1) == "train":
+                    classes.add(match.group(2))
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise ValueError(f"archive {path} is truncated or corrupt: {error}") from None
+    return None, tuple(classes)
+
+
+def identify_dataset(source: str) -> Optional[str]:
+    """Which known data set ``source`` holds ("cifar10", "cifar100", "imagenet", "digits"), or None.
+
+    Reads names only, never images: the CIFAR python layouts by their files, image folders
+    and archives by the class folders of train/ (:func:`identify_classes`).
+    """
+    if source == "digits":
+        return "digits"
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data path {path} does not exist; expected {describe_sources()}")
+    if path.is_file():
+        if not is_archive(path):
+            raise ValueError(f"data file {path} is not a tar archive; expected {describe_sources()}")
+        layout, classes = _archive_classes(path)
+        return layout if layout is not None else identify_classes(classes)
+    layout, root = detect_folder_layout(path)
+    if layout != "image_folder":
+        return layout
+    classes = [p.name for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return identify_classes(classes)
+
+
+def identify_loaded_dataset(source: str, data: ImageDataset) -> Optional[str]:
+    """:func:`identify_dataset` for data already decoded: by its layout name, else its class names."""
+    if source == "digits":
+        return "digits"
+    if data.name in ("cifar10", "cifar100"):
+        return data.name
+    return identify_classes(data.classes)

@@ -8,8 +8,9 @@ from . import cifar_resnet  # noqa: F401  (registers the CIFAR family)
 from .base import EXECUTIONS, BranchBatchedNetwork, default_execution
 from .cifar_resnet import BranchBatchedCifarResNet, CifarResNetSpec
 from .imagenet_resnet import BranchBatchedResNet, ResNetSpec
+from .imagenet_resnet_d import BranchBatchedResNetD, ResNetDSpec
 from .pyramidnet import BranchBatchedPyramidNet, PyramidNetSpec
-from .registry import create, get_entry, list, register
+from .registry import MAX_BRANCHES, create, get_entry, list, register
 
 __all__ = [
     "BranchBatchedNetwork",
@@ -17,6 +18,9 @@ __all__ = [
     "CifarResNetSpec",
     "BranchBatchedResNet",
     "ResNetSpec",
+    "BranchBatchedResNetD",
+    "ResNetDSpec",
+    "MAX_BRANCHES",
     "BranchBatchedPyramidNet",
     "PyramidNetSpec",
     "EXECUTIONS",

@@ -90,6 +90,7 @@ class BranchBatchedNetwork(nn.Module):
             raise ValueError(f"{type(self).__name__} expects a Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise ValueError(f"{type(self).__name__} expects a floating-point input, got dtype {x.dtype}")
+        self._check_dtype_and_size(x)
         if x.dim() == 4:
             if x.shape[1] != C:
                 raise ValueError(
@@ -113,6 +114,21 @@ class BranchBatchedNetwork(nn.Module):
             f"{type(self).__name__} expects [N, {C}, H, W] or [N, {S}, {C}, H, W] input, "
             f"got a {x.dim()}-D tensor of shape {tuple(x.shape)}"
         )
+
+    def _check_dtype_and_size(self, x: Tensor) -> None:
+        """The input's dtype must be the weights' (autocast excepted) and its images non-empty."""
+        weight = next(self.parameters(), None)
+        autocast = torch.is_autocast_enabled(x.device.type) if x.device.type in ("cpu", "cuda") else False
+        if weight is not None and x.dtype != weight.dtype and not autocast:
+            raise ValueError(
+                f"{type(self).__name__} has {weight.dtype} weights and got a {x.dtype} input; convert one "
+                f"of them (e.g. images.to({weight.dtype}) or model.to({x.dtype}))"
+            )
+        if x.dim() >= 4 and (x.shape[-1] < 1 or x.shape[-2] < 1):
+            raise ValueError(
+                f"{type(self).__name__} expects images of at least 1x1 pixels, got "
+                f"{x.shape[-2]}x{x.shape[-1]} (shape {tuple(x.shape)})"
+            )
 
     def resolved_execution(self, x: Tensor) -> str:
         if self.branches == 1:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..nn import BranchBatchNorm2d, BranchConv2d, BranchLinear
 from ..nn.branching import active_branch_count
 from .base import BranchBatchedNetwork, init_convolutions_and_batchnorms
+from .resnet_blocks import BLOCKS, BasicBlock, Bottleneck, SqueezeExcitation, make_layer, zero_init_last_bns  # noqa: F401
 from .dividing import cifar_base_width, divided_groups, divided_widen_factor
 from .registry import register
 
@@ -45,81 +46,6 @@ class CifarResNetSpec:
             raise ValueError("a basic block supports only groups=1 and width_per_group=64")
 
 
-class SqueezeExcitation(nn.Module):
-    """Per-branch SE: global pool, 1x1 conv, ReLU, 1x1 conv, sigmoid gate."""
-
-    def __init__(self, channels: int, reduction: int, branches: int) -> None:
-        super().__init__()
-        self.avg_pool = nn.AdaptiveAvgPool2d(1)
-        self.fc1 = BranchConv2d(channels, channels // reduction, 1, bias=True, branches=branches)
-        self.relu = nn.ReLU(inplace=True)
-        self.fc2 = BranchConv2d(channels // reduction, channels, 1, bias=True, branches=branches)
-        self.sigmoid = nn.Sigmoid()
-
-    def forward(self, x: Tensor) -> Tensor:
-        gate = self.sigmoid(self.fc2(self.relu(self.fc1(self.avg_pool(x)))))
-        return x * gate
-
-
-class BasicBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, inplanes, planes, stride, downsample, spec: CifarResNetSpec, branches: int) -> None:
-        super().__init__()
-        S = branches
-        self.conv1 = BranchConv2d(inplanes, planes, 3, stride, 1, branches=S)
-        self.bn1 = BranchBatchNorm2d(planes, branches=S)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = BranchConv2d(planes, planes, 3, 1, 1, branches=S)
-        self.bn2 = BranchBatchNorm2d(planes, branches=S)
-        self.se = SqueezeExcitation(planes, spec.se_reduction, S) if spec.se_reduction else None
-        self.downsample = downsample
-
-    def last_bn(self) -> BranchBatchNorm2d:
-        return self.bn2
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.se is not None:
-            out = self.se(out)
-        return self.relu(out + identity)
-
-
-class Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, inplanes, planes, stride, downsample, spec: CifarResNetSpec, branches: int) -> None:
-        super().__init__()
-        S = branches
-        width = int(planes * (spec.width_per_group / 64.0)) * spec.groups
-        self.conv1 = BranchConv2d(inplanes, width, 1, branches=S)
-        self.bn1 = BranchBatchNorm2d(width, branches=S)
-        self.conv2 = BranchConv2d(width, width, 3, stride, 1, groups=spec.groups, branches=S)
-        self.bn2 = BranchBatchNorm2d(width, branches=S)
-        self.conv3 = BranchConv2d(width, planes * self.expansion, 1, branches=S)
-        self.bn3 = BranchBatchNorm2d(planes * self.expansion, branches=S)
-        self.relu = nn.ReLU(inplace=True)
-        self.se = SqueezeExcitation(planes * self.expansion, spec.se_reduction, S) if spec.se_reduction else None
-        self.downsample = downsample
-
-    def last_bn(self) -> BranchBatchNorm2d:
-        return self.bn3
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.se is not None:
-            out = self.se(out)
-        return self.relu(out + identity)
-
-
-_BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
-
-
 class BranchBatchedCifarResNet(BranchBatchedNetwork):
     """S CIFAR ResNets (WRN, ResNet-110/164, SE-ResNet, ResNeXt-29) as one module."""
 
@@ -128,14 +54,14 @@ class BranchBatchedCifarResNet(BranchBatchedNetwork):
     def __init__(self, spec: CifarResNetSpec, branches: int = 1, *, execution: str = "auto") -> None:
         super().__init__(spec, branches, execution=execution)
         S = branches
-        block = _BLOCKS[spec.block]
+        block = BLOCKS[spec.block]
         self.conv1 = BranchConv2d(3, spec.stem_width, 3, 1, 1, branches=S)
         self.bn1 = BranchBatchNorm2d(spec.stem_width, branches=S)
         self.relu = nn.ReLU(inplace=True)
         inplanes = spec.stem_width
         for i, (planes, blocks) in enumerate(zip(spec.widths, spec.layers)):
             stride = 1 if i == 0 else 2
-            layer, inplanes = self._make_layer(block, inplanes, planes, blocks, stride)
+            layer, inplanes = make_layer(block, inplanes, planes, blocks, stride, spec, S)
             self.add_module(f"layer{i + 1}", layer)
         self.num_stages = len(spec.layers)
         self.features = inplanes
@@ -144,22 +70,6 @@ class BranchBatchedCifarResNet(BranchBatchedNetwork):
         self.fc = BranchLinear(inplanes, spec.num_classes, branches=S)
         self._init_weights()
 
-    def _make_layer(self, block, inplanes: int, planes: int, blocks: int, stride: int):
-        S, spec = self.branches, self.spec
-        out = planes * block.expansion
-        downsample: Optional[nn.Module] = None
-        if stride != 1:
-            downsample = nn.Sequential(
-                nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False),
-                BranchConv2d(inplanes, out, 1, branches=S),
-                BranchBatchNorm2d(out, branches=S),
-            )
-        elif inplanes != out:
-            downsample = nn.Sequential(BranchConv2d(inplanes, out, 1, branches=S), BranchBatchNorm2d(out, branches=S))
-        layers = [block(inplanes, planes, stride, downsample, spec, S)]
-        layers += [block(out, planes, 1, None, spec, S) for _ in range(1, blocks)]
-        return nn.Sequential(*layers), out
-
     def _init_weights(self) -> None:
         init_convolutions_and_batchnorms(self)
         for m in self.modules():
@@ -167,9 +77,7 @@ class BranchBatchedCifarResNet(BranchBatchedNetwork):
                 nn.init.normal_(m.weight, std=1e-3)
                 nn.init.zeros_(m.bias)
         if self.spec.zero_init_residual:
-            for m in self.modules():
-                if isinstance(m, (BasicBlock, Bottleneck)):
-                    nn.init.zeros_(m.last_bn().weight)
+            zero_init_last_bns(self)
 
     def forward_branches(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
@@ -183,61 +91,101 @@ class BranchBatchedCifarResNet(BranchBatchedNetwork):
 
 
 # -- the model zoo -------------------------------------------------------------------------
+# Every name is spelled out below (grep finds it); ``divco.models.create`` checks the keyword
+# arguments against each builder's signature, so the builders declare every option they take.
 
 
-def _build(spec: CifarResNetSpec, branches: int, execution: str = "auto", **overrides) -> BranchBatchedCifarResNet:
-    allowed = {"dropout", "zero_init_residual", "se_reduction"}
-    unknown = set(overrides) - allowed
-    if unknown:
-        allowed_all = sorted(allowed | {"divide", "execution"})
-        raise ValueError(f"unexpected keyword argument(s) {sorted(unknown)}; allowed: {allowed_all}")
+def _build(spec: CifarResNetSpec, branches: int, execution: str, dropout: Optional[float],
+           zero_init_residual: Optional[bool], se_reduction: Optional[int]) -> BranchBatchedCifarResNet:
+    """The network of ``spec``; a non-None option replaces the architecture's own value."""
+    overrides = {k: v for k, v in (("dropout", dropout), ("zero_init_residual", zero_init_residual),
+                                   ("se_reduction", se_reduction)) if v is not None}
     return BranchBatchedCifarResNet(replace(spec, **overrides), branches, execution=execution)
 
 
-def wide_resnet_spec(depth: int, widen_factor: int, num_classes: int, branches: int, divide: bool = True):
+#: name: (depth, widen factor, dropout before the classifier of the undivided network).
+#: The official code puts Dropout(0.1 / S) before WRN-40-10's classifier, and none elsewhere.
+#: WRN-16-2 and WRN-16-4 are not in the paper: CPU-sized networks for quick runs and the demo.
+WIDE_RESNETS: dict[str, tuple[int, int, float]] = {
+    "wide_resnet16_2": (16, 2, 0.0),
+    "wide_resnet16_4": (16, 4, 0.0),
+    "wide_resnet16_8": (16, 8, 0.0),
+    "wide_resnet16_12": (16, 12, 0.0),
+    "wide_resnet28_10": (28, 10, 0.0),
+    "wide_resnet40_10": (40, 10, 0.1),
+    "wide_resnet52_8": (52, 8, 0.0),
+}
+
+
+def wide_resnet_spec(depth: int, widen_factor: int, num_classes: int, branches: int, divide: bool = True,
+                     dropout: float = 0.0):
+    """WRN-depth-k; divided: k' = int(max(k/sqrt(S) + 0.4, 1)) and dropout p / S (official)."""
     if (depth - 4) % 6:
         raise ValueError(f"Wide-ResNet depth must be 6n+4, got {depth}")
     n = (depth - 4) // 6
     k = divided_widen_factor(widen_factor, branches) if divide else widen_factor
-    return CifarResNetSpec("basic", (n, n, n), 16, (16 * k, 32 * k, 64 * k), num_classes=num_classes)
+    p = dropout / branches if divide else dropout
+    return CifarResNetSpec("basic", (n, n, n), 16, (16 * k, 32 * k, 64 * k), dropout=p, num_classes=num_classes)
 
 
-def _register_wide_resnet(depth: int, widen_factor: int) -> None:
-    name = f"wide_resnet{depth}_{widen_factor}"
+def _register_wide_resnet(name: str, depth: int, widen_factor: int, dropout: float) -> None:
+    extra = f"; Dropout({dropout}/S) before the classifier" if dropout else ""
 
     @register(name, family="cifar", default_num_classes=10, input_size=(3, 32, 32),
-              description=f"WRN-{depth}-{widen_factor}; divided: k' = int(max(k/sqrt(S) + 0.4, 1))")
-    def build(num_classes: int, branches: int = 1, divide: bool = True, **kw):
-        return _build(wide_resnet_spec(depth, widen_factor, num_classes, branches, divide), branches, **kw)
+              description=f"WRN-{depth}-{widen_factor}; divided: k' = int(max(k/sqrt(S) + 0.4, 1)){extra}")
+    def build(num_classes: int, branches: int = 1, divide: bool = True, execution: str = "auto",
+              dropout: Optional[float] = None, zero_init_residual: Optional[bool] = None,
+              se_reduction: Optional[int] = None) -> BranchBatchedCifarResNet:
+        spec = wide_resnet_spec(depth, widen_factor, num_classes, branches, divide, WIDE_RESNETS[name][2])
+        return _build(spec, branches, execution, dropout, zero_init_residual, se_reduction)
 
 
-# WRN-16-2 is not in the paper: a CPU-sized network for quick runs and the README's demo.
-for _depth, _k in [(16, 2), (16, 4), (16, 8), (16, 12), (28, 10), (40, 10), (52, 8)]:
-    _register_wide_resnet(_depth, _k)
+for _name, (_depth, _k, _dropout) in WIDE_RESNETS.items():
+    _register_wide_resnet(_name, _depth, _k, _dropout)
+
+
+#: name: (depth, squeeze-and-excitation reduction; 0 = none).
+BOTTLENECK_RESNETS: dict[str, tuple[int, int]] = {
+    "resnet110": (110, 0),
+    "resnet164": (164, 0),
+    "se_resnet110": (110, 4),
+    "se_resnet164": (164, 4),
+}
 
 
 def bottleneck_resnet_spec(depth: int, num_classes: int, branches: int, divide: bool = True, se: int = 0):
+    """ResNet-110/164 (bottleneck) and their SE variants.
+
+    The official SE-ResNets do not zero-initialise the last BN of a residual path (their
+    constructor ignores ``zero_init_residual``); the plain ones do.
+    """
     if (depth - 2) % 9:
         raise ValueError(f"a CIFAR bottleneck ResNet's depth must be 9n+2, got {depth}")
     n = (depth - 2) // 9
     base = cifar_base_width(branches) if divide else 16
     return CifarResNetSpec("bottleneck", (n, n, n), base, (base, 2 * base, 4 * base), se_reduction=se,
-                           num_classes=num_classes)
+                           num_classes=num_classes, zero_init_residual=not se)
 
 
-def _register_bottleneck_resnet(depth: int, se: bool) -> None:
-    name = f"se_resnet{depth}" if se else f"resnet{depth}"
-
+def _register_bottleneck_resnet(name: str, depth: int, se: int) -> None:
     @register(name, family="cifar", default_num_classes=10, input_size=(3, 32, 32),
               description=f"{'SE-' if se else ''}ResNet-{depth} (bottleneck); divided: base width 16/sqrt(S)")
-    def build(num_classes: int, branches: int = 1, divide: bool = True, **kw):
-        spec = bottleneck_resnet_spec(depth, num_classes, branches, divide, se=4 if se else 0)
-        return _build(spec, branches, **kw)
+    def build(num_classes: int, branches: int = 1, divide: bool = True, execution: str = "auto",
+              dropout: Optional[float] = None, zero_init_residual: Optional[bool] = None,
+              se_reduction: Optional[int] = None) -> BranchBatchedCifarResNet:
+        spec = bottleneck_resnet_spec(depth, num_classes, branches, divide, se=se)
+        return _build(spec, branches, execution, dropout, zero_init_residual, se_reduction)
 
 
-for _depth in (110, 164):
-    _register_bottleneck_resnet(_depth, se=False)
-    _register_bottleneck_resnet(_depth, se=True)
+for _name, (_depth, _se) in BOTTLENECK_RESNETS.items():
+    _register_bottleneck_resnet(_name, _depth, _se)
+
+
+#: name: (cardinality, width per group).
+RESNEXT29S: dict[str, tuple[int, int]] = {
+    "resnext29_8x64d": (8, 64),
+    "resnext29_16x64d": (16, 64),
+}
 
 
 def resnext29_spec(cardinality: int, width_per_group: int, num_classes: int, branches: int, divide: bool = True):
@@ -246,14 +194,16 @@ def resnext29_spec(cardinality: int, width_per_group: int, num_classes: int, bra
                            width_per_group=width_per_group, num_classes=num_classes)
 
 
-def _register_resnext29(cardinality: int, width_per_group: int) -> None:
-    name = f"resnext29_{cardinality}x{width_per_group}d"
-
+def _register_resnext29(name: str, cardinality: int, width_per_group: int) -> None:
     @register(name, family="cifar", default_num_classes=10, input_size=(3, 32, 32),
-              description=f"ResNeXt-29 {cardinality}x{width_per_group}d; divided: cardinality / S")
-    def build(num_classes: int, branches: int = 1, divide: bool = True, **kw):
-        return _build(resnext29_spec(cardinality, width_per_group, num_classes, branches, divide), branches, **kw)
+              description=f"ResNeXt-29 {cardinality}x{width_per_group}d; divided: cardinality / S",
+              max_branches=cardinality)
+    def build(num_classes: int, branches: int = 1, divide: bool = True, execution: str = "auto",
+              dropout: Optional[float] = None, zero_init_residual: Optional[bool] = None,
+              se_reduction: Optional[int] = None) -> BranchBatchedCifarResNet:
+        spec = resnext29_spec(cardinality, width_per_group, num_classes, branches, divide)
+        return _build(spec, branches, execution, dropout, zero_init_residual, se_reduction)
 
 
-for _c in (8, 16):
-    _register_resnext29(_c, 64)
+for _name, (_cardinality, _width) in RESNEXT29S.items():
+    _register_resnext29(_name, _cardinality, _width)

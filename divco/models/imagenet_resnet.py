@@ -43,10 +43,10 @@ if TYPE_CHECKING:
 
 from ..nn import BranchBatchNorm2d, BranchConv2d, BranchLinear
 from ..nn.branching import active_branch_count
-from ..stacking import register_standalone
 from .base import BranchBatchedNetwork, init_convolutions_and_batchnorms
 from .dividing import divided_groups, divided_widen_factor, imagenet_base_width
 from .registry import register
+from .standalone import register_standalone
 
 _STAGE_STRIDES = (1, 2, 2, 2)
 
@@ -360,30 +360,47 @@ def wide_resnet_spec(layers: tuple[int, ...], widen_factor: int, num_classes: in
                       num_classes=num_classes)
 
 
-def _register(name: str, description: str, make_spec) -> None:
-    @register(name, family="imagenet", default_num_classes=1000, input_size=(3, 224, 224), description=description)
+def _register(name: str, description: str, make_spec, max_branches: int = 0) -> None:
+    @register(name, family="imagenet", default_num_classes=1000, input_size=(3, 224, 224), description=description,
+              max_branches=max_branches)
     def build(num_classes: int, branches: int = 1, divide: bool = True, execution: str = "auto",
-              zero_init_residual: bool = False, **unexpected) -> BranchBatchedResNet:
-        if unexpected:
-            raise ValueError(f"unexpected keyword argument(s) {sorted(unexpected)} for {name}; allowed: "
-                             f"['divide', 'execution', 'zero_init_residual']")
+              zero_init_residual: bool = False) -> BranchBatchedResNet:
         spec = make_spec(num_classes, branches, divide)
         return BranchBatchedResNet(spec, branches, execution=execution, zero_init_residual=zero_init_residual)
 
 
-_DEPTHS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
-           101: ("bottleneck", (3, 4, 23, 3)), 152: ("bottleneck", (3, 8, 36, 3))}
+# Every name is spelled out (grep finds it).
+#: name: (block, blocks per stage) of torchvision's plain ResNets.
+RESNETS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
+    "resnet18": ("basic", (2, 2, 2, 2)),
+    "resnet34": ("basic", (3, 4, 6, 3)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)),
+    "resnet101": ("bottleneck", (3, 4, 23, 3)),
+    "resnet152": ("bottleneck", (3, 8, 36, 3)),
+}
 
-for _depth, (_block, _layers) in _DEPTHS.items():
-    _register(f"resnet{_depth}", f"ResNet-{_depth} (torchvision); divided: base width 64 -> 44/32/24 for S=2/4/8",
+#: name: (blocks per stage, cardinality, width per group) of torchvision's ResNeXts.
+RESNEXTS: dict[str, tuple[tuple[int, int, int, int], int, int]] = {
+    "resnext50_32x4d": ((3, 4, 6, 3), 32, 4),
+    "resnext101_32x8d": ((3, 4, 23, 3), 32, 8),
+    "resnext101_64x4d": ((3, 4, 23, 3), 64, 4),
+}
+
+#: name: (blocks per stage, widen factor) of torchvision's Wide-ResNets.
+WIDE_RESNETS: dict[str, tuple[tuple[int, int, int, int], int]] = {
+    "wide_resnet50_2": ((3, 4, 6, 3), 2),
+    "wide_resnet101_2": ((3, 4, 23, 3), 2),
+}
+
+for _name, (_block, _layers) in RESNETS.items():
+    _register(_name, f"{_name} (torchvision layout); divided: base width 64 -> 44/32/24 for S=2/4/8",
               lambda nc, S, divide, b=_block, ly=_layers: resnet_spec(b, ly, nc, S, divide))
 
-for _depth, _groups, _wpg in [(50, 32, 4), (101, 32, 8), (101, 64, 4)]:
-    _register(f"resnext{_depth}_{_groups}x{_wpg}d",
-              f"ResNeXt-{_depth} {_groups}x{_wpg}d (torchvision); divided: cardinality / S",
-              lambda nc, S, divide, ly=_DEPTHS[_depth][1], g=_groups, w=_wpg: resnext_spec(ly, g, w, nc, S, divide))
+for _name, (_layers, _groups, _wpg) in RESNEXTS.items():
+    _register(_name, f"{_name} (torchvision layout); divided: cardinality / S",
+              lambda nc, S, divide, ly=_layers, g=_groups, w=_wpg: resnext_spec(ly, g, w, nc, S, divide),
+              max_branches=_groups)
 
-for _depth in (50, 101):
-    _register(f"wide_resnet{_depth}_2", f"Wide-ResNet-{_depth}-2 (torchvision); divided: S=2 -> k=1, "
-              f"S>=4 -> base width / sqrt(S)",
-              lambda nc, S, divide, ly=_DEPTHS[_depth][1]: wide_resnet_spec(ly, 2, nc, S, divide))
+for _name, (_layers, _k) in WIDE_RESNETS.items():
+    _register(_name, f"{_name} (torchvision layout); divided: S=2 -> k=1, S>=4 -> base width / sqrt(S)",
+              lambda nc, S, divide, ly=_layers, k=_k: wide_resnet_spec(ly, k, nc, S, divide))

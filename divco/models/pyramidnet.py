@@ -11,7 +11,8 @@ keys of the official ``PyramidNet``.
 
 Dividing into S branches (the paper's rule): the widening ``alpha`` and the final
 ShakeDrop probability are both divided by sqrt(S); the stem keeps 16 channels.
-Each branch draws its own ShakeDrop gates per sample (:class:`BranchShakeDrop`).
+Each branch draws its own ShakeDrop gate once per batch, as the official code does
+(``shakedrop_gate="sample"``: one gate per sample and branch, a departure).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import BranchBatchNorm2d, BranchConv2d, BranchLinear, BranchShakeDrop
+from ..nn.drop import SHAKEDROP_GATES
+from ..vocabulary import check_choice
 from ..nn.branching import active_branch_count
 from .base import BranchBatchedNetwork, init_convolutions_and_batchnorms
 from .registry import register
@@ -38,8 +41,12 @@ class PyramidNetSpec:
     final_shakedrop_p: float  # ShakeDrop probability of the last block; block i has p * (i+1) / 3n
     num_classes: int = 10
     stem_width: int = 16
+    #: "batch": one ShakeDrop gate per batch and branch (the official code); "sample": one per
+    #: sample and branch (a departure: the original ShakeDrop paper's per-sample gate).
+    shakedrop_gate: str = "batch"
 
     def __post_init__(self) -> None:
+        check_choice("shakedrop_gate", self.shakedrop_gate, SHAKEDROP_GATES)
         if not isinstance(self.depth, int) or self.depth < 11 or (self.depth - 2) % 9:
             raise ValueError(f"a bottleneck PyramidNet's depth must be 9n+2 with n >= 1, got {self.depth!r}")
         if not self.alpha >= 0:
@@ -94,7 +101,8 @@ class PyramidBottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int, shakedrop_p: float, branches: int) -> None:
+    def __init__(self, inplanes: int, planes: int, stride: int, shakedrop_p: float, branches: int,
+                 shakedrop_gate: str = "batch") -> None:
         super().__init__()
         S = branches
         self.branches = S
@@ -106,7 +114,7 @@ class PyramidBottleneck(nn.Module):
         self.conv3 = BranchConv2d(planes, planes * self.expansion, 1, branches=S)
         self.bn4 = BranchBatchNorm2d(planes * self.expansion, branches=S)
         self.relu = nn.ReLU(inplace=True)
-        self.shake_drop = BranchShakeDrop(shakedrop_p, branches=S)
+        self.shake_drop = BranchShakeDrop(shakedrop_p, branches=S, gate=shakedrop_gate)
         # Parameter-free shortcut: only pooling where the block downsamples.
         self.downsample: Optional[nn.Module] = (
             nn.AvgPool2d((2, 2), stride=(2, 2), ceil_mode=True) if stride != 1 else None
@@ -139,7 +147,8 @@ class BranchBatchedPyramidNet(BranchBatchedNetwork):
             blocks = []
             for i in range(stage * n, (stage + 1) * n):
                 stride = 2 if stage > 0 and i == stage * n else 1
-                blocks.append(PyramidBottleneck(inplanes, planes[i], stride, probabilities[i], S))
+                blocks.append(PyramidBottleneck(inplanes, planes[i], stride, probabilities[i], S,
+                                                spec.shakedrop_gate))
                 inplanes = planes[i] * PyramidBottleneck.expansion
             self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
         self.features = inplanes
@@ -164,27 +173,29 @@ class BranchBatchedPyramidNet(BranchBatchedNetwork):
 
 
 def pyramidnet_spec(depth: int, alpha: float, num_classes: int, branches: int, divide: bool = True,
-                    final_shakedrop_p: Optional[float] = None) -> PyramidNetSpec:
+                    final_shakedrop_p: Optional[float] = None, shakedrop_gate: str = "batch") -> PyramidNetSpec:
     """The spec of one branch: alpha and the final ShakeDrop p divided by sqrt(S) (``divide``)."""
     scale = math.sqrt(branches) if divide else 1.0
     p = 0.5 / scale if final_shakedrop_p is None else final_shakedrop_p
-    return PyramidNetSpec(depth, alpha / scale, p, num_classes)
+    return PyramidNetSpec(depth, alpha / scale, p, num_classes, shakedrop_gate=shakedrop_gate)
 
 
-def _register_pyramidnet(depth: int, alpha: int) -> None:
-    name = f"pyramidnet{depth}"
+#: name: (depth, widening alpha of the undivided network).
+PYRAMIDNETS: dict[str, tuple[int, int]] = {
+    "pyramidnet164": (164, 270),
+    "pyramidnet272": (272, 200),
+}
 
+
+def _register_pyramidnet(name: str, depth: int, alpha: int) -> None:
     @register(name, family="cifar", default_num_classes=10, input_size=(3, 32, 32),
               description=f"PyramidNet-{depth} (bottleneck, alpha {alpha}) + ShakeDrop; "
                           f"divided: alpha and ShakeDrop p / sqrt(S)")
     def build(num_classes: int, branches: int = 1, divide: bool = True, execution: str = "auto",
-              final_shakedrop_p: Optional[float] = None, **unexpected) -> BranchBatchedPyramidNet:
-        if unexpected:
-            raise ValueError(f"unexpected keyword argument(s) {sorted(unexpected)} for {name}; allowed: "
-                             f"['divide', 'execution', 'final_shakedrop_p']")
-        spec = pyramidnet_spec(depth, alpha, num_classes, branches, divide, final_shakedrop_p)
+              final_shakedrop_p: Optional[float] = None, shakedrop_gate: str = "batch") -> BranchBatchedPyramidNet:
+        spec = pyramidnet_spec(depth, alpha, num_classes, branches, divide, final_shakedrop_p, shakedrop_gate)
         return BranchBatchedPyramidNet(spec, branches, execution=execution)
 
 
-_register_pyramidnet(164, 270)
-_register_pyramidnet(272, 200)
+for _name, (_depth, _alpha) in PYRAMIDNETS.items():
+    _register_pyramidnet(_name, _depth, _alpha)

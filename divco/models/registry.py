@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import difflib
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -18,7 +19,23 @@ class ModelEntry:
     default_num_classes: int
     input_size: tuple[int, int, int]
     description: str
+    max_branches: int = 0  # the most branches the dividing rule can make (0: MAX_BRANCHES)
 
+    def options(self) -> tuple[str, ...]:
+        """The keyword arguments the builder takes besides ``num_classes`` and ``branches``."""
+        parameters = inspect.signature(self.builder).parameters.values()
+        return tuple(p.name for p in parameters if p.name not in ("num_classes", "branches")
+                     and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+    def branch_limit(self, divide: bool) -> int:
+        """The most branches ``create`` accepts (undivided branches are limited by MAX_BRANCHES only)."""
+        return min(self.max_branches or MAX_BRANCHES, MAX_BRANCHES) if divide else MAX_BRANCHES
+
+
+#: The documented upper bound of ``branches`` for every model (``divco.models.MAX_BRANCHES``):
+#: beyond it a "divided" network is a crowd of near-empty branches, and a typo (S=1000)
+#: would allocate gigabytes before failing.
+MAX_BRANCHES = 64
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
@@ -30,13 +47,23 @@ def register(
     default_num_classes: int,
     input_size: tuple[int, int, int],
     description: str = "",
+    max_branches: int = 0,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator: register ``builder(num_classes=..., branches=..., **kw)`` as ``name``."""
+    """Decorator: register ``builder(num_classes=..., branches=..., <named options>)`` as ``name``.
+
+    The builder names every option it takes (no ``**kwargs``): :func:`create` rejects any
+    other keyword argument once, for every model, from the builder's signature.
+    ``max_branches``: the most branches the family's dividing rule can make (e.g. a
+    ResNeXt's cardinality), 0 for :data:`MAX_BRANCHES`.
+    """
 
     def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
-        _REGISTRY[name] = ModelEntry(name, family, builder, default_num_classes, input_size, description)
+        if any(p.kind is p.VAR_KEYWORD for p in inspect.signature(builder).parameters.values()):
+            raise ValueError(f"the builder of {name!r} must name its options (no **kwargs)")
+        _REGISTRY[name] = ModelEntry(name, family, builder, default_num_classes, input_size, description,
+                                     max_branches)
         return builder
 
     return wrap
@@ -46,7 +73,10 @@ def get_entry(name: str) -> ModelEntry:
     try:
         return _REGISTRY[name]
     except KeyError:
-        close = difflib.get_close_matches(name, _REGISTRY.keys(), n=5, cutoff=0.5)
+        # names that extend what was typed first (resnext50 -> resnext50_32x4d), then the similar ones
+        prefixed = sorted(n for n in _REGISTRY if isinstance(name, str) and name and n.startswith(name))
+        similar = difflib.get_close_matches(name, _REGISTRY.keys(), n=5, cutoff=0.5)
+        close = (prefixed + [n for n in similar if n not in prefixed])[:5]
         hint = f"; closest: {', '.join(close)}" if close else ""
         raise ValueError(
             f"unknown model {name!r}{hint}. divco.models.list() gives all {len(_REGISTRY)} names"
@@ -62,6 +92,11 @@ def create(name: str, num_classes: Optional[int] = None, branches: int = 1, **kw
     ``divide=False`` to keep every branch at full width instead (an ensemble of S
     full-size networks).  ``num_classes`` defaults to 10 for the CIFAR family and
     1000 for the ImageNet family.
+
+    Everything is checked before any memory is allocated: ``branches`` must lie in
+    [1, the family's limit] (:data:`MAX_BRANCHES`, or less where the dividing rule
+    runs out, e.g. a ResNeXt's cardinality), and every keyword argument must be one
+    the model's builder names.
     """
     entry = get_entry(name)
     if num_classes is None:
@@ -70,6 +105,16 @@ def create(name: str, num_classes: Optional[int] = None, branches: int = 1, **kw
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if not isinstance(branches, int) or isinstance(branches, bool) or branches < 1:
         raise ValueError(f"branches must be a positive int, got {branches!r}")
+    allowed = entry.options()
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(f"unexpected keyword argument(s) {unknown} for model {name!r}; it takes: "
+                         f"{', '.join(allowed)}")
+    limit = entry.branch_limit(bool(kwargs.get("divide", True)))
+    if branches > limit:
+        why = (f"its dividing rule makes at most {limit} branches" if limit < MAX_BRANCHES
+               else f"divco supports at most MAX_BRANCHES = {MAX_BRANCHES} branches")
+        raise ValueError(f"branches must be between 1 and {limit} for model {name!r} ({why}), got {branches}")
     model = entry.builder(num_classes=num_classes, branches=branches, **kwargs)
     model.model_name = name
     return model

@@ -14,6 +14,11 @@ import torch
 from torch import Tensor, nn
 
 from .branching import active_branch_count, check_branches
+from ..vocabulary import check_choice
+
+#: ShakeDrop's Bernoulli gate: one per batch (and branch), as the official
+#: Divide-and-Co-training code draws it, or one per sample and branch.
+SHAKEDROP_GATES: tuple[str, ...] = ("batch", "sample")
 
 
 def _branch_view(x: Tensor, branches: int) -> tuple[Tensor, int]:
@@ -76,19 +81,24 @@ class BranchDropPath(nn.Module):
 
 
 class BranchShakeDrop(nn.Module):
-    """ShakeDrop (Yamada et al., 2018) with one gate per sample and branch.
+    """ShakeDrop (Yamada et al., 2018), each branch with its own draws.
 
     Training forward: ``x * (b + alpha - b*alpha)``; backward: the gradient is
     scaled by ``b + beta - b*beta`` instead, with ``b ~ Bernoulli(1 - p)``,
-    ``alpha ~ U(alpha_range)`` and ``beta ~ U(0, 1)`` drawn per sample and branch.
+    ``alpha ~ U(alpha_range)`` and ``beta ~ U(0, 1)``.  ``alpha`` and ``beta`` are
+    drawn per sample and branch; the gate ``b`` once per batch and branch with
+    ``gate="batch"`` (the official code's ShakeDrop, the default) or per sample and
+    branch with ``gate="sample"`` (a departure from the official code).
     Evaluation: ``x`` times the expected forward factor,
     ``(1 - p) + p * mean(alpha_range)`` (``1 - p`` for the usual ``[-1, 1]``).
     """
 
     def __init__(
-        self, p: float = 0.5, alpha_range: Sequence[float] = (-1.0, 1.0), *, branches: int = 1
+        self, p: float = 0.5, alpha_range: Sequence[float] = (-1.0, 1.0), *, branches: int = 1,
+        gate: str = "batch",
     ) -> None:
         super().__init__()
+        self.gate = check_choice("gate", gate, SHAKEDROP_GATES)
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"ShakeDrop probability p must be in [0, 1], got {p}")
         low, high = (float(a) for a in alpha_range)
@@ -106,7 +116,8 @@ class BranchShakeDrop(nn.Module):
         if self.p == 0.0:
             return x
         shape = _per_sample_branch_shape(x, S)
-        gate = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - self.p)
+        gate_shape = shape if self.gate == "sample" else (1,) + shape[1:]
+        gate = torch.empty(gate_shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - self.p)
         alpha = torch.empty(shape, dtype=x.dtype, device=x.device).uniform_(low, high)
         beta = torch.rand(shape, dtype=x.dtype, device=x.device)
         kept = gate.bool()
@@ -117,4 +128,4 @@ class BranchShakeDrop(nn.Module):
         return out.flatten(1, 2)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, alpha_range={self.alpha_range}, branches={self.branches}"
+        return f"p={self.p}, alpha_range={self.alpha_range}, branches={self.branches}, gate={self.gate!r}"

@@ -10,6 +10,7 @@ from .. import __version__
 from ..platform_info import cpu_model
 from .config import TrainConfig
 from .engine import TrainResult
+from .evaluation import DEFAULT_ENSEMBLE, ENSEMBLE_MODES
 
 
 def comparison_rows(results: list[tuple[TrainConfig, TrainResult]]) -> list[dict]:
@@ -45,7 +46,9 @@ def _minutes(seconds: float) -> str:
 
 def comparison_table(rows: list[dict], config: TrainConfig, example: TrainResult) -> str:
     """A Markdown table with the setting it was measured in."""
-    header = ("| S | params | ensemble acc % | branch acc % (mean / best) | mean_probs / geo_mean / max acc % "
+    # the other ensemble modes, in the vocabulary's order (max_probs where the ops provide it)
+    other_modes = [m for m in ENSEMBLE_MODES if m != DEFAULT_ENSEMBLE]
+    header = (f"| S | params | ensemble acc % | branch acc % (mean / best) | {' / '.join(other_modes)} acc % "
               "| NLL | ECE % | disagreement % | train img/s | train time |")
     lines = [
         f"divco {__version__}: {config.model} on {example.info.get('dataset')}",
@@ -63,7 +66,7 @@ def comparison_table(rows: list[dict], config: TrainConfig, example: TrainResult
         lines.append(
             f"| {r['branches']} | {r['params'] / 1e6:.2f} M | {100 * r['test_ensemble_acc']:.2f} | "
             f"{100 * r['test_branch_acc_mean']:.2f} / {100 * r['test_branch_acc_best']:.2f} | "
-            f"{100 * modes['mean_probs']:.2f} / {100 * modes['geo_mean']:.2f} / {100 * modes['max']:.2f} | "
+            f"{' / '.join(f'{100 * modes[m]:.2f}' for m in other_modes)} | "
             f"{r['test_nll']:.4f} | {100 * r['test_ece']:.2f} | {disagreement} | {speed} | "
             f"{_minutes(r['train_time_s'])} |"
         )

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Union
 
-from ..data.augment import AugmentConfig
+from ..data.augment import CROPS, AugmentConfig
 from ..data.policies import POLICIES
 from ..data.sources import describe_sources
 from ..vocabulary import BACKENDS, PRECISIONS
@@ -53,23 +53,42 @@ class TrainConfig:
     seed: int = option_field(0)
     device: str = option_field("auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     resume: bool = option_field(False, cli=False)
-    # -- optimiser and schedule (paper recipe when None) --------------------------------------
-    lr: Optional[float] = option_field(None, help="peak learning rate (default 0.1 x batch size / 128)",
-                                       group="optimiser and schedule (default: the paper's recipe)")
+    # -- the recipe (None: the dataset recipe's value, see divco.train.recipe) ----------------
+    recipe: str = option_field(
+        "auto", group="recipe (default: the official recipe of the dataset)",
+        choices=("auto", "cifar10", "cifar100", "imagenet", "quick"),
+        help="dataset recipe: auto (identified from --data; digits -> quick), cifar10, cifar100, imagenet "
+             "(the official recipes) or quick (divco's small CPU preset, not the paper's)")
+    # -- optimiser and schedule (the recipe's when None) -------------------------------------
+    lr: Optional[float] = option_field(
+        None, group="optimiser and schedule (default: the recipe's)",
+        help="peak learning rate (official: 0.1 at any batch size; 0.05 for ResNeXt-29 16x64d)")
+    lr_scaling: Optional[str] = option_field(
+        None, choices=("none", "linear", "linear_lr_only"),
+        help="none (official: lr 0.1 at any batch), linear (the official is_linear_lr: lr x B/B0 and "
+             "momentum ** (B/B0); B0 128 CIFAR, 256 ImageNet), linear_lr_only (the quick preset)")
     momentum: float = option_field(0.9)
     nesterov: bool = option_field(True, help="Nesterov momentum")
     weight_decay: Optional[float] = option_field(
-        None, help="default by model: 5e-4 for large WRNs and ResNeXt-29, else 1e-4 (then divided for S > 1)")
-    divide_weight_decay: bool = option_field(True, help="multiply the weight decay by exp(1/S - 1) for S > 1, "
-                                             "as the official code")
-    warmup_epochs: Optional[float] = option_field(None, help="linear lr warm-up (default 20/300 of the run)")
+        None, help="default by model and dataset (the official table), then divided where the paper divides")
+    divide_weight_decay: Optional[bool] = option_field(
+        None, help="multiply the weight decay by exp(1/S - 1) for S > 1 (default: where the paper does, i.e. "
+                   "WRN-40-10 at 1800 CIFAR epochs and the ImageNet Wide-ResNets; always in the quick preset)")
+    exempt_norm_weight_decay: Optional[bool] = option_field(
+        None, help="exempt every BatchNorm parameter from weight decay (a departure; default: the official rule, "
+                   "only names with 'norm'/'bias', so BN scales are decayed; on in the quick preset)")
+    warmup_epochs: Optional[float] = option_field(
+        None, help="linear lr warm-up (official: 20 of 300 CIFAR epochs, 5 on ImageNet; scaled for other lengths)")
     warmup_start_lr: float = option_field(5e-3)
-    min_lr: float = option_field(1e-4, help="floor of the cosine decay")
+    min_lr: Optional[float] = option_field(None, help="floor of the cosine decay (default 1e-4, 1e-5 on ImageNet)")
+    label_smoothing: Optional[float] = option_field(
+        None, help="label smoothing e of the targets (default 0.1 on ImageNet, 0 on CIFAR)")
     # -- co-training --------------------------------------------------------------------------
     cot_weight: float = option_field(0.5, group="co-training")
     cot_kind: str = option_field("js", choices=COT_KINDS)
     cot_warmup_epochs: Optional[int] = option_field(
-        None, help="linear per-epoch warm-up of the weight (default 40/300 of the run)")
+        None, help="linear per-epoch warm-up of the weight (official: 40 of 300 CIFAR epochs, 60 on ImageNet; "
+                   "scaled for other lengths)")
     temperature: float = option_field(1.0)
     backend: Optional[str] = option_field(None, choices=BACKENDS,
                                           help="divco.ops backend (default: the fastest available)")
@@ -77,9 +96,15 @@ class TrainConfig:
     augment: AugmentConfig = option_field(factory=AugmentConfig, group="data and augmentation", nested={
         "crop_padding": {"help": "random crop from the zero-padded image; 0 disables"},
         "flip": {"help": "random horizontal flips"},
-        "policy": {"help": "AutoAugment (CIFAR-10 policy) or RandAugment", "choices": ("none",) + POLICIES},
+        "crop": {"help": "pad (CIFAR: random crop of the zero-padded image) or resized (ImageNet's random resized "
+                         "crop); default: the recipe's", "choices": CROPS},
+        "policy": {"help": "AutoAugment (CIFAR-10 or ImageNet policy) or RandAugment (default: the recipe's: "
+                           "autoaugment on CIFAR, autoaugment_imagenet on ImageNet, none in quick)",
+                   "choices": ("none",) + POLICIES},
         "erase_p": {"help": "random erasing probability"},
-        "erase_scale": {"metavar": ("LOW", "HIGH"), "help": "erased fraction of the image"},
+        "erase_scale": {"metavar": ("LOW", "HIGH"), "type": float,
+                        "help": "erased area fraction (default: the recipe's, (0.125, 0.2) CIFAR-10, (0.0625, 0.1) "
+                                "CIFAR-100, (0.05, 0.12) ImageNet)"},
         "erase_ratio": {"metavar": ("LOW", "HIGH"), "help": "aspect ratio of the erased rectangle"},
         "mixup_alpha": {"help": "0 disables mixup"},
         "same_view": {"help": "every branch gets the same augmented view"},
@@ -156,7 +181,18 @@ class TrainConfig:
         if self.warmup_epochs is not None and self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs must be < epochs ({self.epochs}), got {self.warmup_epochs!r}")
         number("warmup_start_lr", self.warmup_start_lr, 0.0, low_open=False)
-        number("min_lr", self.min_lr, 0.0, low_open=False)
+        number("min_lr", self.min_lr, 0.0, low_open=False, allow_none=True)
+        number("label_smoothing", self.label_smoothing, 0.0, low_open=False, allow_none=True)
+        if self.label_smoothing is not None and self.label_smoothing >= 1:
+            raise ValueError(f"label_smoothing must be < 1, got {self.label_smoothing!r}")
+        for name in ("recipe", "lr_scaling"):
+            choices = _choices(name)
+            value = getattr(self, name)
+            if value is not None and value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        for name in ("divide_weight_decay", "exempt_norm_weight_decay"):
+            if getattr(self, name) not in (None, True, False):
+                raise ValueError(f"{name} must be True, False or None (the recipe's), got {getattr(self, name)!r}")
         number("cot_weight", self.cot_weight, 0.0, low_open=False)
         number("temperature", self.temperature, 0.0, low_open=True)
         if self.cot_kind not in COT_KINDS:
@@ -198,6 +234,10 @@ class TrainConfig:
         """``"name: mine vs other"`` for every option that changes what a run computes."""
         a, b = self.to_dict(), other.to_dict()
         return [f"{k}={b[k]!r} (this run: {a[k]!r})" for k in a if k not in OPERATIONAL_FIELDS and a[k] != b[k]]
+
+
+def _choices(name: str) -> tuple:
+    return next(f.metadata["choices"] for f in fields(TrainConfig) if f.name == name)
 
 
 def _lists(value):

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .. import __version__, models
 from ..data import BatchAugmenter, ImageDataset, load_dataset
+from ..data.sources import identify_loaded_dataset
 from ..io import WriteError, atomic_link_or_copy, remove_temporaries
 from . import recipe
 from .checkpoint import (
@@ -148,11 +149,13 @@ def train_in_folder(config: TrainConfig, processes: DistributedContext,
     epochs_done, steps_done = restore(run, *resume) if resume is not None else (0, 0)
     run.report(f"divco {__version__}: {config.model} x{config.branches} on {run.info['dataset']}; {device}, "
                f"{processes.world_size} process(es), {run.steps_per_epoch} steps/epoch, lr "
-               f"{run.info['base_lr']:.4g}, wd {run.info['weight_decay']:.3g}, {run.info['precision']}")
+               f"{run.info['base_lr']:.4g}, wd {run.info['weight_decay']:.3g}, {run.info['precision']}; recipe "
+               f"{run.info['resolved']['recipe']}: lr warm-up {run.info['resolved']['warmup_epochs']:g} epoch(s), "
+               f"co-training warm-up {run.info['resolved']['cot_warmup_epochs']} epoch(s)")
 
     log = None
     if processes.is_main:
-        write_json(run.out / CONFIG_NAME, config.to_dict())
+        write_json(run.out / CONFIG_NAME, {**config.to_dict(), "resolved": run.info["resolved"]})
         log = RunLog(run.out, tensorboard=config.tensorboard, epochs_done=epochs_done)
     result = TrainResult(out=run.out, epochs_done=epochs_done, history=list(log.records) if log else [],
                          final=None, info=run.info)
@@ -281,22 +284,17 @@ def assemble_run(config: TrainConfig, processes: DistributedContext, device: tor
                          f"({per_process} per process); lower {option('batch_size')}")
 
     net = _build_model(config, processes, device, data.num_classes, channels_last)
-    weight_decay = config.weight_decay if config.weight_decay is not None else \
-        recipe.default_weight_decay(config.model)
-    if config.divide_weight_decay and config.branches > 1:
-        weight_decay = recipe.divided_weight_decay(weight_decay, config.branches)
-    base_lr = config.lr if config.lr is not None else recipe.default_lr(config.batch_size)
-    optimizer = torch.optim.SGD(recipe.parameter_groups(net, weight_decay), lr=base_lr, momentum=config.momentum,
-                                nesterov=config.nesterov)
-    warmup_epochs = config.warmup_epochs if config.warmup_epochs is not None else \
-        recipe.default_lr_warmup_epochs(config.epochs)
+    resolved = recipe.resolve(config, recipe.recipe_name(config, identify_loaded_dataset(config.data, data)))
+    weight_decay, base_lr = resolved.weight_decay, resolved.lr
+    optimizer = torch.optim.SGD(
+        recipe.parameter_groups(net, weight_decay, exempt_all_norms=resolved.exempt_all_norms), lr=base_lr,
+        momentum=resolved.momentum, nesterov=config.nesterov)
     total_steps = config.epochs * steps_per_epoch
     schedule = recipe.WarmupCosineSchedule(
         optimizer, base_lr=base_lr, total_steps=total_steps,
-        warmup_steps=min(round(warmup_epochs * steps_per_epoch), total_steps - 1),
-        warmup_start_lr=config.warmup_start_lr, min_lr=config.min_lr)
-    cot_warmup = config.cot_warmup_epochs if config.cot_warmup_epochs is not None else \
-        recipe.default_cot_warmup_epochs(config.epochs)
+        warmup_steps=recipe.warmup_steps(resolved.warmup_epochs, steps_per_epoch, total_steps),
+        warmup_start_lr=resolved.warmup_start_lr, min_lr=resolved.min_lr)
+    cot_warmup = resolved.cot_warmup_epochs
     scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
     cot_weight = torch.zeros((), dtype=torch.float32, device=device)
 
@@ -311,13 +309,15 @@ def assemble_run(config: TrainConfig, processes: DistributedContext, device: tor
                      on_nonfinite=config.on_nan)
     # every process draws its own augmentations
     augment_seed = int(np.random.SeedSequence([config.seed, processes.rank]).generate_state(1)[0])
-    augmenter = BatchAugmenter(config.augment, data.mean, data.std, device, seed=augment_seed)
+    augmenter = BatchAugmenter(resolved.augment_config(), data.mean, data.std, device, seed=augment_seed,
+                               label_smoothing=resolved.label_smoothing)
     info = {
         "dataset": data.describe(), "device": str(device), "processes": processes.world_size,
         "steps_per_epoch": steps_per_epoch, "base_lr": base_lr, "weight_decay": weight_decay,
         "cot_warmup_epochs": cot_warmup, "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
         "channels_last": channels_last, "execution": unwrap_model(net).execution,
         "params": sum(p.numel() for p in net.parameters()),
+        "resolved": resolved.to_dict(),  # every recipe value used (warm-ups included); also in config.json
     }
     return Run(config, processes, device, channels_last, data, net, optimizer, schedule, scaler, cot_weight,
                cot_warmup, step, augmenter, batch, steps_per_epoch, amp_dtype, info)

@@ -11,11 +11,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from .. import vocabulary
 
-ENSEMBLE_MODES = ("mean_logits", "mean_probs", "geo_mean", "max")
-DEFAULT_ENSEMBLE = "mean_logits"
+#: The ensemble modes evaluated and reported: every mode of the vocabulary that divco.ops
+#: implements (the official max-of-softmax "max_probs" once the ops provide it).
+ENSEMBLE_MODES = tuple(m for m in vocabulary.ENSEMBLE_MODES if m in ops.ENSEMBLE_MODES)
+DEFAULT_ENSEMBLE = vocabulary.DEFAULT_ENSEMBLE_MODE
 #: divco.ops.ensemble returns logits for these modes and probabilities for the others.
-_LOGIT_MODES = ("mean_logits", "max")
+_LOGIT_MODES = tuple(m for m in ENSEMBLE_MODES if m not in vocabulary.PROBABILITY_MODES)
 ECE_BINS = 15
 
 

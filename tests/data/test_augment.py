@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from divco.data import AugmentConfig, BatchAugmenter, random_crop, random_erase, random_flip
+from divco.data import AUGMENT_PRESETS, AugmentConfig, BatchAugmenter, random_crop, random_erase, random_flip
 
 
 def images(n: int, h: int = 8, w: int = 8, seed: int = 0) -> torch.Tensor:
@@ -66,7 +66,7 @@ def test_random_erase_zeroes_one_rectangle_of_the_right_area():
 
 
 def augmenter(**overrides) -> BatchAugmenter:
-    config = AugmentConfig(**overrides)
+    config = AugmentConfig(**overrides).with_defaults(**AUGMENT_PRESETS["quick"])
     return BatchAugmenter(config, (0.5, 0.4, 0.3), (0.25, 0.2, 0.2), "cpu", seed=0)
 
 
@@ -146,7 +146,7 @@ def test_beta_lambda_matches_the_official_distribution():
 @pytest.mark.parametrize("policy", ["none", "randaugment"])
 def test_cuda_views_and_mixup_never_synchronise(policy):
     device = torch.device("cuda")
-    aug = BatchAugmenter(AugmentConfig(policy=policy), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), device, seed=0)
+    aug = BatchAugmenter(AugmentConfig(policy=policy).with_defaults(**AUGMENT_PRESETS["quick"]), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), device, seed=0)
     x = images(64, 32, 32).to(device)
     labels = torch.randint(0, 10, (64,), device=device)
     aug.training_batch(x, labels, 4, 10)  # warm-up
@@ -158,3 +158,51 @@ def test_cuda_views_and_mixup_never_synchronise(policy):
         torch.cuda.set_sync_debug_mode("default")
     assert views.shape == (64, 4, 3, 32, 32) and targets.shape == (64, 10)
     assert views.is_cuda and torch.isfinite(views).all()
+
+
+# -- issue 14: the official ImageNet crop and label smoothing ---------------------------------------
+
+from divco.data.augment import random_resized_crop  # noqa: E402
+
+
+def test_random_resized_crop_keeps_size_and_crops_windows():
+    g = torch.Generator().manual_seed(0)
+    ramp = torch.arange(32, dtype=torch.float32).repeat(32, 1)  # column index as the value
+    x = (ramp * 8).clamp(0, 255).to(torch.uint8).expand(64, 3, 32, 32).contiguous()
+    out = random_resized_crop(x, g)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    span = out[:, 0].float().amax((1, 2)) - out[:, 0].float().amin((1, 2))
+    # windows of 10-100 % of the area: every crop sees a narrower range of columns than the image
+    assert (span < 248 - 1).float().mean() > 0.8 and span.min() > 0
+    assert not torch.equal(out[0], out[1])
+
+
+def test_imagenet_preset_uses_resized_crop_and_the_imagenet_policy():
+    config = AugmentConfig().with_defaults(**AUGMENT_PRESETS["imagenet"])
+    aug = BatchAugmenter(config, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "cpu", seed=0)
+    assert aug.policy is not None and aug.policy.kind == "autoaugment_imagenet"
+    views = aug.views(images(4, 32, 32), 2)
+    assert views.shape == (4, 2, 3, 32, 32) and torch.isfinite(views).all()
+
+
+def test_unresolved_config_is_rejected():
+    with pytest.raises(ValueError, match=r"needs a resolved AugmentConfig; \['crop', 'policy'"):
+        BatchAugmenter(AugmentConfig(), (0.5,) * 3, (0.25,) * 3, "cpu", seed=0)
+    assert AugmentConfig(policy="none").with_defaults(**AUGMENT_PRESETS["cifar10"]).policy == "none"
+
+
+@pytest.mark.parametrize("mixup_alpha", [0.0, 0.2])
+def test_label_smoothing_matches_the_official_loss(mixup_alpha):
+    """(1 - e) target + e / K; with mixup, lam * CE(smooth(a)) + (1 - lam) * CE(smooth(b)) as the official code."""
+    K, e = 10, 0.1
+    config = AugmentConfig(mixup_alpha=mixup_alpha).with_defaults(**AUGMENT_PRESETS["quick"])
+    aug = BatchAugmenter(config, (0.5,) * 3, (0.25,) * 3, "cpu", seed=0, label_smoothing=e)
+    labels = torch.randint(0, K, (8,))
+    plain = BatchAugmenter(config, (0.5,) * 3, (0.25,) * 3, "cpu", seed=0)
+    _, smoothed = aug.training_batch(images(8), labels, 2, K)
+    _, raw = plain.training_batch(images(8), labels, 2, K)
+    raw = F.one_hot(raw, K).float() if raw.dim() == 1 else raw
+    torch.testing.assert_close(smoothed, raw * (1 - e) + e / K)
+    torch.testing.assert_close(smoothed.sum(1), torch.ones(8))
+    with pytest.raises(ValueError, match="label_smoothing must lie in"):
+        BatchAugmenter(config, (0.5,) * 3, (0.25,) * 3, "cpu", seed=0, label_smoothing=1.0)

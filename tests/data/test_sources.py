@@ -238,3 +238,31 @@ def test_shared_cifar10_jpg_archive(tmp_path):
     assert data.mean == pytest.approx((0.4914, 0.4822, 0.4465), abs=0.01)
     cached = load_dataset(str(SHARED_CIFAR), cache_dir=tmp_path)
     assert torch.equal(cached.train_images[:100], data.train_images[:100])
+
+
+def test_identify_dataset_reads_names_only(tmp_path, digits):
+    """Issue 14 item 6: the recipe follows the dataset, identified from the source without decoding."""
+    from divco.data.sources import identify_dataset
+
+    assert identify_dataset("digits") == "digits"
+    root = write_cifar10(tmp_path / "c10", digits)
+    assert identify_dataset(str(root)) == "cifar10"
+    archive = tmp_path / "c10.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname="cifar-10-batches-py")
+    assert identify_dataset(str(archive)) == "cifar10"
+    (tmp_path / "c100" / "cifar-100-python").mkdir(parents=True)
+    assert identify_dataset(str(tmp_path / "c100")) == "cifar100"
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    folder = tmp_path / "jpg"
+    for split in ("train", "test"):
+        for name in names:
+            (folder / split / name).mkdir(parents=True)
+            (folder / split / name / "0.png").write_bytes(b"")
+    assert identify_dataset(str(folder)) == "cifar10"
+    packed = tmp_path / "jpg.tar"
+    with tarfile.open(packed, "w") as tar:
+        tar.add(folder, arcname="cifar10-jpg")
+    assert identify_dataset(str(packed)) == "cifar10"
+    (folder / "train" / "extra").mkdir()
+    assert identify_dataset(str(folder)) is None

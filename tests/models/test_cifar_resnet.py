@@ -43,3 +43,32 @@ def test_registered_models_run_divided(name):
     with shapes_only("cpu"), torch.no_grad():
         model = divco.models.create(name, num_classes=7, branches=3, execution="batched").eval()
         assert model(torch.zeros(2, 3, 3, 8, 8)).shape == (2, 3, 7)
+
+
+@pytest.mark.parametrize("S, p", [(1, 0.1), (2, 0.05), (4, 0.025)])
+def test_wrn40_10_has_official_dropout_over_s(S, p):
+    with shapes_only():
+        model = divco.models.create("wide_resnet40_10", num_classes=100, branches=S)
+        other = divco.models.create("wide_resnet28_10", num_classes=100, branches=S)
+    assert model.dropout.p == pytest.approx(p) and other.dropout is None
+    with shapes_only():
+        assert divco.models.create("wide_resnet40_10", branches=4, divide=False).dropout.p == pytest.approx(0.1)
+        assert divco.models.create("wide_resnet40_10", branches=4, dropout=0.3).dropout.p == pytest.approx(0.3)
+
+
+def test_wrn40_10_dropout_acts_in_training_only():
+    model = divco.models.create("wide_resnet40_10", num_classes=4, branches=1)
+    features = torch.ones(2000, 1, model.features)
+    model.train()
+    dropped = (model.dropout(features) == 0).float().mean().item()
+    assert dropped == pytest.approx(0.1, abs=0.01)
+    model.eval()
+    assert torch.equal(model.dropout(features), features)
+
+
+@pytest.mark.parametrize("name, zeroed", [("se_resnet110", False), ("se_resnet164", False), ("resnet110", True)])
+def test_se_resnets_do_not_zero_init_the_last_bn(name, zeroed):
+    model = divco.models.create(name, num_classes=10, branches=2)
+    last_bns = [block.bn3.weight for layer in (model.layer1, model.layer2, model.layer3) for block in layer]
+    assert all(bool(torch.all(w == 0)) == zeroed for w in last_bns)
+    assert all(torch.all(w == 1) for w in last_bns) or zeroed

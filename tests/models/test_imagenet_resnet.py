@@ -29,7 +29,9 @@ IMAGENET_MODELS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
 
 
 def test_the_imagenet_family_is_registered():
-    assert divco.models.list("imagenet") == sorted(IMAGENET_MODELS)
+    from divco.models.imagenet_resnet_d import RESNET_D_NETWORKS
+
+    assert divco.models.list("imagenet") == sorted(IMAGENET_MODELS + list(RESNET_D_NETWORKS))
 
 
 @pytest.mark.parametrize("name", IMAGENET_MODELS)
@@ -160,7 +162,7 @@ def test_bad_spec_raises():
         ResNetSpec("basic", (1, 1, 1), 64, (64, 128, 256))
     with pytest.raises(ValueError, match=r"basic block supports only groups=1 and width_per_group=64 .*groups=2"):
         ResNetSpec("basic", (1, 1, 1, 1), 64, (64, 128, 256, 512), groups=2)
-    with pytest.raises(ValueError, match=r"unexpected keyword argument\(s\) \['dropout'\] for resnet50"):
+    with pytest.raises(ValueError, match=r"unexpected keyword argument\(s\) \['dropout'\] for model 'resnet50'; it takes: divide, execution, zero_init_residual"):
         divco.models.create("resnet50", dropout=0.2)
 
 

@@ -165,7 +165,7 @@ def test_drop_path_decides_per_sample_and_branch():
 
 def test_shakedrop_forward_and_backward_scales():
     S, C, N = 3, 2, 4000
-    layer = BranchShakeDrop(0.5, branches=S)
+    layer = BranchShakeDrop(0.5, branches=S, gate="sample")  # the departure: one gate per sample
     x = torch.ones(N, S * C, 1, 1, requires_grad=True)
     out = layer(x)
     out.sum().backward()
@@ -181,3 +181,30 @@ def test_shakedrop_forward_and_backward_scales():
     assert not torch.equal(dropped_fwd, dropped_bwd)  # backward draws its own factor
     layer.eval()
     torch.testing.assert_close(layer(x), x * 0.5)
+
+
+def test_shakedrop_default_draws_one_gate_per_batch_and_branch_as_the_official_code():
+    """Official ShakeDrop: one Bernoulli gate for the whole batch (per branch); alpha, beta per sample."""
+    S, C, N = 4, 2, 64
+    layer = BranchShakeDrop(0.5, branches=S)
+    assert layer.gate == "batch"
+    kept_per_branch = []
+    for _ in range(40):
+        x = torch.ones(N, S * C, 1, 1, requires_grad=True)
+        out = layer(x)
+        out.sum().backward()
+        fwd = out.detach().unflatten(1, (S, C))[..., 0, 0]  # [N, S, C]
+        kept = (fwd[:, :, 0] == 1.0)
+        # within a branch every sample shares the gate (dropped samples have alpha != 1)
+        assert torch.all(kept.all(0) | (~kept).all(0))
+        dropped = ~kept[0]
+        if dropped.any():  # alpha varies per sample where the batch's gate dropped
+            assert fwd[:, dropped, 0].std(0).min() > 0
+        kept_per_branch.append(kept[0])
+    kept = torch.stack(kept_per_branch)  # [draws, S]
+    assert 0.2 < kept.float().mean() < 0.8 and (kept[:, 0] != kept[:, 1]).any()  # branches draw their own
+
+
+def test_shakedrop_rejects_an_unknown_gate():
+    with pytest.raises(ValueError, match="gate must be one of 'batch', 'sample'; got 'pixel'"):
+        BranchShakeDrop(0.5, gate="pixel")

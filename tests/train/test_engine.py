@@ -49,7 +49,10 @@ def test_end_to_end_training_learns_and_records(tmp_path):
     assert [p.name for p in list_checkpoints(out)] == [f"checkpoint-e000{e}-s000000.pt" for e in (2, 3, 4)]
     best = load_checkpoint(out / "best.pt")
     assert best["best"]["test_ensemble_acc"] == max(r["test_ensemble_acc"] for r in records)
-    assert json.loads((out / "config.json").read_text()) == config.to_dict()
+    stored = json.loads((out / "config.json").read_text())
+    resolved = stored.pop("resolved")  # the recipe values used (issue 14 item 10: warm-ups stored)
+    assert stored == config.to_dict()
+    assert resolved["recipe"] == "quick" and resolved["warmup_epochs"] == result.info["resolved"]["warmup_epochs"]
     assert "acc %" in result.final.table() and "pairwise disagreement" in result.final.table()
     # evaluating the saved checkpoint reproduces the recorded test metrics
     evaluation, description = evaluate_checkpoint(result.checkpoint, device="cpu")
