@@ -37,34 +37,45 @@ def _load_logits(row_ptr, stride_s, stride_k, offs_s, offs_k, S, K):
 
 @triton.jit
 def _first_argmax(values, offs_k, axis: tl.constexpr):
-    """(max, first index of the max) along ``axis``, like torch.argmax on ties."""
-    best = tl.max(values, axis=axis)
+    """(max, first index of the max) along ``axis``, torch.argmax's rule: the first max on
+    ties, and a NaN is the max (the first NaN wins). tl.max alone ignores NaN on GPUs but
+    propagates it in the interpreter; this gives the same answer on both."""
+    is_nan = values != values
+    best = tl.max(tl.where(is_nan, float("-inf"), values), axis=axis)  # NaN-free: GPU == interpreter
     if axis == 1:
         hit = values == best[:, None]
         index = tl.min(tl.where(hit, offs_k[None, :], 2147483647), axis=1)
+        first_nan = tl.min(tl.where(is_nan, offs_k[None, :], 2147483647), axis=1)
     else:
         hit = values == best
         index = tl.min(tl.where(hit, offs_k, 2147483647), axis=0)
-    return best, index
+        first_nan = tl.min(tl.where(is_nan, offs_k, 2147483647), axis=0)
+    has_nan = first_nan < 2147483647
+    return tl.where(has_nan, float("nan"), best), tl.where(has_nan, first_nan, index)
 
 
 @triton.jit
 def _merge_argmax(best, index, tile_best, tile_index):
-    """Keep the earlier tile's index unless the new tile is strictly larger (first max wins)."""
-    better = tile_best > best
+    """Keep the earlier tile's index unless the new tile is strictly larger or holds the first NaN."""
+    better = (tile_best > best) | ((tile_best != tile_best) & (best == best))  # a first NaN wins too
     return tl.where(better, tile_best, best), tl.where(better, tile_index, index)
 
 
 @triton.jit
 def _online_softmax(z, m, sum_z, sum_u, inv_t, UNIT_TEMPERATURE: tl.constexpr):
-    """Merge one tile into running (max, Σexp(z-max), Σexp((z-max)/T)) per branch."""
-    m_new = tl.maximum(m, tl.max(z, axis=1))
-    shifted = z - m_new[:, None]
-    sum_z = sum_z * tl.exp(m - m_new) + tl.sum(tl.exp(shifted), axis=1)
+    """Merge one tile into running (max, Σexp(z-max), Σexp((z-max)/T)) per branch.
+
+    The max ignores NaN (a NaN still reaches the sums, so NaN in gives NaN out on GPUs and in
+    the interpreter alike). A branch whose classes so far are all -inf keeps max = -inf and is
+    shifted by 0, so -inf - -inf never makes a NaN: its exps are 0 and its sums stay 0."""
+    m_new = tl.maximum(m, tl.max(tl.where(z == z, z, float("-inf")), axis=1))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    shifted = z - shift[:, None]
+    sum_z = sum_z * tl.exp(m - shift) + tl.sum(tl.exp(shifted), axis=1)
     if UNIT_TEMPERATURE:
         sum_u = sum_z
     else:
-        sum_u = sum_u * tl.exp((m - m_new) * inv_t) + tl.sum(tl.exp(shifted * inv_t), axis=1)
+        sum_u = sum_u * tl.exp((m - shift) * inv_t) + tl.sum(tl.exp(shifted * inv_t), axis=1)
     return m_new, sum_z, sum_u
 
 
@@ -88,7 +99,9 @@ def _contributes(p, p_bar):
 def _cotrain_partial(log_p, p, p_bar, valid, KIND_KL: tl.constexpr):
     """Per-branch partial sums over this tile: KL(p_s||p̄) ("js") or Σ(p_s - p̄) log p_s ("kl")."""
     if KIND_KL:
-        terms = tl.where(valid, (p - p_bar[None, :]) * log_p, 0.0)
+        # exactly 0 where p = p̄, which keeps a class every branch gives probability 0 (a -inf
+        # logit: log p = -inf) out of the sum; p = 0 < p̄ is a truly infinite KL.
+        terms = tl.where(valid & (p != p_bar[None, :]), (p - p_bar[None, :]) * log_p, 0.0)
     else:
         terms = tl.where(valid & _contributes(p, p_bar), p * (log_p - tl.log(p_bar)[None, :]), 0.0)
     return tl.sum(terms, axis=1)
@@ -180,12 +193,12 @@ def cotrain_loss_kernel(
         m, sum_z, sum_u = _online_softmax(z, m, sum_z, sum_u, inv_t, UNIT_TEMPERATURE)
         tile_top, tile_index = _first_argmax(z, offs_k, 1)
         top, top_index = _merge_argmax(top, top_index, tile_top, tile_index)
-        ens = tl.sum(tl.where(s_mask[:, None], z, 0.0), axis=0) * inv_s
+        ens = tl.sum(tl.where(s_mask[:, None], z * inv_s, 0.0), axis=0)  # no overflow near ±3e38
         tl.store(ensemble_ptr + n * K + offs_k, ens.to(ensemble_ptr.dtype.element_ty), mask=k_mask)
         tile_top, tile_index = _first_argmax(ens, offs_k, 0)
         ens_top, ens_index = _merge_argmax(ens_top, ens_index, tile_top, tile_index)
         if SOFT_TARGET:
-            y = tl.load(target_row_ptr + offs_k * target_stride_k, mask=k_mask, other=0.0).to(tl.float32)
+            y = tl.load(target_row_ptr + offs_k.to(tl.int64) * target_stride_k, mask=k_mask, other=0.0).to(tl.float32)
             y_sum += tl.sum(y, axis=0)
             tile_top, tile_index = _first_argmax(tl.where(k_mask, y, float("-inf")), offs_k, 0)
             y_top, y_index = _merge_argmax(y_top, y_index, tile_top, tile_index)
@@ -209,13 +222,14 @@ def cotrain_loss_kernel(
         if not SINGLE_TILE:
             z = _load_logits(row_ptr, stride_s, stride_k, offs_s, offs_k, S, K)
             if SOFT_TARGET:
-                y = tl.load(target_row_ptr + offs_k * target_stride_k, mask=k_mask, other=0.0).to(tl.float32)
+                y = tl.load(target_row_ptr + offs_k.to(tl.int64) * target_stride_k, mask=k_mask, other=0.0).to(tl.float32)
         valid = s_mask[:, None] & k_mask[None, :]
         log_p, p, p_bar = _probabilities(z, m, log_sum_u, inv_t, s_mask, inv_s)
         cot_partial += _cotrain_partial(log_p, p, p_bar, valid, KIND_KL)
         if SOFT_TARGET:
             log_q = z - m[:, None] - log_sum_z[:, None]
-            ce -= tl.sum(tl.where(valid, y[None, :] * log_q, 0.0), axis=1)
+            # y·log q := 0 where y = 0 (a -inf logit has log q = -inf)
+            ce -= tl.sum(tl.where(valid & (y != 0.0)[None, :], y[None, :] * log_q, 0.0), axis=1)
         if COMPUTE_GRAD and (KIND_KL or SINGLE_TILE):
             # "kl" needs nothing from the rest of the row; a single tile has the whole row.
             _write_grad(
@@ -238,7 +252,7 @@ def cotrain_loss_kernel(
             offs_k = tile * BLOCK_K + base_k
             z = _load_logits(row_ptr, stride_s, stride_k, offs_s, offs_k, S, K)
             if SOFT_TARGET:
-                y = tl.load(target_row_ptr + offs_k * target_stride_k, mask=offs_k < K, other=0.0).to(tl.float32)
+                y = tl.load(target_row_ptr + offs_k.to(tl.int64) * target_stride_k, mask=offs_k < K, other=0.0).to(tl.float32)
             log_p, p, p_bar = _probabilities(z, m, log_sum_u, inv_t, s_mask, inv_s)
             _write_grad(
                 grad_row_ptr, z, offs_s, offs_k, S, K, m, log_sum_z, log_p, p, p_bar, cot_partial,

@@ -5,21 +5,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import backends, fused, reference
+from . import backends, fused, reference, triton_backend
 from .reference import CotrainLoss
 from .schema import op_name
 from .validation import check_kind, check_logits, check_mode, check_target, check_temperature, check_weight
 
-# Load divco._C (its TORCH_LIBRARY(divco, m) defines the namespace) before the Triton backend
-# adds its divco:: operators from Python, then give the native operators fakes and autograd.
+# backends loaded divco._C (its TORCH_LIBRARY(divco, m) defines the namespace) before the
+# Triton backend added its divco:: operators; give them fakes and autograd.
 if backends.native_status()[0]:
     fused.register("native", fakes=True)
 
-from . import triton_backend  # noqa: E402
-
 if not triton_backend.TRITON_ERROR:
     # triton_op operators trace their launcher as the fake; the interpreted ones need fakes.
-    fused.register("triton", fakes=triton_backend.kernels_interpreted())
+    fused.register("triton", fakes=triton_backend.KERNELS_INTERPRETED, grad_dtype=triton_backend.stored_grad_dtype)
 
 
 def _op(base: str, backend: str):

@@ -26,11 +26,8 @@ ensemble_<backend>_backward(grad_out, logits, mode) -> [N, S, K] contiguous, log
 
 NAMESPACE = "divco"
 
-#: Co-training terms: Jensen-Shannon divergence (the paper's) or symmetric pairwise KL.
-KINDS = ("js", "kl")
-
-#: How branch outputs are combined into one prediction.
-ENSEMBLE_MODES = ("mean_logits", "mean_probs", "geo_mean", "max")
+from ..vocabulary import COTRAIN_KINDS as KINDS  # noqa: F401  (re-exported by divco.ops)
+from ..vocabulary import ENSEMBLE_MODES  # noqa: F401
 
 #: The schemas without the operator name (what torch.library.custom_op / triton_op take).
 COTRAIN_LOSS_SCHEMA = (

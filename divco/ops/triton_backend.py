@@ -16,20 +16,45 @@ import warnings
 import torch
 from torch import Tensor
 
-from .backends import FUSED_DTYPES
-from .schema import COTRAIN_LOSS_SCHEMA, ENSEMBLE_BACKWARD_SCHEMA, ENSEMBLE_SCHEMA, qualified_name
-from .validation import check_kind, check_logits, check_mode
+from .schema import qualified_name
+from .validation import FUSED_DTYPES, check_kind, check_logits, check_mode
 
-try:
+
+def _import_triton() -> str:
+    """"" if Triton is usable, else why not. A missing divco.kernels is not "no Triton" but a
+    broken install, and raises (run from a checkout without ``pip install -e .``)."""
+    try:
+        import triton  # noqa: F401
+        from torch.library import triton_op, wrap_triton  # noqa: F401
+    except Exception as error:  # noqa: BLE001  (any failure means: no Triton backend, with the reason)
+        return f"{type(error).__name__}: {error}"
+    try:
+        import divco.kernels  # noqa: F401
+    except ModuleNotFoundError as error:
+        if error.name not in ("divco.kernels",):
+            raise
+        raise ImportError(
+            "divco.kernels (the Triton kernels, kernels/ in the source tree) is missing: divco is not "
+            "installed; run `pip install -e .` in the checkout (a packaging error, not a missing Triton)"
+        ) from error
+    return ""
+
+
+TRITON_ERROR = _import_triton()
+if not TRITON_ERROR:
     import triton
     from torch.library import triton_op, wrap_triton
+    from triton.runtime.interpreter import InterpretedFunction
 
     from ..kernels.cotrain import cotrain_loss_kernel
-    from ..kernels.ensemble import MODE_IDS, ensemble_backward_kernel, ensemble_kernel
-except Exception as error:  # noqa: BLE001  (any failure means: no Triton backend, with the reason)
-    TRITON_ERROR = f"{type(error).__name__}: {error}"
+    from ..kernels.ensemble import MODE_IDS, NORMALISED_MODES, ensemble_backward_kernel, ensemble_kernel
+
+    #: Whether the kernels were defined under TRITON_INTERPRET=1 (they then run on the CPU).
+    #: Decided once, here: an isinstance on a kernel inside a traced call breaks torch.compile
+    #: before torch 2.12 (Dynamo cannot answer it for a TritonKernelVariable).
+    KERNELS_INTERPRETED: bool = isinstance(cotrain_loss_kernel, InterpretedFunction)
 else:
-    TRITON_ERROR = ""
+    KERNELS_INTERPRETED = False
 
 #: Largest tile (branches x classes) one program holds; classes beyond it are walked in tiles.
 MAX_TILE_ELEMENTS = 4096
@@ -37,23 +62,27 @@ MAX_TILE_ELEMENTS = 4096
 
 def kernels_interpreted() -> bool:
     """Whether the kernels were defined under TRITON_INTERPRET=1 (they then run on the CPU)."""
-    if TRITON_ERROR:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(cotrain_loss_kernel, InterpretedFunction)
+    return KERNELS_INTERPRETED
 
 
 @contextlib.contextmanager
 def _quiet_interpreter():
     """The interpreter evaluates masked-off lanes too (log 0, -inf - -inf) with numpy, which
     warns; those lanes are never stored, so the warnings are noise. (Compiled kernels: no-op.)"""
-    if not kernels_interpreted():
+    if not KERNELS_INTERPRETED:
         yield
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         yield
+
+
+def device_guard(device: torch.device):
+    """Make ``device`` current while launching: a Triton launch goes to the current device and
+    its stream, so tensors on cuda:1 with cuda:0 current would otherwise run on the wrong GPU."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _check_operands(logits: Tensor, kind: str = "js", mode: str = "mean_logits") -> None:
@@ -63,6 +92,13 @@ def _check_operands(logits: Tensor, kind: str = "js", mode: str = "mean_logits")
     check_mode(mode)
     if logits.dtype not in FUSED_DTYPES:
         raise ValueError(f"the Triton kernels take float32, bfloat16 or float16 logits, got {logits.dtype}")
+
+
+def stored_grad_dtype(logits_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the gradient the Triton co-training op stores: float32 for float16 logits (an
+    unscaled 1/N-sized gradient underflows float16; GradScaler multiplies it later), else the
+    logits dtype."""
+    return torch.float32 if logits_dtype == torch.float16 else logits_dtype
 
 
 def tile_shape(S: int, K: int) -> tuple[int, int, int]:
@@ -75,15 +111,19 @@ def tile_shape(S: int, K: int) -> tuple[int, int, int]:
     return block_s, block_k, num_warps
 
 
-def _define(base: str, schema: str):
-    """triton_op on a GPU; an opaque custom_op when the kernels are interpreted on the CPU."""
-    define = torch.library.custom_op if kernels_interpreted() else triton_op
-    return define(qualified_name(base, "triton"), mutates_args=(), schema=schema)
+def _define(base: str):
+    """triton_op on a GPU; an opaque custom_op when the kernels are interpreted on the CPU.
+
+    The schema is inferred from the launcher's annotations (torch 2.11 ignores ``schema=`` for
+    triton_op and infers it anyway), so it is the same on torch 2.5-2.14; see
+    divco.ops.schema.same_signature for how it matches the contract."""
+    define = torch.library.custom_op if KERNELS_INTERPRETED else triton_op
+    return define(qualified_name(base, "triton"), mutates_args=())
 
 
 if not TRITON_ERROR:
 
-    @_define("cotrain_loss", COTRAIN_LOSS_SCHEMA)
+    @_define("cotrain_loss")
     def cotrain_loss_triton(
         logits: Tensor, target: Tensor, weight: Tensor, kind: str, temperature: float, compute_grad: bool
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -92,7 +132,7 @@ if not TRITON_ERROR:
         device = logits.device
         soft = target.is_floating_point()
         ensemble = torch.empty((N, K), dtype=logits.dtype, device=device)
-        grad = torch.empty((N, S, K) if compute_grad else (0,), dtype=logits.dtype, device=device)
+        grad = torch.empty((N, S, K) if compute_grad else (0,), dtype=stored_grad_dtype(logits.dtype), device=device)
         ce_rows = torch.empty((N, S), dtype=torch.float32, device=device)
         cot_rows = torch.empty((N,), dtype=torch.float32, device=device)
         hits = torch.empty((N, S + 1), dtype=torch.int32, device=device)
@@ -104,12 +144,12 @@ if not TRITON_ERROR:
         else:
             cot_coef = 1.0 / S
         target_strides = (target.stride(0), target.stride(1)) if soft else (target.stride(0), 0)
-        with _quiet_interpreter():
+        with device_guard(device), _quiet_interpreter():
             wrap_triton(cotrain_loss_kernel)[(N,)](
                 logits, logits.stride(0), logits.stride(1), logits.stride(2),
                 target, target_strides[0], target_strides[1],
                 weight,
-                ensemble, grad if compute_grad else ensemble,
+                ensemble, grad,  # grad has its own buffer, empty (never written) without compute_grad
                 ce_rows, cot_rows, hits,
                 N, S, K,
                 1.0 / temperature, cot_coef,
@@ -128,38 +168,38 @@ if not TRITON_ERROR:
         correct = hits.sum(0, dtype=torch.int64)
         return loss, ce, cot, ensemble, correct, grad
 
-    @_define("ensemble", ENSEMBLE_SCHEMA)
+    @_define("ensemble")
     def ensemble_triton(logits: Tensor, mode: str) -> Tensor:
         _check_operands(logits, mode=mode)
         N, S, K = logits.shape
         out = torch.empty((N, K), dtype=logits.dtype, device=logits.device)
         block_s, block_k, num_warps = tile_shape(S, K)
-        with _quiet_interpreter():
+        with device_guard(logits.device), _quiet_interpreter():
             wrap_triton(ensemble_kernel)[(N,)](
                 logits, logits.stride(0), logits.stride(1), logits.stride(2),
                 out, S, K,
                 MODE=MODE_IDS[mode],
-                NORMALISED=mode in ("mean_probs", "geo_mean"),
+                NORMALISED=mode in NORMALISED_MODES,
                 BLOCK_S=block_s,
                 BLOCK_K=block_k,
                 num_warps=num_warps,
             )
         return out
 
-    @_define("ensemble_backward", ENSEMBLE_BACKWARD_SCHEMA)
+    @_define("ensemble_backward")
     def ensemble_triton_backward(grad_out: Tensor, logits: Tensor, mode: str) -> Tensor:
         _check_operands(logits, mode=mode)
         N, S, K = logits.shape
         grad_out = grad_out.contiguous()
         grad = torch.empty((N, S, K), dtype=logits.dtype, device=logits.device)
         block_s, block_k, num_warps = tile_shape(S, K)
-        with _quiet_interpreter():
+        with device_guard(logits.device), _quiet_interpreter():
             wrap_triton(ensemble_backward_kernel)[(N,)](
                 grad_out,
                 logits, logits.stride(0), logits.stride(1), logits.stride(2),
                 grad, S, K,
                 MODE=MODE_IDS[mode],
-                NORMALISED=mode in ("mean_probs", "geo_mean"),
+                NORMALISED=mode in NORMALISED_MODES,
                 BLOCK_S=block_s,
                 BLOCK_K=block_k,
                 num_warps=num_warps,

@@ -15,9 +15,11 @@ import os
 import torch
 from torch import Tensor
 
-from .schema import ENSEMBLE_MODES, KINDS
+from ..vocabulary import COTRAIN_KINDS, ENSEMBLE_MODES, FUSED_DTYPE_NAMES
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: Logit dtypes the fused kernels take (divco.vocabulary.FUSED_DTYPE_NAMES); float64 runs on the reference.
+FUSED_DTYPES = tuple(getattr(torch, name) for name in FUSED_DTYPE_NAMES)
 
 
 def check_logits(logits: object, what: str = "logits") -> tuple[int, int, int]:
@@ -124,8 +126,8 @@ def check_temperature(temperature: object) -> float:
 
 
 def check_kind(kind: object) -> str:
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind not in COTRAIN_KINDS:
+        raise ValueError(f"kind must be one of {COTRAIN_KINDS}, got {kind!r}")
     return kind
 
 

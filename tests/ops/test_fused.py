@@ -3,7 +3,7 @@ AOT dispatch) for every backend present, and the native operators' Python side."
 
 import pytest
 import torch
-from backend_params import backend_params, device_for
+from backend_params import backend_mode_params, backend_params, device_for
 
 from divco.ops import backends, fused, schema
 
@@ -34,8 +34,7 @@ def test_opcheck_cotrain_loss(backend):
         torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("backend", backend_params("triton", "cpu", "cuda"))
-@pytest.mark.parametrize("mode", ["mean_logits", "mean_probs", "geo_mean", "max"])
+@pytest.mark.parametrize("backend, mode", backend_mode_params("triton", "cpu", "cuda"))
 def test_opcheck_ensemble(backend, mode):
     device = device_for(backend)
     forward = getattr(torch.ops.divco, schema.op_name("ensemble", op_suffix(backend)))
