@@ -66,3 +66,14 @@ def qualified_name(base: str, backend: str) -> str:
 def full_schema(base: str, backend: str) -> str:
     """The schema as C++ ``m.def(...)`` spells it, operator name included."""
     return op_name(base, backend) + _SCHEMAS[base]
+
+
+def signature(schema: str) -> tuple:
+    """What callers rely on in a schema: the arguments (name, type, default) and the return
+    types. Return names are left out: torch 2.11 infers triton_op schemas from annotations
+    (ignoring ``schema=``), which cannot name outputs."""
+    import torch
+
+    parsed = torch._C.parse_schema("op" + schema if schema.startswith("(") else schema)
+    arguments = tuple((a.name, str(a.type), a.default_value) for a in parsed.arguments)
+    return arguments, tuple(str(r.type) for r in parsed.returns)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from backend_params import backend_mode_params, backend_params, device_for
 
-from divco.ops import backends, fused, schema
+from divco.ops import backends, fused, schema, triton_backend
 
 
 def op_suffix(backend):
@@ -58,13 +58,20 @@ def test_schema_strings_are_the_contract():
         schema.full_schema("loss", "native")
 
 
-@pytest.mark.parametrize("backend", backend_params("triton", "cpu"))
-def test_registered_schema_matches(backend):
-    suffix = op_suffix(backend)
-    for base in ("cotrain_loss", "ensemble", "ensemble_backward"):
-        op = getattr(torch.ops.divco, schema.op_name(base, suffix)).default
-        registered = str(op._schema).removeprefix("divco::")
-        assert registered == schema.full_schema(base, suffix)
+@pytest.mark.parametrize("base", ["cotrain_loss", "ensemble", "ensemble_backward"])
+def test_triton_schemas_are_the_contract_on_every_torch(base):
+    """torch 2.11 infers a triton_op's schema from the launcher's annotations (schema= is
+    ignored), newer versions may take what they are given: the annotations alone must give the
+    contract's arguments and return types, and that is what is registered."""
+    if triton_backend.TRITON_ERROR:
+        pytest.skip("Triton is not importable")
+    op = getattr(torch.ops.divco, schema.op_name(base, "triton")).default
+    launcher = getattr(triton_backend, {"cotrain_loss": "cotrain_loss_triton", "ensemble": "ensemble_triton",
+                                        "ensemble_backward": "ensemble_triton_backward"}[base])
+    inferred = torch.library.infer_schema(launcher._init_fn, mutates_args=())
+    contract = schema.signature(schema.full_schema(base, "triton"))
+    assert schema.signature(inferred) == contract
+    assert schema.signature(str(op._schema)) == contract
 
 
 def test_native_ops_registered_only_with_the_extension():
