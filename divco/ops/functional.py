@@ -58,6 +58,11 @@ def cotrain_loss(
 
     Class indices outside [0, K): ValueError on CPU tensors (eager mode); on CUDA the loss
     of such samples is NaN unless DIVCO_CHECK_TARGETS=1 asks for the (synchronising) check.
+
+    ``weight`` must be finite (checked for numbers and CPU tensors; a CUDA tensor is not read,
+    which would synchronise); negative weights are allowed. A -inf logit has probability 0 and
+    adds nothing (see divco.ops.reference for the edge values). Higher-order gradients need
+    backend="torch": the fused backends raise a RuntimeError under create_graph=True.
     """
     check_logits(logits)
     target = check_target(target, logits)
@@ -88,10 +93,12 @@ def cotrain_loss(
 def ensemble(logits: Tensor, mode: str = "mean_logits", backend: str | None = None) -> Tensor:
     """Combine branch outputs [N, S, K] into one prediction [N, K].
 
-    ``mode``: "mean_logits" (default), "mean_probs" (mean of the softmaxes), "geo_mean"
-    (softmax of the mean log-probabilities) or "max" (max over branches of the logits, as
-    the official code's max ensemble). Differentiable; "max" sends the gradient to the first
-    maximal branch. ``backend`` as in :func:`cotrain_loss`.
+    ``mode`` (divco.vocabulary.ENSEMBLE_MODES): "mean_logits" (default), "mean_probs" (mean
+    of the softmaxes), "geo_mean" (softmax of the mean log-probabilities), "max" (max over
+    branches of the logits) or "max_probs" (max over branches of the softmaxes, the official
+    code's, not renormalised). Differentiable; the max modes follow torch.max: a NaN is the
+    maximum, and the gradient goes to the first branch holding NaN, else to the first maximal
+    branch. ``backend`` as in :func:`cotrain_loss`.
     """
     check_logits(logits)
     mode = check_mode(mode)
