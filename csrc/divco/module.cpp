@@ -17,7 +17,7 @@ namespace py = pybind11;
 
 namespace {
 
-const std::vector<std::string> kOperators = {"cotrain_loss_native", "ensemble_native", "ensemble_native_backward"};
+const std::vector<std::string> kOperators = {"cotrain_loss_native", "ensemble_native", "ensemble_backward_native"};
 
 py::dict build_info() {
   py::dict info;

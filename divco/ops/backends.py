@@ -98,7 +98,7 @@ def backend_status(backend: str, device: torch.device) -> tuple[bool, str]:
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """The backends usable for tensors on ``device``, fastest-default first then the rest."""
+    """The backends usable for tensors on ``device``; the first is the default for float32."""
     device = torch.device(device)
     found = [b for b in BACKENDS if backend_status(b, device)[0]]
     default = default_backend(device, torch.float32)

@@ -26,30 +26,11 @@ Computation happens in float64 for float64 logits and in float32 otherwise.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..vocabulary import ENSEMBLE_MODES
-
-
-class CotrainLoss(NamedTuple):
-    """What :func:`divco.ops.cotrain_loss` returns.
-
-    loss      differentiable 0-dim: Σ_s CE_s + weight · J
-    ce        [S] detached: each branch's cross-entropy, mean over the batch
-    cot       0-dim detached: the co-training term J (before the weight)
-    ensemble  [N, K] detached: mean of the branch logits
-    correct   [S+1] int64: top-1 hits of each branch, then of the ensemble
-    """
-
-    loss: Tensor
-    ce: Tensor
-    cot: Tensor
-    ensemble: Tensor
-    correct: Tensor
 
 
 def compute_dtype(logits: Tensor) -> torch.dtype:
@@ -168,11 +149,14 @@ def cotrain_loss(
     weight: float | Tensor = 0.5,
     kind: str = "js",
     temperature: float = 1.0,
-) -> CotrainLoss:
-    """loss = Σ_s CE_s + weight · J, plus the per-branch CE, J, the ensemble and hit counts.
+):
+    """loss = Σ_s CE_s + weight · J, plus the per-branch CE, J, the ensemble and hit counts,
+    as the op's :class:`divco.ops.CotrainLoss`.
 
     No input checks here (see :mod:`divco.ops.validation`); gradients come from autograd.
     """
+    from .cotrain_loss import CotrainLoss  # the op's result type (the op module imports this one)
+
     z = logits.to(compute_dtype(logits))
     ce = cross_entropy_per_branch(z, target)
     cot = cotraining_term(z, kind, temperature)

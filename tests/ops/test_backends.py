@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import divco.ops as ops
 from divco.ops import reference as R
+from divco.ops import schema
 
 EPS = {torch.float32: 1.2e-7, torch.bfloat16: 7.8e-3, torch.float16: 9.8e-4}
 MAX_ELEMENTS = 300_000
@@ -228,7 +229,7 @@ def test_out_of_range_class_in_the_kernel_gives_nan_loss(backend):
     logits = torch.randn(3, 2, 6, device=device)
     target = torch.tensor([1, 600000, -3], device=device)
     weight = torch.tensor(0.5, device=device)
-    op = torch.ops.divco.cotrain_loss_triton if backend == "triton" else torch.ops.divco.cotrain_loss_native
+    op = schema.operator("cotrain_loss", backend)
     loss, ce, cot, ensemble, correct, grad = op(logits, target, weight, "js", 1.0, True)
     assert torch.isnan(loss) and torch.isnan(ce).all() and torch.isfinite(cot)
     assert torch.isfinite(grad[0]).all() and torch.isnan(grad[1:]).any()

@@ -35,7 +35,7 @@ COMPILE_SCRIPT = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from divco.kernels.cotrain import cotrain_loss_kernel
+    from divco.kernels.cotrain_loss import cotrain_loss_kernel
     from divco.kernels.ensemble import MODE_IDS, NORMALISED_MODES, ensemble_backward_kernel, ensemble_kernel
 
     def compile_for(kernel, types, constexprs, arch):
@@ -145,7 +145,7 @@ def test_every_launcher_enters_the_device_guard(monkeypatch):
     torch.ops.divco.cotrain_loss_triton(logits, torch.tensor([0, 1], device=device), torch.tensor(0.5, device=device),
                                         "js", 1.0, False)
     torch.ops.divco.ensemble_triton(logits, "max")
-    torch.ops.divco.ensemble_triton_backward(torch.randn(2, 4, device=device), logits, "max")
+    torch.ops.divco.ensemble_backward_triton(torch.randn(2, 4, device=device), logits, "max")
     assert guarded == [logits.device] * 3
 
 

@@ -1,4 +1,4 @@
-// CUDA kernels of divco::ensemble_native and divco::ensemble_native_backward: one block per
+// CUDA kernels of divco::ensemble_native and divco::ensemble_backward_native: one block per
 // row, online softmax over K (block reductions), fp32 arithmetic, any number of branches.
 // Formulas from ../../cotrain_math.h, shared with the CPU kernels.
 #include <c10/util/BFloat16.h>

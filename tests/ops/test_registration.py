@@ -1,15 +1,15 @@
 """torch.library registration of the fused operators: opcheck (schema, fake kernel, autograd,
-AOT dispatch) for every backend present, and the native operators' Python side."""
+AOT dispatch) for every backend present, and the Triton schemas against the contract. (The
+native operators' C++ schemas are checked against the contract in tests/native/test_build.py.)"""
 
 import pytest
 import torch
 from backend_params import backend_mode_params, backend_params, device_for
 
-from divco.ops import backends, fused, schema, triton_backend
-
-
-def op_suffix(backend):
-    return "triton" if backend == "triton" else "native"
+from divco.ops import backends, registration, schema, triton_backend
+from divco.ops import cotrain_loss as cotrain_loss_module
+from divco.ops import ensemble as ensemble_module
+from divco.vocabulary import OPERATOR_SUFFIX
 
 
 def cotrain_cases(device):
@@ -29,7 +29,7 @@ def cotrain_cases(device):
 
 @pytest.mark.parametrize("backend", backend_params("triton", "cpu", "cuda"))
 def test_opcheck_cotrain_loss(backend):
-    op = getattr(torch.ops.divco, schema.op_name("cotrain_loss", op_suffix(backend)))
+    op = schema.operator("cotrain_loss", backend)
     for args in cotrain_cases(device_for(backend)):
         torch.library.opcheck(op, args)
 
@@ -37,25 +37,11 @@ def test_opcheck_cotrain_loss(backend):
 @pytest.mark.parametrize("backend, mode", backend_mode_params("triton", "cpu", "cuda"))
 def test_opcheck_ensemble(backend, mode):
     device = device_for(backend)
-    forward = getattr(torch.ops.divco, schema.op_name("ensemble", op_suffix(backend)))
-    backward = getattr(torch.ops.divco, schema.op_name("ensemble_backward", op_suffix(backend)))
+    forward = schema.operator("ensemble", backend)
+    backward = schema.operator("ensemble_backward", backend)
     logits = torch.randn(2, 3, 6, device=device)
     torch.library.opcheck(forward, (logits.clone().requires_grad_(), mode))
     torch.library.opcheck(backward, (torch.randn(2, 6, device=device), logits, mode))
-
-
-def test_schema_strings_are_the_contract():
-    """The native helper registers exactly these in C++; the Triton ops use the same."""
-    assert schema.full_schema("cotrain_loss", "native") == (
-        "cotrain_loss_native(Tensor logits, Tensor target, Tensor weight, str kind, float temperature, "
-        "bool compute_grad) -> (Tensor loss, Tensor ce, Tensor cot, Tensor ensemble, Tensor correct, Tensor grad)"
-    )
-    assert schema.full_schema("ensemble", "native") == "ensemble_native(Tensor logits, str mode) -> Tensor"
-    assert schema.full_schema("ensemble_backward", "native") == (
-        "ensemble_native_backward(Tensor grad_out, Tensor logits, str mode) -> Tensor"
-    )
-    with pytest.raises(ValueError, match="unknown operator 'loss'"):
-        schema.full_schema("loss", "native")
 
 
 @pytest.mark.parametrize("base", ["cotrain_loss", "ensemble", "ensemble_backward"])
@@ -66,21 +52,33 @@ def test_triton_schemas_are_the_contract_on_every_torch(base):
     if triton_backend.TRITON_ERROR:
         pytest.skip("Triton is not importable")
     op = getattr(torch.ops.divco, schema.op_name(base, "triton")).default
-    launcher = getattr(triton_backend, {"cotrain_loss": "cotrain_loss_triton", "ensemble": "ensemble_triton",
-                                        "ensemble_backward": "ensemble_triton_backward"}[base])
+    module = cotrain_loss_module if base == "cotrain_loss" else ensemble_module
+    launcher = getattr(module, schema.op_name(base, "triton"))
     inferred = torch.library.infer_schema(launcher._init_fn, mutates_args=())
     contract = schema.signature(schema.full_schema(base, "triton"))
     assert schema.signature(inferred) == contract
     assert schema.signature(str(op._schema)) == contract
 
 
+def test_operator_names_are_regular():
+    """divco::<op>_<suffix> for every op and backend, the backward included."""
+    for backend, suffix in OPERATOR_SUFFIX.items():
+        for base in ("cotrain_loss", "ensemble", "ensemble_backward"):
+            assert schema.qualified_name(base, suffix) == f"divco::{base}_{suffix}"
+            if backends.backend_status(backend, torch.device(backend if backend != "triton" else "cpu"))[0]:
+                assert schema.operator(base, backend) is getattr(torch.ops.divco, f"{base}_{suffix}")
+    with pytest.raises(ValueError, match="unknown operator 'loss'"):
+        schema.op_name("loss", "native")
+
+
 def test_native_ops_registered_only_with_the_extension():
     ok, reason = backends.native_status()
     if ok:
-        assert "native" in fused._registered
+        assert "native" in registration.defined_suffixes()
+        assert "divco::cotrain_loss_native" in registration._registered
         assert torch._C._dispatch_has_kernel_for_dispatch_key("divco::cotrain_loss_native", "CPU")
     else:
-        assert "native" not in fused._registered
+        assert "native" not in registration.defined_suffixes()
         assert "divco._C" in reason
 
 
@@ -89,7 +87,7 @@ def test_backward_scales_the_stored_gradient(backend):
     device = device_for(backend)
     logits = torch.randn(4, 2, 6, device=device, requires_grad=True)
     target = torch.tensor([0, 1, 2, 3], device=device)
-    op = getattr(torch.ops.divco, schema.op_name("cotrain_loss", op_suffix(backend)))
+    op = schema.operator("cotrain_loss", backend)
     loss, ce, cot, ensemble, correct, grad = op(logits, target, torch.tensor(0.5, device=device), "js", 1.0, True)
     (3.0 * loss).backward()
     torch.testing.assert_close(logits.grad, 3.0 * grad)
