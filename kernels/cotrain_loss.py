@@ -99,9 +99,8 @@ def _contributes(p, p_bar):
 def _cotrain_partial(log_p, p, p_bar, valid, KIND_KL: tl.constexpr):
     """Per-branch partial sums over this tile: KL(p_s||p̄) ("js") or Σ(p_s - p̄) log p_s ("kl")."""
     if KIND_KL:
-        # exactly 0 where p = p̄, which keeps a class every branch gives probability 0 (a -inf
-        # logit: log p = -inf) out of the sum; p = 0 < p̄ is a truly infinite KL.
-        terms = tl.where(valid & (p != p_bar[None, :]), (p - p_bar[None, :]) * log_p, 0.0)
+        # a masked class (log p = -inf, from a -inf logit) adds 0; so does p = p̄
+        terms = tl.where(valid & (p != p_bar[None, :]) & (log_p != float("-inf")), (p - p_bar[None, :]) * log_p, 0.0)
     else:
         terms = tl.where(valid & _contributes(p, p_bar), p * (log_p - tl.log(p_bar)[None, :]), 0.0)
     return tl.sum(terms, axis=1)
@@ -109,11 +108,14 @@ def _cotrain_partial(log_p, p, p_bar, valid, KIND_KL: tl.constexpr):
 
 @triton.jit
 def _write_grad(
-    grad_row_ptr, z, offs_s, offs_k, S, K, m, log_sum_z, log_p, p, p_bar, kl_per_branch,
+    grad_row_ptr, z, offs_s, offs_k, S, K, m, log_sum_z, log_p, p, p_bar, row_term, enabled,
     y, y_sum, label, label_valid, ce_scale, cot_scale,
     SOFT_TARGET: tl.constexpr, KIND_KL: tl.constexpr, UNIT_TEMPERATURE: tl.constexpr,
 ):
-    """grad = (1/N) [ dCE/dz + w/T · dJ/du ] for one tile; ce_scale = 1/N, cot_scale = w·c/(N·T)."""
+    """grad = (1/N) [ dCE/dz + w/T · dJ/du ] for one tile; ce_scale = 1/N, cot_scale = w·c/(N·T).
+
+    row_term: per branch, KL(p_s || p̄) ("js") or the masked mass m_s ("kl"), whole-row sums.
+    Nothing is stored unless ``enabled``."""
     if UNIT_TEMPERATURE:
         q = p
     else:
@@ -124,11 +126,11 @@ def _write_grad(
         one_hot = (offs_k[None, :] == label).to(tl.float32)
         g_ce = tl.where(label_valid, q - one_hot, float("nan"))
     if KIND_KL:
-        g_cot = p - p_bar[None, :]
+        g_cot = tl.where(log_p == float("-inf"), 0.0, p * (1.0 - row_term[:, None]) - p_bar[None, :])
     else:
-        g_cot = tl.where(_contributes(p, p_bar), p * ((log_p - tl.log(p_bar)[None, :]) - kl_per_branch[:, None]), 0.0)
+        g_cot = tl.where(_contributes(p, p_bar), p * ((log_p - tl.log(p_bar)[None, :]) - row_term[:, None]), 0.0)
     grad = ce_scale * g_ce + cot_scale * g_cot
-    mask = (offs_s < S)[:, None] & (offs_k < K)[None, :]
+    mask = (offs_s < S)[:, None] & (offs_k < K)[None, :] & enabled
     ptrs = grad_row_ptr + offs_s.to(tl.int64)[:, None] * K + offs_k[None, :]
     tl.store(ptrs, grad.to(grad_row_ptr.dtype.element_ty), mask=mask)
 
@@ -186,11 +188,15 @@ def cotrain_loss_kernel(
     num_tiles = 1 if SINGLE_TILE else tl.cdiv(K, BLOCK_K)
     z = tl.zeros((BLOCK_S, BLOCK_K), tl.float32)  # the single tile stays here
     y = tl.zeros((BLOCK_K,), tl.float32)
+    masked_row = tl.zeros((), tl.int32)  # "kl": 1 if a branch has a -inf logit (its gradient needs m_s)
     for tile in range(0, num_tiles):
         offs_k = tile * BLOCK_K + base_k
         k_mask = offs_k < K
         z = _load_logits(row_ptr, stride_s, stride_k, offs_s, offs_k, S, K)
         m, sum_z, sum_u = _online_softmax(z, m, sum_z, sum_u, inv_t, UNIT_TEMPERATURE)
+        if KIND_KL:
+            is_masked = s_mask[:, None] & k_mask[None, :] & (z == float("-inf"))
+            masked_row = tl.maximum(masked_row, tl.max(tl.max(is_masked.to(tl.int32), axis=1), axis=0))
         tile_top, tile_index = _first_argmax(z, offs_k, 1)
         top, top_index = _merge_argmax(top, top_index, tile_top, tile_index)
         ens = tl.sum(tl.where(s_mask[:, None], z * inv_s, 0.0), axis=0)  # no overflow near ±3e38
@@ -215,6 +221,7 @@ def cotrain_loss_kernel(
 
     # ---- pass 2: probabilities, co-training partials, soft cross-entropy ------------------
     cot_partial = tl.zeros((BLOCK_S,), tl.float32)
+    masked_mass = tl.zeros((BLOCK_S,), tl.float32)  # "kl": m_s = Σ_k p̄_k over the classes masked in branch s
     ce = tl.zeros((BLOCK_S,), tl.float32)
     for tile in range(0, num_tiles):
         offs_k = tile * BLOCK_K + base_k
@@ -226,14 +233,22 @@ def cotrain_loss_kernel(
         valid = s_mask[:, None] & k_mask[None, :]
         log_p, p, p_bar = _probabilities(z, m, log_sum_u, inv_t, s_mask, inv_s)
         cot_partial += _cotrain_partial(log_p, p, p_bar, valid, KIND_KL)
+        if KIND_KL:
+            masked_mass += tl.sum(tl.where(valid & (log_p == float("-inf")), p_bar[None, :], 0.0), axis=1)
         if SOFT_TARGET:
             log_q = z - m[:, None] - log_sum_z[:, None]
             # y·log q := 0 where y = 0 (a -inf logit has log q = -inf)
             ce -= tl.sum(tl.where(valid & (y != 0.0)[None, :], y[None, :] * log_q, 0.0), axis=1)
         if COMPUTE_GRAD and (KIND_KL or SINGLE_TILE):
-            # "kl" needs nothing from the rest of the row; a single tile has the whole row.
+            # A single tile has the whole row; "kl" needs nothing from the rest of the row unless
+            # a class is masked (m_s > 0: then pass 3 writes it).
+            if SINGLE_TILE:
+                enabled = True
+            else:
+                enabled = masked_row == 0
             _write_grad(
-                grad_row_ptr, z, offs_s, offs_k, S, K, m, log_sum_z, log_p, p, p_bar, cot_partial,
+                grad_row_ptr, z, offs_s, offs_k, S, K, m, log_sum_z, log_p, p, p_bar,
+                masked_mass if KIND_KL else cot_partial, enabled,
                 y, y_sum, label, label_valid, ce_scale, cot_scale, SOFT_TARGET, KIND_KL, UNIT_TEMPERATURE,
             )
 
@@ -246,15 +261,18 @@ def cotrain_loss_kernel(
     cot_row = cot_coef * tl.sum(tl.where(s_mask, cot_partial, 0.0), axis=0)
     tl.store(cot_rows_ptr + n, cot_row)
 
-    # ---- pass 3 ("js" over several tiles): the gradient needs KL(p_s || p̄) of the whole row
-    if COMPUTE_GRAD and not KIND_KL and not SINGLE_TILE:
-        for tile in range(0, num_tiles):
+    # ---- pass 3 (several tiles): the gradient needs KL(p_s || p̄) ("js") or m_s ("kl", rows with
+    # a masked class) of the whole row
+    if COMPUTE_GRAD and not SINGLE_TILE:
+        num_grad_tiles = num_tiles * masked_row if KIND_KL else num_tiles
+        for tile in range(0, num_grad_tiles):
             offs_k = tile * BLOCK_K + base_k
             z = _load_logits(row_ptr, stride_s, stride_k, offs_s, offs_k, S, K)
             if SOFT_TARGET:
                 y = tl.load(target_row_ptr + offs_k.to(tl.int64) * target_stride_k, mask=offs_k < K, other=0.0).to(tl.float32)
             log_p, p, p_bar = _probabilities(z, m, log_sum_u, inv_t, s_mask, inv_s)
             _write_grad(
-                grad_row_ptr, z, offs_s, offs_k, S, K, m, log_sum_z, log_p, p, p_bar, cot_partial,
+                grad_row_ptr, z, offs_s, offs_k, S, K, m, log_sum_z, log_p, p, p_bar,
+                masked_mass if KIND_KL else cot_partial, True,
                 y, y_sum, label, label_valid, ce_scale, cot_scale, SOFT_TARGET, KIND_KL, UNIT_TEMPERATURE,
             )

@@ -9,15 +9,15 @@ they sum (Σ_s z_s / S cannot overflow near ±3e38 when the mean fits).
 
 Edge values, the same on every backend: a -inf logit has probability exactly 0 and
 p · log p := 0 where p = 0, so it adds 0 to every entropy and KL term and gets no gradient
-from them (a class with p_t > 0 in a teacher branch and -inf in a student branch makes the
-"kl" term +inf, as KL is). A branch whose logits are all -inf is undefined: NaN. NaN in
-gives NaN out.
+from them (also where it is masked in one branch only: "kl" drops the student's masked
+terms, see pairwise_kl). A branch whose logits are all -inf is undefined: NaN. NaN in gives
+NaN out.
 
 Notation: logits z [N, S, K]; p_s = softmax(z_s / T); p̄ = (1/S) Σ_s p_s; H the entropy.
 
     CE_s = mean_n ( -Σ_k y_nk · log softmax(z_ns)_k )          (no temperature)
     "js":  J = mean_n [ H(p̄_n) - (1/S) Σ_s H(p_ns) ]            (gradient through p̄ too)
-    "kl":  J = 1/(S-1) · mean_n Σ_s Σ_{t≠s} KL( stopgrad(p_nt) || p_ns )
+    "kl":  J = 1/(S-1) · mean_n Σ_s Σ_{t≠s} KL( stopgrad(p_nt) || p_ns )   (see pairwise_kl)
     loss = Σ_s CE_s + w · J                                       (S = 1: J = 0)
 
 Computation happens in float64 for float64 logits and in float32 otherwise.
@@ -110,17 +110,24 @@ def js_divergence(logits: Tensor, temperature: float = 1.0) -> Tensor:
 
 
 def pairwise_kl(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """J = 1/(S-1) · mean_n Σ_s Σ_{t≠s} KL( stopgrad(p_nt) || p_ns ); 0 for S = 1."""
+    """J = 1/(S-1) · mean_n Σ_s Σ_{t≠s} KL( stopgrad(p_nt) || p_ns ); 0 for S = 1.
+
+    Summed over the teachers t this is S/(S-1) · mean_n Σ_s Σ_k c_sk · log p_sk with
+    c_s = stopgrad(p_s - p̄) (the teachers' p_t are constants, so only log p_s is
+    differentiated), which is how it is computed: a class masked in branch s (log p_sk = -inf,
+    from a -inf logit) then contributes 0 like every other term of a probability-0 class,
+    where the pairwise sum would be +inf if another branch gave that class probability > 0.
+    """
     S = logits.shape[1]
     log_p = F.log_softmax(logits / temperature, dim=-1)  # [N, S, K]
     if S == 1:
         return (log_p * 0).sum() / logits.shape[0]  # zero, still connected to the graph
-    total = log_p.new_zeros(logits.shape[0])
-    for t in range(S):
-        teacher = log_p[:, t : t + 1].detach()  # [N, 1, K]: p_t is a fixed target
-        kl_to_every_branch = kl_divergence(teacher, log_p)  # [N, S]: KL(p_t || p_s) for every s
-        total = total + kl_to_every_branch.sum(1) - kl_to_every_branch[:, t]
-    return (total / (S - 1)).mean()
+    with torch.no_grad():
+        p = log_p.exp()
+        coefficient = p - p.mean(1, keepdim=True)  # c_s = p_s - p̄, the teachers' side
+        coefficient = torch.where(log_p == -math.inf, 0.0, coefficient)  # masked: adds 0
+    per_sample = weighted_log(coefficient, log_p).sum((1, 2))  # [N]
+    return (per_sample * (S / (S - 1))).mean()
 
 
 def cotraining_term(logits: Tensor, kind: str = "js", temperature: float = 1.0) -> Tensor:

@@ -44,7 +44,7 @@ def test_masked_classes_have_probability_zero(backend, kind, soft):
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(5, 3, 12, generator=g)
     logits[:, :, 9:] = -math.inf  # classes 9-11 masked in every branch
-    logits[1, 0, 4] = -math.inf  # and one class in one branch of one sample ("js": finite)
+    logits[1, 0, 4] = -math.inf  # and one class in one branch of one sample
     labels = torch.randint(0, 9, (5,), generator=g)
     labels[1] = 5  # the target never sits on a masked class (its cross-entropy would be inf)
     if soft:
@@ -53,14 +53,12 @@ def test_masked_classes_have_probability_zero(backend, kind, soft):
         target = target / target.sum(-1, keepdim=True)
     else:
         target = labels
-    if kind == "kl":
-        logits[1, 0, 4] = 0.0  # a class masked in one branch only makes pairwise KL +inf
     out, grad = loss_and_grad(logits, target, backend, weight=0.7, kind=kind, temperature=1.5)
     ref, ref_grad = reference_loss_and_grad(logits, target, weight=0.7, kind=kind, temperature=1.5)
     assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
     torch.testing.assert_close(out.loss.double().cpu(), ref.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
-    assert grad[:, :, 9:].eq(0).all()
+    assert grad[:, :, 9:].eq(0).all() and grad[1, 0, 4] == 0
     for mode in ensemble_modes_for(backend):
         got = ops.ensemble(logits.to(device_for(backend)), mode, backend=backend).cpu().double()
         torch.testing.assert_close(got, R.ensemble(logits.double(), mode), rtol=1e-5, atol=1e-6, equal_nan=True)
@@ -99,9 +97,6 @@ def test_a_whole_tile_of_minus_inf_in_one_branch(backend):
 def test_huge_logits_give_the_same_answer_everywhere(backend, kind):
     logits = torch.tensor([[[3e38, -3e38, 0.0, 1.0], [3e38, 2.0, -3e38, 0.5]],
                            [[1.0, 2.0, 3.0, 4.0], [-3e38, 2.5e38, 0.0, 0.0]]])
-    if kind == "kl":
-        # pairwise KL is +inf when one branch gives probability 0 (exp(-3e38)) where another does not
-        logits[0, 1, 1], logits[1, 0, 0], logits[1, 0, 1] = -3e38, -3e38, 2.5e38
     target = torch.tensor([0, 1])
     out, grad = loss_and_grad(logits, target, backend, kind=kind)
     ref = R.cotrain_loss(logits, target, kind=kind)  # the float32 reference: the same rounding

@@ -103,7 +103,7 @@ def test_nothing_probes_the_kernels_at_call_time(monkeypatch):
         backends.triton_status(device)
         ops.available_backends(device)
     assert backends.resolve_backend("triton", torch.device("cpu"), torch.float32) == "triton"
-    with triton_backend._quiet_interpreter():
+    with triton_backend.quiet_interpreter():
         pass
 
 
