@@ -38,6 +38,11 @@ def register(base: str, suffix: str, *, fake: Callable | None = None,
     name = qualified_name(base, suffix)
     if name in _registered:
         return
+    if suffix == "native" and not hasattr(torch.ops.divco, name.split("::")[1]):
+        raise ImportError(
+            f"divco._C is out of date: it registers no {name} (built from older sources); "
+            "rebuild it with `pip install -e .` in the checkout"
+        )
     if fake is not None and needs_fake(suffix):
         torch.library.register_fake(name, fake)
     if backward is not None:

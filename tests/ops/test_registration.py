@@ -95,3 +95,10 @@ def test_backward_scales_the_stored_gradient(backend):
     with pytest.raises(RuntimeError, match="compute_grad=False"):
         out = op(logits, target, torch.tensor(0.5, device=device), "js", 1.0, False)
         out[0].backward()
+
+
+def test_a_stale_native_build_is_a_clear_error(monkeypatch):
+    """An extension built from older sources lacks an operator an op module registers: say so."""
+    monkeypatch.setitem(schema._SCHEMAS, "stale_op", "(Tensor x) -> Tensor")
+    with pytest.raises(ImportError, match=r"divco._C is out of date: it registers no divco::stale_op_native"):
+        registration.register("stale_op", "native", fake=lambda x: x)
