@@ -182,3 +182,16 @@ def test_grad_scaler_sized_gradients_do_not_overflow_or_flush(backend, dtype):
         torch.testing.assert_close(got, expected, rtol=2e-2, atol=1e-3)
     else:
         assert got.abs().max() <= 1.1 * ref_grad.abs().max()  # finite and of the right size
+
+
+@pytest.mark.parametrize("backend", edge_params())
+def test_top1_counts_treat_nan_as_the_maximum(backend):
+    """tl.max ignores NaN on GPUs and propagates it in the interpreter: the kernels take their
+    max over NaN-free values and handle NaN explicitly, as torch.argmax does (issue 9 item 7)."""
+    nan = math.nan
+    logits = torch.tensor([[[0.0, nan, 5.0, 1.0], [2.0, 1.0, 0.0, 0.0]],
+                           [[3.0, 1.0, 0.0, nan], [nan, 9.0, 0.0, 0.0]],
+                           [[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]])
+    target = torch.tensor([1, 3, 1])
+    out = ops.cotrain_loss(logits.to(device_for(backend)), target.to(device_for(backend)), backend=backend)
+    assert out.correct.tolist() == R.correct_counts(logits.double(), target).tolist()
