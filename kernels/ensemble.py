@@ -2,25 +2,40 @@
 
 Modes (z [N, S, K] -> out [N, K]); the geometric mean needs no per-branch softmax because
 mean_s log softmax(z_s) = mean_s z_s - const, so geo_mean = softmax(mean_s z_s):
-  MEAN_LOGITS  mean_s z_s
+  MEAN_LOGITS  Σ_s z_s / S                   (divided before the sum: no overflow near ±3e38)
   MEAN_PROBS   mean_s softmax(z_s)            (pass 1: per-branch max / Σexp)
-  GEO_MEAN     softmax(mean_s z_s)            (pass 1: max / Σexp of the mean)
-  MAX          max_s z_s                      (gradient to the first maximal branch)
-Backward (g = dL/dout):
+  GEO_MEAN     softmax(Σ_s z_s / S)           (pass 1: max / Σexp of the mean)
+  MAX          max_s z_s
+  MAX_PROBS    max_s softmax(z_s)             (pass 1: per-branch max / Σexp; no renormalisation)
+Backward (g = dL/dout; f(k) the branch that holds the max of column k):
   MEAN_LOGITS  g / S
   MEAN_PROBS   (1/S) p_s (g - <p_s, g>)
   GEO_MEAN     (1/S) o (g - <o, g>), o the output
-  MAX          g on the first branch attaining the max, 0 elsewhere
+  MAX          g on branch f(k), 0 elsewhere
+  MAX_PROBS    [f(k) = s] g p_s - p_s Σ_j [f(j) = s] g_j p_sj   (pass 2: that dot per branch)
+
+NaN: a NaN counts as the maximum (torch.max's rule): f(k) is the first branch holding NaN
+if any, else the first maximal branch. tl.max ignores NaN on GPUs but propagates it in the
+interpreter, so every max here is taken over NaN-free values and NaN is handled explicitly:
+both give the same answer. A -inf logit has probability exactly 0; a row entirely -inf in a
+branch is undefined (NaN probabilities), never a NaN from -inf - -inf elsewhere.
 """
 
 import triton
 import triton.language as tl
 
+from divco.vocabulary import ENSEMBLE_MODES
+
 MEAN_LOGITS = tl.constexpr(0)
 MEAN_PROBS = tl.constexpr(1)
 GEO_MEAN = tl.constexpr(2)
 MAX = tl.constexpr(3)
-MODE_IDS = {"mean_logits": 0, "mean_probs": 1, "geo_mean": 2, "max": 3}
+MAX_PROBS = tl.constexpr(4)
+#: The constexpr id of each ensemble mode (the vocabulary's order).
+MODE_IDS = {mode: index for index, mode in enumerate(ENSEMBLE_MODES)}
+assert [MODE_IDS[m] for m in ("mean_logits", "mean_probs", "geo_mean", "max", "max_probs")] == [0, 1, 2, 3, 4]
+#: Modes whose kernels need softmax statistics of the row (pass 1).
+NORMALISED_MODES = frozenset({"mean_probs", "geo_mean", "max_probs"})
 
 
 @triton.jit
@@ -33,54 +48,73 @@ def _load_tile(row_ptr, stride_s, stride_k, offs_s, offs_k, S, K):
 
 @triton.jit
 def _mean_over_branches(z, s_mask, inv_s):
-    return tl.sum(tl.where(s_mask[:, None], z, 0.0), axis=0) * inv_s
+    """Σ_s z_s / S, each term divided first so that the sum of logits near ±3e38 cannot overflow."""
+    return tl.sum(tl.where(s_mask[:, None], z * inv_s, 0.0), axis=0)
+
+
+@triton.jit
+def _nan_free_max(x, axis: tl.constexpr):
+    """tl.max over ``axis`` of x with NaN replaced by -inf: the same on GPUs and the interpreter."""
+    return tl.max(tl.where(x == x, x, float("-inf")), axis=axis)
 
 
 @triton.jit
 def _max_over_branches(z, offs_s, s_mask):
-    """(max over branches, index of the first maximal branch); NaN anywhere in a column wins."""
-    best = tl.max(z, axis=0)
-    first = tl.min(tl.where(z == best[None, :], offs_s[:, None], 2147483647), axis=0)
-    column_nan = tl.max(tl.where(s_mask[:, None] & (z != z), 1, 0), axis=0) > 0
-    return tl.where(column_nan, float("nan"), best), first
+    """(max over branches, index of the branch holding it) per column, torch.max's rule: a NaN
+    is the maximum (the first NaN branch wins), else the first maximal branch."""
+    is_nan = s_mask[:, None] & (z != z)
+    best = _nan_free_max(z, 0)
+    first_max = tl.min(tl.where(s_mask[:, None] & (z == best[None, :]), offs_s[:, None], 2147483647), axis=0)
+    first_nan = tl.min(tl.where(is_nan, offs_s[:, None], 2147483647), axis=0)
+    column_nan = first_nan < 2147483647
+    return tl.where(column_nan, float("nan"), best), tl.where(column_nan, first_nan, first_max)
 
 
 @triton.jit
 def _row_statistics(row_ptr, stride_s, stride_k, offs_s, base_k, S, K, inv_s, g_row_ptr,
                     MODE: tl.constexpr, NORMALISED: tl.constexpr, WITH_GRAD: tl.constexpr,
                     BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Online (max, Σexp, Σexp·g) per branch (MEAN_PROBS) or of the mean logits (GEO_MEAN).
+    """Online (max, Σexp, Σexp·g) per branch (MEAN_PROBS, MAX_PROBS) or of the mean logits (GEO_MEAN).
 
     Modes that need no softmax (NORMALISED false) skip the pass and get placeholders."""
     s_mask = offs_s < S
-    if MODE == MEAN_PROBS:
-        m = tl.full((BLOCK_S,), float("-inf"), tl.float32)
-        total = tl.zeros((BLOCK_S,), tl.float32)
-        dot = tl.zeros((BLOCK_S,), tl.float32)
-    else:
+    if MODE == GEO_MEAN:
         m = tl.full((1,), float("-inf"), tl.float32)
         total = tl.zeros((1,), tl.float32)
         dot = tl.zeros((1,), tl.float32)
+    else:
+        m = tl.full((BLOCK_S,), float("-inf"), tl.float32)
+        total = tl.zeros((BLOCK_S,), tl.float32)
+        dot = tl.zeros((BLOCK_S,), tl.float32)
     num_tiles = tl.cdiv(K, BLOCK_K) if NORMALISED else 0
     for tile in range(0, num_tiles):
         offs_k = tile * BLOCK_K + base_k
         k_mask = offs_k < K
         z = _load_tile(row_ptr, stride_s, stride_k, offs_s, offs_k, S, K)
-        if MODE == MEAN_PROBS:
-            x = tl.where(s_mask[:, None], z, 0.0)
-            x = tl.where(k_mask[None, :], x, float("-inf"))
-        else:
+        if MODE == GEO_MEAN:
             x = _mean_over_branches(z, s_mask, inv_s)
             x = tl.where(k_mask, x, float("-inf"))[None, :]
-        m_new = tl.maximum(m, tl.max(x, axis=1))
-        e = tl.exp(x - m_new[:, None])
-        scale = tl.exp(m - m_new)
+        else:
+            x = tl.where(s_mask[:, None], z, 0.0)
+            x = tl.where(k_mask[None, :], x, float("-inf"))
+        m_new = tl.maximum(m, _nan_free_max(x, 1))
+        # A branch whose classes so far are all -inf keeps m = -inf: shift by 0 there, so that
+        # -inf - -inf never makes a NaN (its exps are 0 and the sum stays 0).
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        e = tl.exp(x - shift[:, None])
+        scale = tl.exp(m - shift)
         total = total * scale + tl.sum(e, axis=1)
         if WITH_GRAD:
             g = tl.load(g_row_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            dot = dot * scale + tl.sum(e * g[None, :], axis=1)
+            dot = dot * scale + tl.sum(tl.where(k_mask[None, :], e * g[None, :], 0.0), axis=1)
         m = m_new
     return m, total, dot
+
+
+@triton.jit
+def _probabilities(z, m, log_total):
+    """softmax(z_s) of one tile from the row statistics: exactly 0 where z = -inf."""
+    return tl.exp(z - m[:, None] - log_total[:, None])
 
 
 @triton.jit
@@ -106,12 +140,14 @@ def ensemble_kernel(
         if MODE == MEAN_LOGITS:
             out = _mean_over_branches(z, s_mask, inv_s)
         elif MODE == MEAN_PROBS:
-            p = tl.exp(z - m[:, None] - log_total[:, None])
+            p = _probabilities(z, m, log_total)
             out = tl.sum(tl.where(s_mask[:, None], p, 0.0), axis=0) * inv_s
         elif MODE == GEO_MEAN:
             out = tl.exp(_mean_over_branches(z, s_mask, inv_s) - m - log_total)
-        else:
+        elif MODE == MAX:
             out, first = _max_over_branches(z, offs_s, s_mask)
+        else:
+            out, first = _max_over_branches(_probabilities(z, m, log_total), offs_s, s_mask)
         tl.store(out_ptr + n * K + offs_k, out.to(out_ptr.dtype.element_ty), mask=k_mask)
 
 
@@ -131,9 +167,19 @@ def ensemble_backward_kernel(
     base_k = tl.arange(0, BLOCK_K)
     inv_s = 1.0 / S
     m, total, dot = _row_statistics(row_ptr, stride_s, stride_k, offs_s, base_k, S, K, inv_s, g_row_ptr,
-                                    MODE, NORMALISED, True, BLOCK_S, BLOCK_K)
+                                    MODE, NORMALISED, MODE != MAX_PROBS, BLOCK_S, BLOCK_K)
     log_total = tl.log(total)
     expected_g = dot / total  # <p_s, g> per branch (MEAN_PROBS) or <o, g> (GEO_MEAN)
+    if MODE == MAX_PROBS:
+        # Σ_j [f(j) = s] g_j p_sj per branch: needs the final statistics, hence its own pass.
+        expected_g = tl.zeros((BLOCK_S,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + base_k
+            g = tl.load(g_row_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+            p = _probabilities(_load_tile(row_ptr, stride_s, stride_k, offs_s, offs_k, S, K), m, log_total)
+            best, first = _max_over_branches(p, offs_s, s_mask)
+            routed = (offs_s[:, None] == first[None, :]) & (offs_k < K)[None, :]
+            expected_g += tl.sum(tl.where(routed, g[None, :] * p, 0.0), axis=1)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + base_k
         k_mask = offs_k < K
@@ -143,14 +189,19 @@ def ensemble_backward_kernel(
         else:
             z = _load_tile(row_ptr, stride_s, stride_k, offs_s, offs_k, S, K)
             if MODE == MEAN_PROBS:
-                p = tl.exp(z - m[:, None] - log_total[:, None])
+                p = _probabilities(z, m, log_total)
                 grad = inv_s * p * (g[None, :] - expected_g[:, None])
             elif MODE == GEO_MEAN:
                 o = tl.exp(_mean_over_branches(z, s_mask, inv_s) - m - log_total)
                 grad = tl.zeros((BLOCK_S, BLOCK_K), tl.float32) + (inv_s * o * (g - expected_g))[None, :]
-            else:
+            elif MODE == MAX:
                 best, first = _max_over_branches(z, offs_s, s_mask)
                 grad = tl.where(offs_s[:, None] == first[None, :], g[None, :], 0.0)
+            else:
+                p = _probabilities(z, m, log_total)
+                best, first = _max_over_branches(p, offs_s, s_mask)
+                routed = tl.where(offs_s[:, None] == first[None, :], g[None, :] * p, 0.0)
+                grad = routed - p * expected_g[:, None]
         mask = s_mask[:, None] & k_mask[None, :]
         ptrs = grad_ptr + n * S * K + offs_s.to(tl.int64)[:, None] * K + offs_k[None, :]
         tl.store(ptrs, grad.to(grad_ptr.dtype.element_ty), mask=mask)

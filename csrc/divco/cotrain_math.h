@@ -238,5 +238,9 @@ DIVCO_INLINE float softmax_backward_element(float p, float g, float g_dot_p, flo
   return inv_branches * p * (g - g_dot_p);
 }
 
+// One term y_k · z_k of a soft target's dot product, with 0 · (-inf) := 0: a class the
+// target gives no mass adds nothing, even where its logit is masked (-inf).
+DIVCO_INLINE float soft_target_term(float y, float z) { return y == 0.0f ? 0.0f : y * z; }
+
 }  // namespace math
 }  // namespace divco

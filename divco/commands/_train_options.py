@@ -74,7 +74,7 @@ def _argument(name: str, annotation: Any, default: Any, option: dict, dest: str)
         kwargs["type"] = kind or str
         if "choices" not in option:
             kwargs["metavar"] = name.upper()  # argparse would show the dest ("augment.x")
-    for key in ("choices", "metavar"):
+    for key in ("choices", "metavar", "nargs"):
         if key in option:
             kwargs[key] = option[key]
     kwargs["help"] = help_text or None

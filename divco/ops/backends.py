@@ -21,55 +21,65 @@ import os
 
 import torch
 
-BACKENDS = ("torch", "triton", "cpu", "cuda")
-FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-_native: tuple[bool, str, bool] | None = None  # (loaded, why not, has CUDA kernels), found once
+from ..vocabulary import BACKENDS
+from .validation import FUSED_DTYPES
 
 
 def _probe_native() -> tuple[bool, str, bool]:
-    global _native
-    if _native is None:
-        from ..native import load_extension  # the one loader: checks the build's torch first
+    """(loaded, why not, has CUDA kernels) of the native extension divco._C."""
+    from ..native import load_extension  # the one loader: checks the build's torch first
 
-        extension, reason = load_extension()  # importing divco._C registers divco::*_native
-        if extension is None:
-            _native = (False, reason, False)
-        else:
-            if not hasattr(torch.ops.divco, "cotrain_loss_native"):
-                _native = (False, "divco._C imported but registered no divco::cotrain_loss_native", False)
-            else:
-                has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("divco::cotrain_loss_native", "CUDA")
-                _native = (True, "", has_cuda)
-    return _native
+    extension, reason = load_extension()  # importing divco._C registers divco::*_native
+    if extension is None:
+        return False, reason, False
+    if not hasattr(torch.ops.divco, "cotrain_loss_native"):
+        return False, "divco._C imported but registered no divco::cotrain_loss_native", False
+    return True, "", torch._C._dispatch_has_kernel_for_dispatch_key("divco::cotrain_loss_native", "CUDA")
+
+
+# divco._C first: its TORCH_LIBRARY(divco, m) defines the namespace before the Triton backend
+# adds its divco:: operators from Python.
+_NATIVE_LOADED, _NATIVE_REASON, _NATIVE_HAS_CUDA = _probe_native()
+
+from . import triton_backend  # noqa: E402
+
+
+def _probe_triton() -> dict[str, tuple[bool, str]]:
+    """(usable, why not) of the Triton kernels per device type."""
+    if triton_backend.TRITON_ERROR:
+        status = (False, f"Triton is not usable ({triton_backend.TRITON_ERROR})")
+        return {"cuda": status, "cpu": status}
+    if triton_backend.KERNELS_INTERPRETED:
+        return {
+            "cuda": (False, "the Triton kernels were defined under TRITON_INTERPRET=1, which runs them on the CPU only"),
+            "cpu": (True, ""),
+        }
+    return {
+        "cuda": (True, ""),
+        "cpu": (False, "Triton runs on the CPU only through its interpreter: set TRITON_INTERPRET=1 before importing"),
+    }
+
+
+# Everything that does not depend on the tensors is decided once, here: the calls below run
+# inside torch.compile'd code, where probing modules or kernel objects would break the graph.
+_TRITON_STATUS = _probe_triton()
 
 
 def native_status() -> tuple[bool, str]:
     """(importable, reason): whether divco._C loaded and registered its operators."""
-    loaded, reason, _ = _probe_native()
-    return loaded, reason
+    return _NATIVE_LOADED, _NATIVE_REASON
 
 
 def native_has_cuda() -> bool:
     """Whether divco._C holds CUDA kernels (the dispatcher has a CUDA kernel for them)."""
-    return _probe_native()[2]
+    return _NATIVE_HAS_CUDA
 
 
 def triton_status(device: torch.device) -> tuple[bool, str]:
-    from .triton_backend import TRITON_ERROR, kernels_interpreted
-
-    if TRITON_ERROR:
-        return False, f"Triton is not usable ({TRITON_ERROR})"
-    if device.type == "cuda":
-        if kernels_interpreted():
-            return False, "the Triton kernels were defined under TRITON_INTERPRET=1, which runs them on the CPU only"
-        return True, ""
-    if device.type == "cpu":
-        if kernels_interpreted():
-            return True, ""
-        return False, "Triton runs on the CPU only through its interpreter: set TRITON_INTERPRET=1 before importing"
-    return False, f"Triton kernels are not available for device type {device.type!r}"
+    """(usable, why not) of the Triton kernels for tensors on ``device``."""
+    return _TRITON_STATUS.get(
+        device.type, (False, f"Triton kernels are not available for device type {device.type!r}")
+    )
 
 
 def backend_status(backend: str, device: torch.device) -> tuple[bool, str]:
@@ -89,7 +99,7 @@ def backend_status(backend: str, device: torch.device) -> tuple[bool, str]:
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """The backends usable for tensors on ``device``, fastest-default first then the rest."""
+    """The backends usable for tensors on ``device``; the first is the default for float32."""
     device = torch.device(device)
     found = [b for b in BACKENDS if backend_status(b, device)[0]]
     default = default_backend(device, torch.float32)

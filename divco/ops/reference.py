@@ -1,15 +1,23 @@
 """The readable reference of the co-training objective and the ensembles, in plain PyTorch.
 
 Everything else (Triton, C++, CUDA) is judged against these functions evaluated in float64.
-They follow the formulas literally and leave gradients to autograd; the only liberty taken
-is computing log(mean_s p_s) as a logsumexp, so that probabilities that underflow (logits of
-±1e4) give 0 · finite instead of 0 · log 0 = NaN.
+They follow the formulas literally and leave gradients to autograd; the liberties taken are
+numerical: log(mean_s p_s) is a logsumexp (probabilities that underflow at logits of ±1e4 keep
+a finite log), the Jensen-Shannon term is written as mean_s KL(p_s || p̄) (equal to
+H(p̄) - mean_s H(p_s), without the cancellation), and means over branches divide before
+they sum (Σ_s z_s / S cannot overflow near ±3e38 when the mean fits).
+
+Edge values, the same on every backend: a -inf logit has probability exactly 0 and
+p · log p := 0 where p = 0, so it adds 0 to every entropy and KL term and gets no gradient
+from them (also where it is masked in one branch only: "kl" drops the student's masked
+terms, see pairwise_kl). A branch whose logits are all -inf is undefined: NaN. NaN in gives
+NaN out.
 
 Notation: logits z [N, S, K]; p_s = softmax(z_s / T); p̄ = (1/S) Σ_s p_s; H the entropy.
 
     CE_s = mean_n ( -Σ_k y_nk · log softmax(z_ns)_k )          (no temperature)
     "js":  J = mean_n [ H(p̄_n) - (1/S) Σ_s H(p_ns) ]            (gradient through p̄ too)
-    "kl":  J = 1/(S-1) · mean_n Σ_s Σ_{t≠s} KL( stopgrad(p_nt) || p_ns )
+    "kl":  J = 1/(S-1) · mean_n Σ_s Σ_{t≠s} KL( stopgrad(p_nt) || p_ns )   (see pairwise_kl)
     loss = Σ_s CE_s + w · J                                       (S = 1: J = 0)
 
 Computation happens in float64 for float64 logits and in float32 otherwise.
@@ -18,28 +26,11 @@ Computation happens in float64 for float64 logits and in float32 otherwise.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-class CotrainLoss(NamedTuple):
-    """What :func:`divco.ops.cotrain_loss` returns.
-
-    loss      differentiable 0-dim: Σ_s CE_s + weight · J
-    ce        [S] detached: each branch's cross-entropy, mean over the batch
-    cot       0-dim detached: the co-training term J (before the weight)
-    ensemble  [N, K] detached: mean of the branch logits
-    correct   [S+1] int64: top-1 hits of each branch, then of the ensemble
-    """
-
-    loss: Tensor
-    ce: Tensor
-    cot: Tensor
-    ensemble: Tensor
-    correct: Tensor
+from ..vocabulary import ENSEMBLE_MODES
 
 
 def compute_dtype(logits: Tensor) -> torch.dtype:
@@ -50,19 +41,40 @@ def compute_dtype(logits: Tensor) -> torch.dtype:
 # -- building blocks ------------------------------------------------------------------------
 
 
+def weighted_log(weight: Tensor, log_x: Tensor) -> Tensor:
+    """weight · log_x elementwise, := 0 where weight = 0 (also where log_x = -inf there).
+
+    The masked lanes see log_x = 0, so that neither the value nor the gradient is 0 · -inf."""
+    zero = weight == 0
+    return torch.where(zero, 0.0, weight * torch.where(zero, 0.0, log_x))
+
+
 def entropy(log_p: Tensor) -> Tensor:
-    """H(p) = -Σ_k p_k log p_k over the last dim, from log-probabilities."""
-    return -(log_p.exp() * log_p).sum(-1)
+    """H(p) = -Σ_k p_k log p_k over the last dim, from log-probabilities (0 · log 0 := 0)."""
+    return -weighted_log(log_p.exp(), log_p).sum(-1)
 
 
 def kl_divergence(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """KL(p || q) = Σ_k p_k (log p_k - log q_k) over the last dim, from log-probabilities."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+    """KL(p || q) = Σ_k p_k (log p_k - log q_k) over the last dim, from log-probabilities.
+
+    Terms with p_k = 0 are 0; p_k > 0 = q_k gives +inf."""
+    p = log_p.exp()
+    return (weighted_log(p, log_p) - weighted_log(p, log_q)).sum(-1)
 
 
 def log_mean_probability(log_p: Tensor) -> Tensor:
-    """log p̄ = log( (1/S) Σ_s p_s ) for log_p [N, S, K] -> [N, K]."""
-    return torch.logsumexp(log_p, dim=1) - math.log(log_p.shape[1])
+    """log p̄ = log( (1/S) Σ_s p_s ) for log_p [N, S, K] -> [N, K].
+
+    A class that every branch gives probability 0 gets log p̄ = -inf, without the NaN
+    gradient logsumexp would have there (exp(-inf - -inf))."""
+    dead = (log_p == -math.inf).all(dim=1)  # [N, K]
+    safe = torch.where(dead[:, None, :], 0.0, log_p)
+    return torch.where(dead, -math.inf, torch.logsumexp(safe, dim=1) - math.log(log_p.shape[1]))
+
+
+def mean_over_branches(x: Tensor) -> Tensor:
+    """(1/S) Σ_s x_s over dim 1, dividing first: no overflow when the mean fits the dtype."""
+    return (x / x.shape[1]).sum(1)
 
 
 def target_labels(target: Tensor) -> Tensor:
@@ -79,7 +91,7 @@ def cross_entropy_per_branch(logits: Tensor, target: Tensor) -> Tensor:
     log_q = F.log_softmax(logits, dim=-1)  # [N, S, K], no temperature in the CE
     if target.is_floating_point():
         y = target.to(log_q.dtype)[:, None, :]  # [N, 1, K], shared by every branch
-        per_sample = -(y * log_q).sum(-1)  # [N, S]
+        per_sample = -weighted_log(y.expand_as(log_q), log_q).sum(-1)  # [N, S]; y = 0 terms are 0
     else:
         K = logits.shape[-1]
         valid = (target >= 0) & (target < K)
@@ -91,25 +103,31 @@ def cross_entropy_per_branch(logits: Tensor, target: Tensor) -> Tensor:
 
 
 def js_divergence(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """J = mean_n [ H(p̄_n) - (1/S) Σ_s H(p_ns) ], p_s = softmax(z_s / T)."""
+    """J = mean_n [ H(p̄_n) - (1/S) Σ_s H(p_ns) ] = mean_n (1/S) Σ_s KL(p_ns || p̄_n), p_s = softmax(z_s / T)."""
     log_p = F.log_softmax(logits / temperature, dim=-1)  # [N, S, K]
-    entropy_of_mean = entropy(log_mean_probability(log_p))  # [N]
-    mean_of_entropies = entropy(log_p).mean(1)  # [N]
-    return (entropy_of_mean - mean_of_entropies).mean()
+    log_p_bar = log_mean_probability(log_p)[:, None, :]  # [N, 1, K]
+    return kl_divergence(log_p, log_p_bar.expand_as(log_p)).mean(1).mean()
 
 
 def pairwise_kl(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """J = 1/(S-1) · mean_n Σ_s Σ_{t≠s} KL( stopgrad(p_nt) || p_ns ); 0 for S = 1."""
+    """J = 1/(S-1) · mean_n Σ_s Σ_{t≠s} KL( stopgrad(p_nt) || p_ns ); 0 for S = 1.
+
+    Summed over the teachers t this is S/(S-1) · mean_n Σ_s Σ_k c_sk · log p_sk with
+    c_s = stopgrad(p_s - p̄) (the teachers' p_t are constants, so only log p_s is
+    differentiated), which is how it is computed: a class masked in branch s (log p_sk = -inf,
+    from a -inf logit) then contributes 0 like every other term of a probability-0 class,
+    where the pairwise sum would be +inf if another branch gave that class probability > 0.
+    """
     S = logits.shape[1]
     log_p = F.log_softmax(logits / temperature, dim=-1)  # [N, S, K]
     if S == 1:
         return (log_p * 0).sum() / logits.shape[0]  # zero, still connected to the graph
-    total = log_p.new_zeros(logits.shape[0])
-    for t in range(S):
-        teacher = log_p[:, t : t + 1].detach()  # [N, 1, K]: p_t is a fixed target
-        kl_to_every_branch = kl_divergence(teacher, log_p)  # [N, S]: KL(p_t || p_s) for every s
-        total = total + kl_to_every_branch.sum(1) - kl_to_every_branch[:, t]
-    return (total / (S - 1)).mean()
+    with torch.no_grad():
+        p = log_p.exp()
+        coefficient = p - p.mean(1, keepdim=True)  # c_s = p_s - p̄, the teachers' side
+        coefficient = torch.where(log_p == -math.inf, 0.0, coefficient)  # masked: adds 0
+    per_sample = weighted_log(coefficient, log_p).sum((1, 2))  # [N]
+    return (per_sample * (S / (S - 1))).mean()
 
 
 def cotraining_term(logits: Tensor, kind: str = "js", temperature: float = 1.0) -> Tensor:
@@ -125,7 +143,7 @@ def correct_counts(logits: Tensor, target: Tensor) -> Tensor:
     """[S+1] int64: top-1 hits of every branch, then of the mean-of-logits ensemble."""
     labels = target_labels(target)  # [N]
     branch_hits = (logits.argmax(-1) == labels[:, None]).sum(0)  # [S]
-    ensemble_hits = (logits.mean(1).argmax(-1) == labels).sum()[None]  # [1]
+    ensemble_hits = (mean_over_branches(logits).argmax(-1) == labels).sum()[None]  # [1]
     return torch.cat([branch_hits, ensemble_hits]).to(torch.int64)
 
 
@@ -138,11 +156,14 @@ def cotrain_loss(
     weight: float | Tensor = 0.5,
     kind: str = "js",
     temperature: float = 1.0,
-) -> CotrainLoss:
-    """loss = Σ_s CE_s + weight · J, plus the per-branch CE, J, the ensemble and hit counts.
+):
+    """loss = Σ_s CE_s + weight · J, plus the per-branch CE, J, the ensemble and hit counts,
+    as the op's :class:`divco.ops.CotrainLoss`.
 
     No input checks here (see :mod:`divco.ops.validation`); gradients come from autograd.
     """
+    from .cotrain_loss import CotrainLoss  # the op's result type (the op module imports this one)
+
     z = logits.to(compute_dtype(logits))
     ce = cross_entropy_per_branch(z, target)
     cot = cotraining_term(z, kind, temperature)
@@ -150,7 +171,7 @@ def cotrain_loss(
         weight = weight.to(z.dtype)
     loss = ce.sum() + weight * cot
     with torch.no_grad():
-        ensemble = logits.detach().to(z.dtype).mean(1).to(logits.dtype)
+        ensemble = mean_over_branches(logits.detach().to(z.dtype)).to(logits.dtype)
         correct = correct_counts(z.detach(), target)
     return CotrainLoss(loss, ce.detach(), cot.detach(), ensemble, correct)
 
@@ -161,17 +182,23 @@ def ensemble(logits: Tensor, mode: str = "mean_logits") -> Tensor:
     mean_logits  (1/S) Σ_s z_s
     mean_probs   (1/S) Σ_s softmax(z_s)
     geo_mean     softmax( (1/S) Σ_s log softmax(z_s) )  (normalised geometric mean)
-    max          max_s z_s (the gradient goes to the first maximal branch, like torch.max)
+    max          max_s z_s
+    max_probs    max_s softmax(z_s)  (the official code's max after softmax; not renormalised)
+
+    The max modes follow torch.max: a NaN is the maximum, and the gradient goes to the first
+    branch holding NaN if any, else to the first maximal branch.
     """
     z = logits.to(compute_dtype(logits))
     if mode == "mean_logits":
-        out = z.mean(1)
+        out = mean_over_branches(z)
     elif mode == "mean_probs":
-        out = F.softmax(z, dim=-1).mean(1)
+        out = mean_over_branches(F.softmax(z, dim=-1))
     elif mode == "geo_mean":
-        out = F.softmax(F.log_softmax(z, dim=-1).mean(1), dim=-1)
+        out = F.softmax(mean_over_branches(F.log_softmax(z, dim=-1)), dim=-1)
     elif mode == "max":
         out = z.max(dim=1).values
+    elif mode == "max_probs":
+        out = F.softmax(z, dim=-1).max(dim=1).values
     else:
-        raise ValueError(f"mode must be one of mean_logits, mean_probs, geo_mean, max; got {mode!r}")
+        raise ValueError(f"mode must be one of {', '.join(ENSEMBLE_MODES)}; got {mode!r}")
     return out.to(logits.dtype)

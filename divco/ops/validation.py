@@ -15,9 +15,11 @@ import os
 import torch
 from torch import Tensor
 
-from .schema import ENSEMBLE_MODES, KINDS
+from ..vocabulary import COTRAIN_KINDS, ENSEMBLE_MODES, FUSED_DTYPE_NAMES
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: Logit dtypes the fused kernels take (divco.vocabulary.FUSED_DTYPE_NAMES); float64 runs on the reference.
+FUSED_DTYPES = tuple(getattr(torch, name) for name in FUSED_DTYPE_NAMES)
 
 
 def check_logits(logits: object, what: str = "logits") -> tuple[int, int, int]:
@@ -97,7 +99,12 @@ def check_class_range(target: Tensor, num_classes: int) -> None:
 
 
 def check_weight(weight: object, logits: Tensor) -> float | Tensor:
-    """A Python number, or a 0-dim floating tensor on the logits' device."""
+    """A finite Python number, or a 0-dim floating tensor on the logits' device.
+
+    Negative weights are allowed (they reward disagreement). A non-finite number or CPU tensor
+    is a ValueError; a CUDA tensor is not inspected (reading it would synchronise with the
+    host), and neither is any tensor under torch.compile: there a NaN/inf weight gives a
+    NaN/inf loss."""
     if isinstance(weight, Tensor):
         if weight.dim() != 0:
             raise ValueError(f"weight must be a number or a 0-dim tensor, got shape {tuple(weight.shape)}")
@@ -108,8 +115,12 @@ def check_weight(weight: object, logits: Tensor) -> float | Tensor:
                 f"weight is on {weight.device} but logits are on {logits.device}; expected the same device "
                 "(the kernels read the weight from device memory)"
             )
+        if weight.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(torch.isfinite(weight)):
+            raise ValueError(f"weight must be finite, got {float(weight)}")
         return weight
     if isinstance(weight, numbers.Real) and not isinstance(weight, bool):
+        if not math.isfinite(weight):
+            raise ValueError(f"weight must be a finite number, got {weight}")
         return float(weight)
     raise ValueError(f"weight must be a number or a 0-dim tensor, got {type(weight).__name__}")
 
@@ -124,8 +135,8 @@ def check_temperature(temperature: object) -> float:
 
 
 def check_kind(kind: object) -> str:
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind not in COTRAIN_KINDS:
+        raise ValueError(f"kind must be one of {COTRAIN_KINDS}, got {kind!r}")
     return kind
 
 

@@ -102,10 +102,11 @@ class TrainConfig:
                            "autoaugment on CIFAR, autoaugment_imagenet on ImageNet, none in quick)",
                    "choices": ("none",) + POLICIES},
         "erase_p": {"help": "random erasing probability"},
-        "erase_scale": {"metavar": ("LOW", "HIGH"), "type": float,
+        "erase_scale": {"metavar": ("LOW", "HIGH"), "type": float, "nargs": 2,
                         "help": "erased area fraction (default: the recipe's, (0.125, 0.2) CIFAR-10, (0.0625, 0.1) "
                                 "CIFAR-100, (0.05, 0.12) ImageNet)"},
-        "erase_ratio": {"metavar": ("LOW", "HIGH"), "help": "aspect ratio of the erased rectangle"},
+        "erase_ratio": {"metavar": ("LOW", "HIGH"), "type": float, "nargs": 2,
+                        "help": "aspect ratio of the erased rectangle (default: the recipe's)"},
         "mixup_alpha": {"help": "0 disables mixup"},
         "same_view": {"help": "every branch gets the same augmented view"},
     })
@@ -237,7 +238,7 @@ class TrainConfig:
 
 
 def _choices(name: str) -> tuple:
-    return next(f.metadata["choices"] for f in fields(TrainConfig) if f.name == name)
+    return next(f.metadata["option"]["choices"] for f in fields(TrainConfig) if f.name == name)
 
 
 def _lists(value):

@@ -63,10 +63,10 @@ def test_ensemble_strides_give_bit_identical_results(ops, mode):
     logits = torch.randn(4, 3, 29)
     grad_out = torch.randn(4, 29)
     expected = ops.ensemble_native(logits, mode)
-    expected_grad = ops.ensemble_native_backward(grad_out, logits, mode)
+    expected_grad = ops.ensemble_backward_native(grad_out, logits, mode)
     for name, view in layouts(logits):
         assert torch.equal(ops.ensemble_native(view, mode), expected), name
-        assert torch.equal(ops.ensemble_native_backward(grad_out.t().contiguous().t(), view, mode), expected_grad), name
+        assert torch.equal(ops.ensemble_backward_native(grad_out.t().contiguous().t(), view, mode), expected_grad), name
 
 
 @pytest.mark.parametrize("kind", ["js", "kl"])
@@ -100,7 +100,7 @@ def test_bit_identical_for_any_thread_count(ops, shape):
                     cotrain(ops, logits, target, kind="js", temperature=1.3),
                     cotrain(ops, logits.bfloat16(), target, kind="kl"),
                     ops.ensemble_native(logits, "mean_probs"),
-                    ops.ensemble_native_backward(logits[:, 0], logits, "geo_mean"),
+                    ops.ensemble_backward_native(logits[:, 0], logits, "geo_mean"),
                 )
             )
     finally:
@@ -190,7 +190,7 @@ def test_max_ensemble_follows_torch_max(ops):
     assert torch.equal(out.nan_to_num(), values.nan_to_num()) and out[0, 2].isnan()
     grad_out = torch.tensor([[1.0, 2.0, 3.0]])
     expected = torch.zeros_like(logits).scatter_(1, indices[:, None], grad_out[:, None])
-    assert torch.equal(ops.ensemble_native_backward(grad_out, logits, "max"), expected)
+    assert torch.equal(ops.ensemble_backward_native(grad_out, logits, "max"), expected)
 
 
 def test_empty_batch(ops):
@@ -237,6 +237,6 @@ def test_ensemble_input_errors(ops):
     with pytest.raises(ValueError, match='mode must be one of "mean_logits"'):
         ops.ensemble_native(logits, "median")
     with pytest.raises(ValueError, match=r"grad_out must have shape \[N, K\] = \[3, 4\]"):
-        ops.ensemble_native_backward(torch.randn(3, 5), logits, "mean_probs")
+        ops.ensemble_backward_native(torch.randn(3, 5), logits, "mean_probs")
     with pytest.raises(ValueError, match="3 dims"):
         ops.ensemble_native(torch.randn(3, 4), "max")

@@ -117,8 +117,8 @@ def test_ensemble_cuda_matches_cpu(ops, mode, dtype, S, K):
         atol=tol,
     )
     torch.testing.assert_close(
-        ops.ensemble_native_backward(grad_out.cuda(), logits.cuda(), mode).cpu().float(),
-        ops.ensemble_native_backward(grad_out, logits, mode).float(),
+        ops.ensemble_backward_native(grad_out.cuda(), logits.cuda(), mode).cpu().float(),
+        ops.ensemble_backward_native(grad_out, logits, mode).float(),
         rtol=tol,
         atol=tol,
     )
@@ -151,8 +151,8 @@ def test_max_ensembles_route_nan_like_cpu(ops, mode):
     torch.testing.assert_close(
         ops.ensemble_native(logits.cuda(), mode).cpu(), ops.ensemble_native(logits, mode), equal_nan=True
     )
-    got = ops.ensemble_native_backward(grad_out.cuda(), logits.cuda(), mode).cpu()
-    want = ops.ensemble_native_backward(grad_out, logits, mode)
+    got = ops.ensemble_backward_native(grad_out.cuda(), logits.cuda(), mode).cpu()
+    want = ops.ensemble_backward_native(grad_out, logits, mode)
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5, equal_nan=True)
 
 
@@ -162,7 +162,7 @@ def test_ensemble_branch_limit_accounts_for_static_shared_memory(native, ops, mo
     limit = native.build_info()["cuda_max_ensemble_branches"]
     logits = torch.randn(2, limit, 3, device="cuda")
     out = ops.ensemble_native(logits, mode)
-    grad = ops.ensemble_native_backward(torch.ones(2, 3, device="cuda"), logits, mode)
+    grad = ops.ensemble_backward_native(torch.ones(2, 3, device="cuda"), logits, mode)
     torch.cuda.synchronize()
     torch.testing.assert_close(out.cpu(), ops.ensemble_native(logits.cpu(), mode), rtol=1e-5, atol=1e-6)
     assert grad.shape == logits.shape

@@ -199,7 +199,7 @@ def test_max_probs_matches_float64_reference(native, dtype, rows, branches, clas
     (expected * grad_out.double()).sum().backward()
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(out.double(), expected.detach(), rtol=tol, atol=tol)
-    got = ops.ensemble_native_backward(grad_out, logits, "max_probs")
+    got = ops.ensemble_backward_native(grad_out, logits, "max_probs")
     assert got.dtype == dtype and got.shape == logits.shape
     torch.testing.assert_close(got.double(), z.grad, rtol=tol, atol=tol)
 
@@ -215,7 +215,7 @@ def test_max_gradients_go_to_the_first_nan_branch(ops, mode):
     expected = reference_ensemble(z, mode)
     (expected * grad_out.double()).sum().backward()
     torch.testing.assert_close(ops.ensemble_native(logits, mode).double(), expected.detach(), equal_nan=True)
-    got = ops.ensemble_native_backward(grad_out, logits, mode)
+    got = ops.ensemble_backward_native(grad_out, logits, mode)
     picked = (torch.softmax(logits.double(), -1) if mode == "max_probs" else logits.double()).max(dim=1).indices
     if mode == "max":
         assert picked[0].tolist() == [2, 1, 1, 2]  # class 1: NaN in branches 1, 2 and 3 -> branch 1

@@ -11,12 +11,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from backend_params import EXAMPLES, MAX_ROWS, backend_params, device_for
+from backend_params import EXAMPLES, MAX_ROWS, backend_params, device_for, ensemble_modes_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import divco.ops as ops
 from divco.ops import reference as R
+from divco.ops import schema
 
 EPS = {torch.float32: 1.2e-7, torch.bfloat16: 7.8e-3, torch.float16: 9.8e-4}
 MAX_ELEMENTS = 300_000
@@ -171,7 +172,7 @@ def test_ensemble_matches_reference(backend):
         N=st.integers(1, 12),
         S=st.integers(1, 8),
         K=st.one_of(st.integers(2, 64), st.integers(2, 64), st.integers(2, 64), st.sampled_from([1500, 12000])),
-        mode=st.sampled_from(list(ops.ENSEMBLE_MODES)),
+        mode=st.sampled_from(ensemble_modes_for(backend)),
         dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
         layout=st.sampled_from(["contiguous", "branch_major", "class_major", "every_other_class"]),
     )
@@ -215,7 +216,7 @@ def test_nan_in_gives_nan_out(backend, kind, soft):
     assert torch.isnan(out.loss) and torch.isnan(out.cot) and torch.isnan(out.ce[1])
     assert torch.isnan(logits.grad[2]).any()
     assert torch.isfinite(logits.grad[[0, 1, 3]]).all()  # other samples keep finite gradients
-    for mode in ops.ENSEMBLE_MODES:
+    for mode in ensemble_modes_for(backend):
         assert torch.isnan(ops.ensemble(logits.detach(), mode, backend=backend)[2]).any()
 
 
@@ -228,7 +229,7 @@ def test_out_of_range_class_in_the_kernel_gives_nan_loss(backend):
     logits = torch.randn(3, 2, 6, device=device)
     target = torch.tensor([1, 600000, -3], device=device)
     weight = torch.tensor(0.5, device=device)
-    op = torch.ops.divco.cotrain_loss_triton if backend == "triton" else torch.ops.divco.cotrain_loss_native
+    op = schema.operator("cotrain_loss", backend)
     loss, ce, cot, ensemble, correct, grad = op(logits, target, weight, "js", 1.0, True)
     assert torch.isnan(loss) and torch.isnan(ce).all() and torch.isfinite(cot)
     assert torch.isfinite(grad[0]).all() and torch.isnan(grad[1:]).any()

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from divco.ops import reference as R
+from divco.vocabulary import ENSEMBLE_MODES
 
 
 def random_problem(seed, N, S, K, scale=3.0):
@@ -128,7 +129,7 @@ def test_correct_counts_and_ties():
     assert R.correct_counts(z, soft).tolist() == [3, 2, 3]
 
 
-@pytest.mark.parametrize("mode", ["mean_logits", "mean_probs", "geo_mean", "max"])
+@pytest.mark.parametrize("mode", ENSEMBLE_MODES)
 def test_ensemble_definitions(mode):
     z, _ = random_problem(6, 5, 3, 7)
     z = z.detach()
@@ -138,6 +139,8 @@ def test_ensemble_definitions(mode):
         # normalised geometric mean of the probabilities
         "geo_mean": torch.softmax(z, -1).log().mean(1).exp() / torch.softmax(z, -1).log().mean(1).exp().sum(-1, True),
         "max": z.amax(1),
+        # the official code: torch.max(F.softmax(torch.stack(outputs), -1), 0), not renormalised
+        "max_probs": torch.softmax(z, -1).amax(1),
     }[mode]
     torch.testing.assert_close(R.ensemble(z, mode), expected)
 
@@ -146,6 +149,65 @@ def test_max_ensemble_gradient_goes_to_first_maximal_branch():
     z = torch.tensor([[[1.0, 5.0], [1.0, 2.0], [0.0, 5.0]]], requires_grad=True)
     R.ensemble(z, "max").sum().backward()
     assert z.grad.tolist() == [[[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]]
+
+
+def test_max_probs_gradient_goes_through_the_first_maximal_branchs_softmax():
+    z = torch.tensor([[[1.0, 5.0, 0.0], [1.0, 5.0, 0.0], [0.0, 0.0, 0.0]]], dtype=torch.float64, requires_grad=True)
+    g = torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64)
+    (R.ensemble(z, "max_probs") * g).sum().backward()
+    p = torch.softmax(z.detach(), -1)
+    # column 1: branch 0 (the first of two equal maxima, 0.97); columns 0 and 2: branch 2 (1/3)
+    routed = torch.zeros_like(p)
+    routed[0, 0, 1], routed[0, 2, 0], routed[0, 2, 2] = g[0, 1], g[0, 0], g[0, 2]
+    expected = p * routed - p * (p * routed).sum(-1, keepdim=True)
+    torch.testing.assert_close(z.grad, expected)
+
+
+@pytest.mark.parametrize("mode", ["max", "max_probs"])
+def test_max_ensembles_route_nan_to_the_first_nan_branch(mode):
+    z = torch.tensor([[[1.0, 5.0], [math.nan, 2.0], [math.nan, 9.0]]], dtype=torch.float64, requires_grad=True)
+    out = R.ensemble(z, mode)
+    assert math.isnan(out[0, 0]) and (mode == "max_probs" or out[0, 1] == 9.0)
+    (grad,) = torch.autograd.grad(out, z, torch.ones_like(out))
+    routed = grad.ne(0)
+    assert routed[0, 1].all() if mode == "max_probs" else routed[0, :, 0].tolist() == [False, True, False]
+
+
+def test_inf_logits_have_probability_zero_and_add_nothing():
+    """-inf (a masked class) in every branch: the same loss and gradient as without the class."""
+    z, y = random_problem(11, 5, 3, 6)
+    masked = torch.cat([z.detach(), torch.full((5, 3, 2), -math.inf, dtype=torch.float64)], -1).requires_grad_()
+    for kind in ("js", "kl"):
+        for target in (y, F.one_hot(y, 8).double() * 0.9 + 0.1 * F.one_hot((y + 1) % 6, 8).double()):
+            cut = target if target.dim() == 1 else target[:, :6]
+            ref = R.cotrain_loss(z, cut, 0.7, kind, 1.5)
+            out = R.cotrain_loss(masked, target, 0.7, kind, 1.5)
+            (g_ref,) = torch.autograd.grad(ref.loss, z)
+            (g,) = torch.autograd.grad(out.loss, masked)
+            torch.testing.assert_close(out.loss, ref.loss)
+            torch.testing.assert_close(g[..., :6], g_ref)
+            assert g[..., 6:].eq(0).all()
+    # masked in one branch only: both terms stay finite, and the masked logit gets no gradient
+    one = z.detach().clone()
+    one[:, 0, 0] = -math.inf
+    one.requires_grad_()
+    for kind in ("js", "kl"):
+        out = R.cotrain_loss(one, y % 5 + 1, 0.5, kind)  # no target on the masked class 0
+        (g,) = torch.autograd.grad(out.loss, one)
+        assert torch.isfinite(out.loss) and torch.isfinite(g).all() and g[:, 0, 0].eq(0).all()
+    # a branch entirely -inf is undefined
+    dead = z.detach().clone()
+    dead[0, 1] = -math.inf
+    assert torch.isnan(R.cotrain_loss(dead, y, 0.5, "js").loss)
+
+
+def test_huge_logits_give_finite_terms_and_an_ensemble_that_fits():
+    z = torch.tensor([[[3e38, -3e38, 0.0], [3e38, 1.0, -3e38]]], dtype=torch.float32)
+    y = torch.tensor([0])
+    out = R.cotrain_loss(z, y, 0.5, "js")
+    assert torch.isfinite(out.cot) and torch.isfinite(out.loss)
+    assert R.ensemble(z, "mean_logits")[0, 0] == 3e38
+    assert torch.isfinite(out.ensemble).all()
 
 
 def test_low_precision_logits_accumulate_in_float32():

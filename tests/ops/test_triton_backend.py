@@ -35,8 +35,8 @@ COMPILE_SCRIPT = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from divco.kernels.cotrain import cotrain_loss_kernel
-    from divco.kernels.ensemble import MODE_IDS, ensemble_backward_kernel, ensemble_kernel
+    from divco.kernels.cotrain_loss import cotrain_loss_kernel
+    from divco.kernels.ensemble import MODE_IDS, NORMALISED_MODES, ensemble_backward_kernel, ensemble_kernel
 
     def compile_for(kernel, types, constexprs, arch):
         signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
@@ -54,7 +54,7 @@ COMPILE_SCRIPT = textwrap.dedent(
         ("bf16", True, False, True, True, False, 80),
     ]:
         types = dict(ints, logits_ptr="*" + dtype, target_ptr="*fp32" if soft else "*i64", weight_ptr="*fp32",
-                     ensemble_ptr="*" + dtype, grad_ptr="*" + dtype, ce_rows_ptr="*fp32", cot_rows_ptr="*fp32",
+                     ensemble_ptr="*" + dtype, grad_ptr="*fp32" if dtype == "fp16" else "*" + dtype, ce_rows_ptr="*fp32", cot_rows_ptr="*fp32",
                      hits_ptr="*i32", inv_t="fp32", cot_coef="fp32")
         compile_for(cotrain_loss_kernel, types, dict(SOFT_TARGET=soft, KIND_KL=kl, UNIT_TEMPERATURE=unit,
                     COMPUTE_GRAD=grad, SINGLE_TILE=single, BLOCK_S=4, BLOCK_K=1024), arch)
@@ -63,8 +63,11 @@ COMPILE_SCRIPT = textwrap.dedent(
         (ensemble_kernel, "max", dict(ints, logits_ptr="*fp32", out_ptr="*fp32")),
         (ensemble_backward_kernel, "geo_mean", dict(ints, grad_out_ptr="*bf16", logits_ptr="*bf16", grad_ptr="*bf16")),
         (ensemble_backward_kernel, "max", dict(ints, grad_out_ptr="*fp32", logits_ptr="*fp32", grad_ptr="*fp32")),
+        (ensemble_kernel, "max_probs", dict(ints, logits_ptr="*fp16", out_ptr="*fp16")),
+        (ensemble_backward_kernel, "max_probs", dict(ints, grad_out_ptr="*fp16", logits_ptr="*fp16", grad_ptr="*fp16")),
+        (ensemble_backward_kernel, "mean_probs", dict(ints, grad_out_ptr="*fp32", logits_ptr="*fp32", grad_ptr="*fp32")),
     ]:
-        constexprs = dict(MODE=MODE_IDS[mode], NORMALISED=mode in ("mean_probs", "geo_mean"), BLOCK_S=8, BLOCK_K=512)
+        constexprs = dict(MODE=MODE_IDS[mode], NORMALISED=mode in NORMALISED_MODES, BLOCK_S=8, BLOCK_K=512)
         compile_for(kernel, types, constexprs, 90)
     print("compiled")
     """
@@ -78,3 +81,119 @@ def test_kernels_compile_for_gpus():
     )
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
 
+
+
+def test_nothing_probes_the_kernels_at_call_time(monkeypatch):
+    """Whether the kernels are interpreted is decided at import (issue 9 item 1): an isinstance
+    on a Triton kernel inside a traced call breaks torch.compile before torch 2.12."""
+    import torch
+    import triton.runtime.interpreter
+
+    import divco.ops as ops
+
+    class Probe(type):
+        def __instancecheck__(cls, obj):
+            raise AssertionError("a Triton kernel object was inspected at call time")
+
+    monkeypatch.setattr(triton.runtime.interpreter, "InterpretedFunction", Probe("InterpretedFunction", (), {}))
+    # (torch's own wrap_triton looks at the kernel when launching, so no kernel runs here)
+    from divco.ops import backends
+
+    for device in (torch.device("cpu"), torch.device("cuda")):
+        backends.triton_status(device)
+        ops.available_backends(device)
+    assert backends.resolve_backend("triton", torch.device("cpu"), torch.float32) == "triton"
+    with triton_backend.quiet_interpreter():
+        pass
+
+
+def test_device_guard_makes_the_logits_device_current(monkeypatch):
+    """Triton launches on the current device: tensors on cuda:1 need cuda:1 current (issue 9 item 6)."""
+    import contextlib
+
+    import torch
+
+    entered = []
+
+    @contextlib.contextmanager
+    def fake_cuda_device(device):
+        entered.append(torch.device(device))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", fake_cuda_device)
+    with triton_backend.device_guard(torch.device("cuda", 1)):
+        pass
+    with triton_backend.device_guard(torch.device("cpu")):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+
+
+def test_every_launcher_enters_the_device_guard(monkeypatch):
+    import contextlib
+
+    import torch
+
+    guarded = []
+
+    def recording_guard(device):
+        guarded.append(device)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(triton_backend, "device_guard", recording_guard)
+    device = torch.device("cpu" if triton_backend.KERNELS_INTERPRETED else "cuda")
+    logits = torch.randn(2, 3, 4, device=device)
+    torch.ops.divco.cotrain_loss_triton(logits, torch.tensor([0, 1], device=device), torch.tensor(0.5, device=device),
+                                        "js", 1.0, False)
+    torch.ops.divco.ensemble_triton(logits, "max")
+    torch.ops.divco.ensemble_backward_triton(torch.randn(2, 4, device=device), logits, "max")
+    assert guarded == [logits.device] * 3
+
+
+def test_the_gradient_has_its_own_buffer_without_compute_grad(monkeypatch):
+    """The ensemble buffer is never passed as the gradient pointer too (issue 9 item 9): that
+    was correct only while Inductor pruned the masked store."""
+    import torch
+
+    launched = []
+    wrap = triton_backend.wrap_triton
+
+    def recording_wrap(kernel):
+        launcher = wrap(kernel)
+
+        class Recorder:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    launched.append(args)
+                    return launcher[grid](*args, **kwargs)
+
+                return launch
+
+        return Recorder()
+
+    monkeypatch.setattr(triton_backend, "wrap_triton", recording_wrap)
+    device = torch.device("cpu" if triton_backend.KERNELS_INTERPRETED else "cuda")
+    logits = torch.randn(2, 3, 4, device=device)
+    for compute_grad in (False, True):
+        out = torch.ops.divco.cotrain_loss_triton(
+            logits, torch.tensor([0, 1], device=device), torch.tensor(0.5, device=device), "js", 1.0, compute_grad
+        )
+        args = launched[-1]
+        ensemble_arg, grad_arg = args[8], args[9]
+        assert grad_arg is not ensemble_arg and grad_arg.data_ptr() != ensemble_arg.data_ptr()
+        assert grad_arg.shape == ((2, 3, 4) if compute_grad else (0,)) and out[5].shape == grad_arg.shape
+
+
+def test_a_missing_kernels_package_is_a_packaging_error():
+    """Running from a checkout without installing: not "Triton unavailable" but a clear error (item 10)."""
+    code = (
+        "import sys\n"
+        "sys.modules['divco.kernels'] = None  # what a checkout without pip install -e . looks like\n"
+        "try:\n"
+        "    import divco.ops\n"
+        "except ImportError as error:\n"
+        "    print('ERROR', error)\n"
+        "else:\n"
+        "    print('IMPORTED', divco.ops.triton_backend.TRITON_ERROR)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "ERROR divco.kernels" in result.stdout and "pip install -e ." in result.stdout, result.stdout + result.stderr

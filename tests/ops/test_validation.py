@@ -58,6 +58,10 @@ def test_other_integer_class_dtypes_are_accepted():
         (dict(weight=torch.ones(2)), r"weight must be a number or a 0-dim tensor, got shape \(2,\)"),
         (dict(weight=torch.tensor(1)), r"weight must be a floating-point tensor, got dtype torch.int64"),
         (dict(weight="0.5"), r"weight must be a number or a 0-dim tensor, got str"),
+        (dict(weight=math.inf), r"weight must be a finite number, got inf"),
+        (dict(weight=math.nan), r"weight must be a finite number, got nan"),
+        (dict(weight=torch.tensor(-math.inf)), r"weight must be finite, got -inf"),
+        (dict(weight=torch.tensor(math.nan, dtype=torch.float64)), r"weight must be finite, got nan"),
         (dict(backend="numpy"), r"backend must be one of \('torch', 'triton', 'cpu', 'cuda'\).*'numpy'"),
         (dict(backend="cuda"), r"backend='cuda' is not available for tensors on cpu"),
     ],
@@ -68,9 +72,19 @@ def test_bad_arguments(kwargs, message):
         ops.cotrain_loss(logits, target, **kwargs)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
+def test_negative_weights_are_allowed(backend):
+    if backend not in ops.available_backends("cpu"):
+        pytest.skip(f"backend {backend!r} not available here")
+    logits, target = good()
+    plus = ops.cotrain_loss(logits, target, weight=0.5, backend=backend)
+    minus = ops.cotrain_loss(logits, target, weight=torch.tensor(-0.5), backend=backend)
+    torch.testing.assert_close(minus.loss, plus.ce.sum() - 0.5 * plus.cot)
+
+
 def test_bad_ensemble_mode_and_logits():
     logits, _ = good()
-    with pytest.raises(ValueError, match=r"mode must be one of \('mean_logits', 'mean_probs', 'geo_mean', 'max'\)"):
+    with pytest.raises(ValueError, match=r"mode must be one of \('mean_logits', 'mean_probs', 'geo_mean', 'max', 'max_probs'\)"):
         ops.ensemble(logits, "median")
     with pytest.raises(ValueError, match=r"\[N, S, K\]"):
         ops.ensemble(logits[0], "max")

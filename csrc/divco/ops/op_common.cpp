@@ -147,7 +147,7 @@ EnsembleCall prepare_ensemble(const at::Tensor& logits, std::string_view mode, c
 
 EnsembleBackwardCall prepare_ensemble_backward(const at::Tensor& grad_out, const at::Tensor& logits,
                                                std::string_view mode, c10::DeviceType expected_device) {
-  constexpr const char* op = "ensemble_native_backward";
+  constexpr const char* op = "ensemble_backward_native";
   EnsembleBackwardCall call{};
   EnsembleBackwardArgs& a = call.args;
   a.logits = check_logits(logits, op, expected_device);

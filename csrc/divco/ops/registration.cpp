@@ -10,19 +10,19 @@ TORCH_LIBRARY(divco, m) {
       "cotrain_loss_native(Tensor logits, Tensor target, Tensor weight, str kind, float temperature, "
       "bool compute_grad) -> (Tensor loss, Tensor ce, Tensor cot, Tensor ensemble, Tensor correct, Tensor grad)");
   m.def("ensemble_native(Tensor logits, str mode) -> Tensor");
-  m.def("ensemble_native_backward(Tensor grad_out, Tensor logits, str mode) -> Tensor");
+  m.def("ensemble_backward_native(Tensor grad_out, Tensor logits, str mode) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(divco, CPU, m) {
   m.impl("cotrain_loss_native", &divco::ops::cotrain_loss_cpu);
   m.impl("ensemble_native", &divco::ops::ensemble_cpu);
-  m.impl("ensemble_native_backward", &divco::ops::ensemble_backward_cpu);
+  m.impl("ensemble_backward_native", &divco::ops::ensemble_backward_cpu);
 }
 
 #if defined(DIVCO_WITH_CUDA)
 TORCH_LIBRARY_IMPL(divco, CUDA, m) {
   m.impl("cotrain_loss_native", &divco::ops::cotrain_loss_cuda);
   m.impl("ensemble_native", &divco::ops::ensemble_cuda);
-  m.impl("ensemble_native_backward", &divco::ops::ensemble_backward_cuda);
+  m.impl("ensemble_backward_native", &divco::ops::ensemble_backward_cuda);
 }
 #endif

@@ -181,7 +181,7 @@ DIVCO_CPU_INLINE void cross_entropy_partials(const CotrainArgs& a, int64_t n, co
       row_ce[s] = target.valid ? w.lse_z[s] - z[target.label] : math::quiet_nan();
     } else {
       const float* y = w.y;
-      const float y_dot_z = lane_sum(K, [&](int64_t k) { return y[k] * z[k]; });
+      const float y_dot_z = lane_sum(K, [&](int64_t k) { return math::soft_target_term(y[k], z[k]); });
       row_ce[s] = target.sum * w.lse_z[s] - y_dot_z;
     }
   }

@@ -1,4 +1,4 @@
-// CPU kernels of divco::ensemble_native and divco::ensemble_native_backward: rows in
+// CPU kernels of divco::ensemble_native and divco::ensemble_backward_native: rows in
 // parallel, each row converted once to float32, vectorised loops (row_loops.h).
 #include <ATen/Parallel.h>
 

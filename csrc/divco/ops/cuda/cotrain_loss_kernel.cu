@@ -142,7 +142,7 @@ __device__ __forceinline__ BranchPartial branch_statistics(const CotrainArgs& a,
     }
     if (soft) {
       const float y = y_row[k * a.target_soft_stride_class];
-      part.y_dot_z += y * z;
+      part.y_dot_z += m::soft_target_term(y, z);
       part.y_sum += y;
       if (m::argmax_prefers(y, k, part.y_best, part.y_best_index)) {
         part.y_best = y;

@@ -1,4 +1,4 @@
-// CUDA kernels of divco::ensemble_native and divco::ensemble_native_backward: one block per
+// CUDA kernels of divco::ensemble_native and divco::ensemble_backward_native: one block per
 // row, online softmax over K (block reductions), fp32 arithmetic, up to
 // kMaxEnsembleBranches branches (mean_probs / max_probs keep two floats per branch in
 // shared memory; the other modes take any S).

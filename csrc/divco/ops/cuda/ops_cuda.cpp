@@ -55,8 +55,8 @@ at::Tensor ensemble_cuda(const at::Tensor& logits, std::string_view mode) {
 
 at::Tensor ensemble_backward_cuda(const at::Tensor& grad_out, const at::Tensor& logits, std::string_view mode) {
   EnsembleBackwardCall call = prepare_ensemble_backward(grad_out, logits, mode, c10::DeviceType::CUDA);
-  check_cuda_limits(call.args.logits, "ensemble_native_backward");
-  check_ensemble_branches(call.args.logits, call.args.mode, "ensemble_native_backward");
+  check_cuda_limits(call.args.logits, "ensemble_backward_native");
+  check_ensemble_branches(call.args.logits, call.args.mode, "ensemble_backward_native");
   const c10::cuda::CUDAGuard guard(logits.device());
   C10_CUDA_CHECK(cuda::launch_ensemble_backward(call.args, c10::cuda::getCurrentCUDAStream()));
   return call.grad_logits;

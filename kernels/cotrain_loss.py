@@ -37,34 +37,45 @@ def _load_logits(row_ptr, stride_s, stride_k, offs_s, offs_k, S, K):
 
 @triton.jit
 def _first_argmax(values, offs_k, axis: tl.constexpr):
-    """(max, first index of the max) along ``axis``, like torch.argmax on ties."""
-    best = tl.max(values, axis=axis)
+    """(max, first index of the max) along ``axis``, torch.argmax's rule: the first max on
+    ties, and a NaN is the max (the first NaN wins). tl.max alone ignores NaN on GPUs but
+    propagates it in the interpreter; this gives the same answer on both."""
+    is_nan = values != values
+    best = tl.max(tl.where(is_nan, float("-inf"), values), axis=axis)  # NaN-free: GPU == interpreter
     if axis == 1:
         hit = values == best[:, None]
         index = tl.min(tl.where(hit, offs_k[None, :], 2147483647), axis=1)
+        first_nan = tl.min(tl.where(is_nan, offs_k[None, :], 2147483647), axis=1)
     else:
         hit = values == best
         index = tl.min(tl.where(hit, offs_k, 2147483647), axis=0)
-    return best, index
+        first_nan = tl.min(tl.where(is_nan, offs_k, 2147483647), axis=0)
+    has_nan = first_nan < 2147483647
+    return tl.where(has_nan, float("nan"), best), tl.where(has_nan, first_nan, index)
 
 
 @triton.jit
 def _merge_argmax(best, index, tile_best, tile_index):
-    """Keep the earlier tile's index unless the new tile is strictly larger (first max wins)."""
-    better = tile_best > best
+    """Keep the earlier tile's index unless the new tile is strictly larger or holds the first NaN."""
+    better = (tile_best > best) | ((tile_best != tile_best) & (best == best))  # a first NaN wins too
     return tl.where(better, tile_best, best), tl.where(better, tile_index, index)
 
 
 @triton.jit
 def _online_softmax(z, m, sum_z, sum_u, inv_t, UNIT_TEMPERATURE: tl.constexpr):
-    """Merge one tile into running (max, Σexp(z-max), Σexp((z-max)/T)) per branch."""
-    m_new = tl.maximum(m, tl.max(z, axis=1))
-    shifted = z - m_new[:, None]
-    sum_z = sum_z * tl.exp(m - m_new) + tl.sum(tl.exp(shifted), axis=1)
+    """Merge one tile into running (max, Σexp(z-max), Σexp((z-max)/T)) per branch.
+
+    The max ignores NaN (a NaN still reaches the sums, so NaN in gives NaN out on GPUs and in
+    the interpreter alike). A branch whose classes so far are all -inf keeps max = -inf and is
+    shifted by 0, so -inf - -inf never makes a NaN: its exps are 0 and its sums stay 0."""
+    m_new = tl.maximum(m, tl.max(tl.where(z == z, z, float("-inf")), axis=1))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    shifted = z - shift[:, None]
+    sum_z = sum_z * tl.exp(m - shift) + tl.sum(tl.exp(shifted), axis=1)
     if UNIT_TEMPERATURE:
         sum_u = sum_z
     else:
-        sum_u = sum_u * tl.exp((m - m_new) * inv_t) + tl.sum(tl.exp(shifted * inv_t), axis=1)
+        sum_u = sum_u * tl.exp((m - shift) * inv_t) + tl.sum(tl.exp(shifted * inv_t), axis=1)
     return m_new, sum_z, sum_u
 
 
@@ -88,7 +99,8 @@ def _contributes(p, p_bar):
 def _cotrain_partial(log_p, p, p_bar, valid, KIND_KL: tl.constexpr):
     """Per-branch partial sums over this tile: KL(p_s||p̄) ("js") or Σ(p_s - p̄) log p_s ("kl")."""
     if KIND_KL:
-        terms = tl.where(valid, (p - p_bar[None, :]) * log_p, 0.0)
+        # a masked class (log p = -inf, from a -inf logit) adds 0; so does p = p̄
+        terms = tl.where(valid & (p != p_bar[None, :]) & (log_p != float("-inf")), (p - p_bar[None, :]) * log_p, 0.0)
     else:
         terms = tl.where(valid & _contributes(p, p_bar), p * (log_p - tl.log(p_bar)[None, :]), 0.0)
     return tl.sum(terms, axis=1)
@@ -96,11 +108,14 @@ def _cotrain_partial(log_p, p, p_bar, valid, KIND_KL: tl.constexpr):
 
 @triton.jit
 def _write_grad(
-    grad_row_ptr, z, offs_s, offs_k, S, K, m, log_sum_z, log_p, p, p_bar, kl_per_branch,
+    grad_row_ptr, z, offs_s, offs_k, S, K, m, log_sum_z, log_p, p, p_bar, row_term, enabled,
     y, y_sum, label, label_valid, ce_scale, cot_scale,
     SOFT_TARGET: tl.constexpr, KIND_KL: tl.constexpr, UNIT_TEMPERATURE: tl.constexpr,
 ):
-    """grad = (1/N) [ dCE/dz + w/T · dJ/du ] for one tile; ce_scale = 1/N, cot_scale = w·c/(N·T)."""
+    """grad = (1/N) [ dCE/dz + w/T · dJ/du ] for one tile; ce_scale = 1/N, cot_scale = w·c/(N·T).
+
+    row_term: per branch, KL(p_s || p̄) ("js") or the masked mass m_s ("kl"), whole-row sums.
+    Nothing is stored unless ``enabled``."""
     if UNIT_TEMPERATURE:
         q = p
     else:
@@ -111,11 +126,11 @@ def _write_grad(
         one_hot = (offs_k[None, :] == label).to(tl.float32)
         g_ce = tl.where(label_valid, q - one_hot, float("nan"))
     if KIND_KL:
-        g_cot = p - p_bar[None, :]
+        g_cot = tl.where(log_p == float("-inf"), 0.0, p * (1.0 - row_term[:, None]) - p_bar[None, :])
     else:
-        g_cot = tl.where(_contributes(p, p_bar), p * ((log_p - tl.log(p_bar)[None, :]) - kl_per_branch[:, None]), 0.0)
+        g_cot = tl.where(_contributes(p, p_bar), p * ((log_p - tl.log(p_bar)[None, :]) - row_term[:, None]), 0.0)
     grad = ce_scale * g_ce + cot_scale * g_cot
-    mask = (offs_s < S)[:, None] & (offs_k < K)[None, :]
+    mask = (offs_s < S)[:, None] & (offs_k < K)[None, :] & enabled
     ptrs = grad_row_ptr + offs_s.to(tl.int64)[:, None] * K + offs_k[None, :]
     tl.store(ptrs, grad.to(grad_row_ptr.dtype.element_ty), mask=mask)
 
@@ -173,19 +188,23 @@ def cotrain_loss_kernel(
     num_tiles = 1 if SINGLE_TILE else tl.cdiv(K, BLOCK_K)
     z = tl.zeros((BLOCK_S, BLOCK_K), tl.float32)  # the single tile stays here
     y = tl.zeros((BLOCK_K,), tl.float32)
+    masked_row = tl.zeros((), tl.int32)  # "kl": 1 if a branch has a -inf logit (its gradient needs m_s)
     for tile in range(0, num_tiles):
         offs_k = tile * BLOCK_K + base_k
         k_mask = offs_k < K
         z = _load_logits(row_ptr, stride_s, stride_k, offs_s, offs_k, S, K)
         m, sum_z, sum_u = _online_softmax(z, m, sum_z, sum_u, inv_t, UNIT_TEMPERATURE)
+        if KIND_KL:
+            is_masked = s_mask[:, None] & k_mask[None, :] & (z == float("-inf"))
+            masked_row = tl.maximum(masked_row, tl.max(tl.max(is_masked.to(tl.int32), axis=1), axis=0))
         tile_top, tile_index = _first_argmax(z, offs_k, 1)
         top, top_index = _merge_argmax(top, top_index, tile_top, tile_index)
-        ens = tl.sum(tl.where(s_mask[:, None], z, 0.0), axis=0) * inv_s
+        ens = tl.sum(tl.where(s_mask[:, None], z * inv_s, 0.0), axis=0)  # no overflow near ±3e38
         tl.store(ensemble_ptr + n * K + offs_k, ens.to(ensemble_ptr.dtype.element_ty), mask=k_mask)
         tile_top, tile_index = _first_argmax(ens, offs_k, 0)
         ens_top, ens_index = _merge_argmax(ens_top, ens_index, tile_top, tile_index)
         if SOFT_TARGET:
-            y = tl.load(target_row_ptr + offs_k * target_stride_k, mask=k_mask, other=0.0).to(tl.float32)
+            y = tl.load(target_row_ptr + offs_k.to(tl.int64) * target_stride_k, mask=k_mask, other=0.0).to(tl.float32)
             y_sum += tl.sum(y, axis=0)
             tile_top, tile_index = _first_argmax(tl.where(k_mask, y, float("-inf")), offs_k, 0)
             y_top, y_index = _merge_argmax(y_top, y_index, tile_top, tile_index)
@@ -202,6 +221,7 @@ def cotrain_loss_kernel(
 
     # ---- pass 2: probabilities, co-training partials, soft cross-entropy ------------------
     cot_partial = tl.zeros((BLOCK_S,), tl.float32)
+    masked_mass = tl.zeros((BLOCK_S,), tl.float32)  # "kl": m_s = Σ_k p̄_k over the classes masked in branch s
     ce = tl.zeros((BLOCK_S,), tl.float32)
     for tile in range(0, num_tiles):
         offs_k = tile * BLOCK_K + base_k
@@ -209,17 +229,26 @@ def cotrain_loss_kernel(
         if not SINGLE_TILE:
             z = _load_logits(row_ptr, stride_s, stride_k, offs_s, offs_k, S, K)
             if SOFT_TARGET:
-                y = tl.load(target_row_ptr + offs_k * target_stride_k, mask=k_mask, other=0.0).to(tl.float32)
+                y = tl.load(target_row_ptr + offs_k.to(tl.int64) * target_stride_k, mask=k_mask, other=0.0).to(tl.float32)
         valid = s_mask[:, None] & k_mask[None, :]
         log_p, p, p_bar = _probabilities(z, m, log_sum_u, inv_t, s_mask, inv_s)
         cot_partial += _cotrain_partial(log_p, p, p_bar, valid, KIND_KL)
+        if KIND_KL:
+            masked_mass += tl.sum(tl.where(valid & (log_p == float("-inf")), p_bar[None, :], 0.0), axis=1)
         if SOFT_TARGET:
             log_q = z - m[:, None] - log_sum_z[:, None]
-            ce -= tl.sum(tl.where(valid, y[None, :] * log_q, 0.0), axis=1)
+            # y·log q := 0 where y = 0 (a -inf logit has log q = -inf)
+            ce -= tl.sum(tl.where(valid & (y != 0.0)[None, :], y[None, :] * log_q, 0.0), axis=1)
         if COMPUTE_GRAD and (KIND_KL or SINGLE_TILE):
-            # "kl" needs nothing from the rest of the row; a single tile has the whole row.
+            # A single tile has the whole row; "kl" needs nothing from the rest of the row unless
+            # a class is masked (m_s > 0: then pass 3 writes it).
+            if SINGLE_TILE:
+                enabled = True
+            else:
+                enabled = masked_row == 0
             _write_grad(
-                grad_row_ptr, z, offs_s, offs_k, S, K, m, log_sum_z, log_p, p, p_bar, cot_partial,
+                grad_row_ptr, z, offs_s, offs_k, S, K, m, log_sum_z, log_p, p, p_bar,
+                masked_mass if KIND_KL else cot_partial, enabled,
                 y, y_sum, label, label_valid, ce_scale, cot_scale, SOFT_TARGET, KIND_KL, UNIT_TEMPERATURE,
             )
 
@@ -232,15 +261,18 @@ def cotrain_loss_kernel(
     cot_row = cot_coef * tl.sum(tl.where(s_mask, cot_partial, 0.0), axis=0)
     tl.store(cot_rows_ptr + n, cot_row)
 
-    # ---- pass 3 ("js" over several tiles): the gradient needs KL(p_s || p̄) of the whole row
-    if COMPUTE_GRAD and not KIND_KL and not SINGLE_TILE:
-        for tile in range(0, num_tiles):
+    # ---- pass 3 (several tiles): the gradient needs KL(p_s || p̄) ("js") or m_s ("kl", rows with
+    # a masked class) of the whole row
+    if COMPUTE_GRAD and not SINGLE_TILE:
+        num_grad_tiles = num_tiles * masked_row if KIND_KL else num_tiles
+        for tile in range(0, num_grad_tiles):
             offs_k = tile * BLOCK_K + base_k
             z = _load_logits(row_ptr, stride_s, stride_k, offs_s, offs_k, S, K)
             if SOFT_TARGET:
-                y = tl.load(target_row_ptr + offs_k * target_stride_k, mask=offs_k < K, other=0.0).to(tl.float32)
+                y = tl.load(target_row_ptr + offs_k.to(tl.int64) * target_stride_k, mask=offs_k < K, other=0.0).to(tl.float32)
             log_p, p, p_bar = _probabilities(z, m, log_sum_u, inv_t, s_mask, inv_s)
             _write_grad(
-                grad_row_ptr, z, offs_s, offs_k, S, K, m, log_sum_z, log_p, p, p_bar, cot_partial,
+                grad_row_ptr, z, offs_s, offs_k, S, K, m, log_sum_z, log_p, p, p_bar,
+                masked_mass if KIND_KL else cot_partial, True,
                 y, y_sum, label, label_valid, ce_scale, cot_scale, SOFT_TARGET, KIND_KL, UNIT_TEMPERATURE,
             )
