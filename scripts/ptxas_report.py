@@ -60,8 +60,9 @@ def build_config() -> dict:
 
 
 def cuda_sources() -> list[Path]:
-    """The .cu files of the build (the .cpp host wrappers hold no device code)."""
-    return [CSRC / s for s in build_config()["sources"]["cuda"] if s.endswith(".cu")]
+    """The .cu files of the build that define kernels (host wrappers and build_info.cu hold none)."""
+    sources = [CSRC / s for s in build_config()["sources"]["cuda"] if s.endswith(".cu")]
+    return [p for p in sources if "__global__" in p.read_text()]
 
 
 def nvcc_command(nvcc: str, source: Path, arch: int, output: Path) -> list[str]:

@@ -161,13 +161,21 @@ def plan(quick: bool = False) -> list[Spec]:
 # -- compiling -----------------------------------------------------------------------------------
 
 
+#: The module of every kernel in the plan (kernels/<op>.py, named after its op).
+KERNEL_MODULES = {
+    "cotrain_loss_kernel": "divco.kernels.cotrain_loss",
+    "ensemble_kernel": "divco.kernels.ensemble",
+    "ensemble_backward_kernel": "divco.kernels.ensemble",
+}
+
+
 def _kernel(name: str):
     """The kernel's JITFunction (never an interpreted one: see the module docstring)."""
     import importlib
 
     from triton.runtime.jit import JITFunction
 
-    module = "divco.kernels.cotrain" if name.startswith("cotrain") else "divco.kernels.ensemble"
+    module = KERNEL_MODULES[name]
     fn = getattr(importlib.import_module(module), name)
     if not isinstance(fn, JITFunction):
         raise RuntimeError(f"{module}.{name} is a {type(fn).__name__}, not a JITFunction: "

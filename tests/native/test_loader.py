@@ -12,10 +12,17 @@ from divco.ops import backends
 
 @pytest.fixture
 def fresh_loader(monkeypatch):
-    """load_extension() and the backends' probe run again (their results are cached per process)."""
+    """load_extension() runs again (its result is cached per process)."""
     monkeypatch.setattr(loader, "_loaded", None)
-    monkeypatch.setattr(backends, "_native", None)
     return loader
+
+
+def reprobe_backends(monkeypatch):
+    """The backends' import-time decision about divco._C, taken again from the loader's answer."""
+    loaded, reason, has_cuda = backends._probe_native()
+    monkeypatch.setattr(backends, "_NATIVE_LOADED", loaded)
+    monkeypatch.setattr(backends, "_NATIVE_REASON", reason)
+    monkeypatch.setattr(backends, "_NATIVE_HAS_CUDA", has_cuda)
 
 
 def write_record(path, torch_version, torch_cuda_version):
@@ -49,6 +56,7 @@ def test_mismatched_build_is_not_imported_and_warns(fresh_loader, monkeypatch, t
         module, reason = loader.load_extension()
     assert module is None and imported == []
     # Asking for the native backends then fails with that reason (never a silent fallback).
+    reprobe_backends(monkeypatch)
     with pytest.raises(ValueError, match="built against torch 1.0.0"):
         backends.resolve_backend("cpu", torch.device("cpu"), torch.float32)
     assert backends.resolve_backend(None, torch.device("cpu"), torch.float32) == "torch"

@@ -21,7 +21,6 @@ DTYPES = ("float", "c10::BFloat16", "c10::Half")
 #: The defect the native engineer is fixing (issue 9, item 8): cotrain_rows_kernel<T, 16> (9 <= S
 #: <= 16) spills under __launch_bounds__(512) (456 B fp32, 40 B bf16/fp16 on sm_90). Expected to
 #: fail until that fix is merged, then to pass (an imperative xfail, so not strict).
-KNOWN_SPILL = re.compile(r"cotrain_rows_kernel<[^,]+, 16>")
 
 SAMPLE = """\
 ptxas info    : Compiling entry function '_ZN5divco19cotrain_rows_kernelIfLi16EEEvNS_11CotrainArgsE' for 'sm_80'
@@ -68,8 +67,4 @@ def test_cuda_kernels_do_not_spill(source, arch):
         for dtype in DTYPES:
             assert any(k.name.startswith(f"{template}<{dtype}") for k in kernels), (template, dtype, table)
     spilled = [k for k in kernels if k.spills]
-    unexpected = [k for k in spilled if not KNOWN_SPILL.search(k.name)]
-    assert not unexpected, f"register spills in {[k.name for k in unexpected]}:\n{table}"
-    if spilled:
-        pytest.xfail(f"issue 9 item 8 (native fix pending): {', '.join(k.name.split('(')[0] for k in spilled)} "
-                     f"spill on sm_{arch}")
+    assert not spilled, f"register spills in {[k.name for k in spilled]}:\n{table}"
