@@ -66,7 +66,12 @@ def _lazy_root_names() -> dict[str, str]:
     """divco.__getattr__'s table: public name -> module it loads (``divco.stack`` -> divco.stacking)."""
     tree = ast.parse((ROOT / "divco" / "__init__.py").read_text())
     for node in tree.body:
-        target = node.target if isinstance(node, ast.AnnAssign) else (node.targets[0] if isinstance(node, ast.Assign) else None)
+        if isinstance(node, ast.AnnAssign):
+            target = node.target
+        elif isinstance(node, ast.Assign):
+            target = node.targets[0]
+        else:
+            continue
         if isinstance(target, ast.Name) and target.id == "_LAZY":
             return {name: module for name, (module, _) in ast.literal_eval(node.value).items()}
     return {}
