@@ -88,7 +88,7 @@ def bn_finalize_kernel(
     if BACKWARD:
         var = tl.load(var_ptr + offs_c, mask=c_mask, other=1.0)
         tl.store(first_ptr + offs_c, s1, mask=c_mask)
-        tl.store(second_ptr + offs_c, s2 / tl.sqrt(var + eps), mask=c_mask)
+        tl.store(second_ptr + offs_c, s2 * (1.0 / tl.sqrt(var + eps)), mask=c_mask)
     else:
         pivot = tl.load(x_ptr + offs_c.to(tl.int64) * stride_c, mask=c_mask, other=0.0).to(tl.float32)
         shift = s1 / count
@@ -121,7 +121,7 @@ def bn_forward_kernel(
     if HAS_RESIDUAL:
         y += tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if RELU:
-        y = tl.maximum(y, 0.0)
+        y = tl.where(y < 0.0, 0.0, y)  # keeps NaN, like torch.relu
     tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 

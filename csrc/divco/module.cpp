@@ -17,7 +17,8 @@ namespace py = pybind11;
 
 namespace {
 
-const std::vector<std::string> kOperators = {"cotrain_loss_native", "ensemble_native", "ensemble_native_backward"};
+const std::vector<std::string> kOperators = {"cotrain_loss_native", "ensemble_native", "ensemble_native_backward",
+                                             "batch_norm_native", "batch_norm_backward_native"};
 
 py::dict build_info() {
   py::dict info;
