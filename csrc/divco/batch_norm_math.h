@@ -130,3 +130,24 @@ struct BatchNormArgs {
 
 }  // namespace ops
 }  // namespace divco
+
+#if defined(DIVCO_WITH_CUDA)
+// -- the CUDA launchers (ops/cuda/batch_norm_kernel.cu), called by ops/cuda/batch_norm_ops_cuda.cpp --
+#include <cuda_runtime_api.h>
+
+namespace divco {
+namespace ops {
+namespace cuda {
+
+// Chunks of positions (n, hw) the reductions split each channel into; the caller allocates
+// `partial` as double [chunks, 2, C] and `coefficients` as float [3, C].
+int64_t batch_norm_chunks(const BatchNormLayout& layout);
+// Each enqueues its kernels on `stream` and returns cudaGetLastError().
+cudaError_t launch_batch_norm(const BatchNormArgs& args, double* partial, float* coefficients, cudaStream_t stream);
+cudaError_t launch_batch_norm_backward(const BatchNormArgs& args, double* partial, float* coefficients,
+                                       cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace ops
+}  // namespace divco
+#endif
