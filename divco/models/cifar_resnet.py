@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..nn import BranchBatchNorm2d, BranchConv2d, BranchLinear
 from ..nn.branching import active_branch_count
+from ..nn.norm import norm_act
 from .base import BranchBatchedNetwork, init_convolutions_and_batchnorms
 from .dividing import cifar_base_width, divided_groups, divided_widen_factor
 from .registry import register
@@ -80,11 +81,10 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.se is not None:
-            out = self.se(out)
-        return self.relu(out + identity)
+        out = norm_act(self.bn1, self.conv1(x))
+        if self.se is not None:  # the SE gate sits between BN and the add: BN alone, then add + ReLU
+            return self.relu(self.se(self.bn2(self.conv2(out))) + identity)
+        return norm_act(self.bn2, self.conv2(out), residual=identity)
 
 
 class Bottleneck(nn.Module):
@@ -109,12 +109,11 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.se is not None:
-            out = self.se(out)
-        return self.relu(out + identity)
+        out = norm_act(self.bn1, self.conv1(x))
+        out = norm_act(self.bn2, self.conv2(out))
+        if self.se is not None:  # the SE gate sits between BN and the add: BN alone, then add + ReLU
+            return self.relu(self.se(self.bn3(self.conv3(out))) + identity)
+        return norm_act(self.bn3, self.conv3(out), residual=identity)
 
 
 _BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -172,7 +171,7 @@ class BranchBatchedCifarResNet(BranchBatchedNetwork):
                     nn.init.zeros_(m.last_bn().weight)
 
     def forward_branches(self, x: Tensor) -> Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
+        x = norm_act(self.bn1, self.conv1(x))
         for i in range(self.num_stages):
             x = getattr(self, f"layer{i + 1}")(x)
         x = self.avgpool(x).flatten(1)
