@@ -16,3 +16,7 @@ from .reference import CotrainLoss
 from .schema import ENSEMBLE_MODES, KINDS
 
 __all__ = ["cotrain_loss", "ensemble", "available_backends", "CotrainLoss", "BACKENDS", "KINDS", "ENSEMBLE_MODES"]
+
+from .batch_norm import batch_norm  # noqa: E402  (fused BN + residual + ReLU)
+
+__all__ += ["batch_norm"]

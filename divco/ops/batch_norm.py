@@ -43,9 +43,9 @@ import contextlib
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from ..vocabulary import OPERATOR_SUFFIX
 from . import backends
 from .schema import NAMESPACE
 
@@ -374,7 +374,9 @@ def _resolve_backend(backend: str | None, x: Tensor) -> str:
 def _reference(x, weight, bias, running_mean, running_var, training, momentum, eps, residual, activation):
     from .reference import batch_norm as reference_batch_norm
 
-    return reference_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, residual, activation)
+    return reference_batch_norm(
+        x, weight, bias, running_mean, running_var, training, momentum, eps, residual, activation
+    )
 
 
 def batch_norm(
@@ -409,7 +411,7 @@ def batch_norm(
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()
     f32 = torch.float32
-    op = getattr(torch.ops.divco, op_name("batch_norm", "triton" if backend == "triton" else "native"))
+    op = getattr(torch.ops.divco, op_name("batch_norm", OPERATOR_SUFFIX[backend]))
     out, mean, var = op(
         x,
         weight if weight is None or weight.dtype == f32 else weight.to(f32),
@@ -427,7 +429,9 @@ def batch_norm(
 
 
 @torch.no_grad()
-def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, momentum: float, count: int) -> None:
+def update_running_stats(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, momentum: float, count: int
+) -> None:
     """In place, as F.batch_norm: r = (1 - momentum)·r + momentum·s, variance unbiased (count/(count-1))."""
     unbiased = var * (count / (count - 1))
     running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)

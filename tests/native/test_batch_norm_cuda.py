@@ -36,7 +36,8 @@ def test_model_shapes_match_the_reference(backend, shape, channels_last, dtype):
     xc = x.cuda().requires_grad_()
     wc, bc = w.cuda().requires_grad_(), b.cuda().requires_grad_()
     out = bn.batch_norm(xc, wc, bc, None, None, training=True, residual=r.cuda(), activation="relu", backend=backend)
-    got = torch.autograd.grad(out, (xc, wc, bc), g.cuda().contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    got = torch.autograd.grad(out, (xc, wc, bc), g.cuda().contiguous(memory_format=fmt))
     tol = 2e-4 if dtype == torch.float32 else 4e-2
     torch.testing.assert_close(out.double().cpu(), expected.detach(), rtol=tol, atol=tol * 5)
     for a, e in zip(got, grads):
