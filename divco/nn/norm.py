@@ -23,11 +23,12 @@ from .branching import active_branch, branch_slice, check_branches
 def default_norm_impl(x: Tensor) -> str:
     """What ``"auto"`` runs for this input: the fused kernels where a fused backend serves
     x's device and dtype (float32/bfloat16/float16 on the CPU with divco._C, on CUDA with
-    Triton or divco._C), else eager (float64, other devices, an extension without the op)."""
+    Triton or divco._C), else eager (float64, other devices, an extension without the op, and
+    tensors inside torch.func transforms such as vmap: the fused op has no batching rule)."""
     from ..ops import backends
     from ..ops.batch_norm import native_available
 
-    if x.dtype not in backends.FUSED_DTYPES:
+    if x.dtype not in backends.FUSED_DTYPES or torch._C._functorch.is_functorch_wrapped_tensor(x):
         return "eager"
     backend = backends.default_backend(x.device, x.dtype)
     if backend in ("cpu", "cuda") and not native_available()[0]:

@@ -40,6 +40,7 @@ pure function; the update is two small in-place ops on [C] tensors, with no host
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 
 import torch
@@ -47,6 +48,7 @@ from torch import Tensor
 
 from ..vocabulary import OPERATOR_SUFFIX
 from . import backends
+from .reference import batch_norm as reference_batch_norm
 from .schema import NAMESPACE
 
 #: The activations applied after the (optional) residual add.
@@ -365,15 +367,13 @@ def _resolve_backend(backend: str | None, x: Tensor) -> str:
     if resolved in ("cpu", "cuda"):
         ok, reason = native_available()
         if not ok:
-            if backend is None and backends.os.environ.get("DIVCO_BACKEND") is None:
+            if backend is None and os.environ.get("DIVCO_BACKEND") is None:
                 return "torch"  # the default, where the extension predates this op: the same function
             raise ValueError(f"backend {resolved!r} is not available for batch_norm: {reason}")
     return resolved
 
 
 def _reference(x, weight, bias, running_mean, running_var, training, momentum, eps, residual, activation):
-    from .reference import batch_norm as reference_batch_norm
-
     return reference_batch_norm(
         x, weight, bias, running_mean, running_var, training, momentum, eps, residual, activation
     )

@@ -86,3 +86,20 @@ def test_sync_batchnorm_falls_back_to_eager():
                                                          sync.bias, False, 0.1, sync.eps) + r)
     torch.testing.assert_close(norm_act(sync, x, residual=r), expected)
     torch.testing.assert_close(norm_act(torch.nn.Identity(), x, relu=False), x)
+
+
+def test_auto_runs_eagerly_inside_vmap():
+    """torch.func transforms (the vmap benchmark method) see eager BN: the op has no batching rule."""
+    bn = BranchBatchNorm2d(3, branches=1)
+    params = {k: torch.stack([v, v * 2]) for k, v in bn.named_parameters()}
+    buffers = {k: torch.stack([v, v]) for k, v in bn.named_buffers()}
+    x = torch.randn(4, 2, 3, 5, 5)  # mapped over dim 1, as a per-view batch [N, S, C, H, W] is
+
+    def call(p, b, xi):
+        return torch.func.functional_call(bn, (p, b), (xi,), {"activation": "relu"})
+
+    out = torch.vmap(call, in_dims=(0, 0, 1))(params, buffers, x)
+    for i in range(2):
+        expected = torch.relu(torch.nn.functional.batch_norm(x[:, i], None, None, params["weight"][i],
+                                                             params["bias"][i], True, 0.1, 1e-5))
+        torch.testing.assert_close(out[i], expected)
