@@ -28,7 +28,10 @@ def default_norm_impl(x: Tensor) -> str:
     from ..ops import backends
     from ..ops.batch_norm import native_available
 
-    if x.dtype not in backends.FUSED_DTYPES or torch._C._functorch.is_functorch_wrapped_tensor(x):
+    if x.dtype not in backends.FUSED_DTYPES:
+        return "eager"
+    # (Dynamo cannot trace the functorch query; a compiled graph holds plain tensors here.)
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(x):
         return "eager"
     backend = backends.default_backend(x.device, x.dtype)
     if backend in ("cpu", "cuda") and not native_available()[0]:
