@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..nn import BranchBatchNorm2d, BranchConv2d, BranchLinear
 from ..nn.branching import active_branch_count
+from ..nn.norm import norm_act
 from .base import BranchBatchedNetwork, init_convolutions_and_batchnorms
 from .resnet_blocks import BLOCKS, BasicBlock, Bottleneck, SqueezeExcitation, make_layer, zero_init_last_bns  # noqa: F401
 from .dividing import cifar_base_width, divided_groups, divided_widen_factor
@@ -80,7 +81,7 @@ class BranchBatchedCifarResNet(BranchBatchedNetwork):
             zero_init_last_bns(self)
 
     def forward_branches(self, x: Tensor) -> Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
+        x = norm_act(self.bn1, self.conv1(x))
         for i in range(self.num_stages):
             x = getattr(self, f"layer{i + 1}")(x)
         x = self.avgpool(x).flatten(1)

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 from ..nn import BranchBatchNorm2d, BranchConv2d, BranchLinear
 from ..nn.branching import active_branch_count
+from ..nn.norm import norm_act
 from .base import BranchBatchedNetwork, init_convolutions_and_batchnorms
 from .dividing import divided_groups, divided_widen_factor, imagenet_base_width
 from .registry import register
@@ -115,9 +116,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        out = norm_act(self.bn1, self.conv1(x))
+        return norm_act(self.bn2, self.conv2(out), residual=identity)
 
 
 class Bottleneck(nn.Module):
@@ -143,10 +143,9 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        out = norm_act(self.bn1, self.conv1(x))
+        out = norm_act(self.bn2, self.conv2(out))
+        return norm_act(self.bn3, self.conv3(out), residual=identity)
 
 
 _BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -189,7 +188,7 @@ class BranchBatchedResNet(BranchBatchedNetwork):
                     nn.init.zeros_(m.last_bn().weight)
 
     def forward_branches(self, x: Tensor) -> Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(norm_act(self.bn1, self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = self.avgpool(x).flatten(1)
         return self.fc(x.view(x.shape[0], active_branch_count(self.branches), self.features))

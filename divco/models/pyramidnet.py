@@ -28,6 +28,7 @@ from ..nn import BranchBatchNorm2d, BranchConv2d, BranchLinear, BranchShakeDrop
 from ..nn.drop import SHAKEDROP_GATES
 from ..vocabulary import check_choice
 from ..nn.branching import active_branch_count
+from ..nn.norm import norm_act
 from .base import BranchBatchedNetwork, init_convolutions_and_batchnorms
 from .registry import register
 
@@ -122,8 +123,8 @@ class PyramidBottleneck(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.conv1(self.bn1(x))
-        out = self.conv2(self.relu(self.bn2(out)))
-        out = self.conv3(self.relu(self.bn3(out)))
+        out = self.conv2(norm_act(self.bn2, out))
+        out = self.conv3(norm_act(self.bn3, out))
         out = self.shake_drop(self.bn4(out))
         shortcut = x if self.downsample is None else self.downsample(x)
         return add_zero_padded_shortcut(out, shortcut, self.branches)
@@ -164,7 +165,7 @@ class BranchBatchedPyramidNet(BranchBatchedNetwork):
     def forward_branches(self, x: Tensor) -> Tensor:
         x = self.bn1(self.conv1(x))
         x = self.layer3(self.layer2(self.layer1(x)))
-        x = self.relu_final(self.bn_final(x))
+        x = norm_act(self.bn_final, x)
         x = self.avgpool(x).flatten(1)
         return self.fc(x.view(x.shape[0], active_branch_count(self.branches), self.features))
 

@@ -14,6 +14,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from ..nn import BranchBatchNorm2d, BranchConv2d
+from ..nn.norm import norm_act
 
 
 class SqueezeExcitation(nn.Module):
@@ -51,11 +52,10 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.se is not None:
-            out = self.se(out)
-        return self.relu(out + identity)
+        out = norm_act(self.bn1, self.conv1(x))
+        if self.se is not None:  # the SE gate sits between BN and the add: BN alone, then add + ReLU
+            return self.relu(self.se(self.bn2(self.conv2(out))) + identity)
+        return norm_act(self.bn2, self.conv2(out), residual=identity)
 
 
 class Bottleneck(nn.Module):
@@ -80,12 +80,11 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.se is not None:
-            out = self.se(out)
-        return self.relu(out + identity)
+        out = norm_act(self.bn1, self.conv1(x))
+        out = norm_act(self.bn2, self.conv2(out))
+        if self.se is not None:  # the SE gate sits between BN and the add: BN alone, then add + ReLU
+            return self.relu(self.se(self.bn3(self.conv3(out))) + identity)
+        return norm_act(self.bn3, self.conv3(out), residual=identity)
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}

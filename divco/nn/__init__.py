@@ -9,7 +9,7 @@ from .branching import active_branch, active_branch_count, single_branch
 from .conv import BranchConv2d, default_conv_impl, set_conv_impl
 from .drop import BranchDropPath, BranchShakeDrop
 from .linear import BranchLinear
-from .norm import BranchBatchNorm2d
+from .norm import BranchBatchNorm2d, default_norm_impl, norm_act, set_norm_impl
 
 BRANCH_LAYERS = (BranchConv2d, BranchBatchNorm2d, BranchLinear, BranchDropPath, BranchShakeDrop)
 
@@ -25,4 +25,7 @@ __all__ = [
     "single_branch",
     "default_conv_impl",
     "set_conv_impl",
+    "default_norm_impl",
+    "set_norm_impl",
+    "norm_act",
 ]

@@ -1,11 +1,67 @@
-"""BranchBatchNorm2d: per-branch batch statistics and affine parameters."""
+"""BranchBatchNorm2d: per-branch batch statistics and affine parameters, fused or eager.
+
+    y = norm_act(block.bn2, block.conv2(out), residual=identity)   # relu(bn2(conv2(out)) + identity)
+    divco.nn.set_norm_impl(model, "eager")                          # plain F.batch_norm, add, relu
+
+The fused implementation (divco.ops.batch_norm) computes BN, the residual add and the ReLU
+in one pass forward and two backward; the eager one is PyTorch's ops. Both compute the same
+function and keep the same state (weights, running statistics, num_batches_tracked).
+"""
 
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..vocabulary import NORM_IMPLS, check_choice
 from .branching import active_branch, branch_slice, check_branches
+
+
+def default_norm_impl(x: Tensor) -> str:
+    """What ``"auto"`` runs for this input: the fused kernels where a fused backend serves
+    x's device and dtype (float32/bfloat16/float16 on the CPU with divco._C, on CUDA with
+    Triton or divco._C), else eager (float64, other devices, an extension without the op, and
+    tensors inside torch.func transforms such as vmap: the fused op has no batching rule)."""
+    from ..ops import backends
+    from ..ops.batch_norm import native_available
+
+    if x.dtype not in backends.FUSED_DTYPES:
+        return "eager"
+    # (Dynamo cannot trace the functorch query; a compiled graph holds plain tensors here.)
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return "eager"
+    backend = backends.default_backend(x.device, x.dtype)
+    if backend in ("cpu", "cuda") and not native_available()[0]:
+        return "eager"
+    return "eager" if backend == "torch" else "fused"
+
+
+def set_norm_impl(module: nn.Module, impl: str) -> nn.Module:
+    """Set the implementation of every BranchBatchNorm2d inside ``module``: "fused", "eager" or
+    "auto" (per input, :func:`default_norm_impl`). Mirrors :func:`divco.nn.set_conv_impl`."""
+    check_choice("impl", impl, NORM_IMPLS)
+    for m in module.modules():
+        if isinstance(m, BranchBatchNorm2d):
+            m.impl = impl
+    return module
+
+
+def norm_act(bn: nn.Module, x: Tensor, residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
+    """``relu(bn(x) + residual)`` (add and ReLU optional), fused where ``bn`` can.
+
+    A BranchBatchNorm2d runs it as one op (its impl permitting). Any other module (the
+    nn.SyncBatchNorm of ``--sync-bn``, an nn.Identity left by BN folding) runs eagerly:
+    SyncBatchNorm all-reduces its statistics across processes, which the fused kernels do not.
+    """
+    if isinstance(bn, BranchBatchNorm2d):
+        return bn(x, residual=residual, activation="relu" if relu else None)
+    y = bn(x)
+    if residual is not None:
+        y = y + residual
+    return F.relu(y, inplace=True) if relu else y
 
 
 class BranchBatchNorm2d(nn.BatchNorm2d):
@@ -18,6 +74,10 @@ class BranchBatchNorm2d(nn.BatchNorm2d):
     ``running_var`` are the S standard ``nn.BatchNorm2d`` tensors concatenated.
     ``num_batches_tracked`` is shared by the branches (they always see the same
     number of batches).
+
+    ``forward(x, residual=None, activation=None)`` also adds ``residual`` and applies
+    ``activation`` ("relu") after the normalisation, fused into the same kernels when
+    ``impl`` is "fused" (or "auto" and :func:`default_norm_impl` says so).
     """
 
     def __init__(
@@ -38,6 +98,7 @@ class BranchBatchNorm2d(nn.BatchNorm2d):
         )
         self.branches = branches
         self.branch_features = num_features
+        self.impl = "auto"  # not state: the state_dict is nn.BatchNorm2d's
 
     def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() != 4:
@@ -45,28 +106,20 @@ class BranchBatchNorm2d(nn.BatchNorm2d):
                 f"{type(self).__name__} expects a 4-D input [N, C, H, W], got shape {tuple(x.shape)}"
             )
 
-    def forward(self, x: Tensor) -> Tensor:
-        index = active_branch()
-        if index is None:
-            self._check_input_dim(x)
-            if x.shape[1] != self.num_features:
-                raise ValueError(
-                    f"{type(self).__name__} expects {self.num_features} channels "
-                    f"({self.branches} branches x {self.branch_features}), got {x.shape[1]}"
-                )
-            return super().forward(x)
-        return self._forward_branch(x, index)
-
-    def _forward_branch(self, x: Tensor, index: int) -> Tensor:
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
         self._check_input_dim(x)
-        C = self.branch_features
+        index = active_branch()
+        C = self.num_features if index is None else self.branch_features
         if x.shape[1] != C:
-            raise ValueError(
-                f"{type(self).__name__} computing branch {index} expects {C} channels, got {x.shape[1]}"
-            )
+            if index is None:
+                raise ValueError(
+                    f"{type(self).__name__} expects {C} channels ({self.branches} branches x {self.branch_features}), "
+                    f"got {x.shape[1]}"
+                )
+            raise ValueError(f"{type(self).__name__} computing branch {index} expects {C} channels, got {x.shape[1]}")
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            if index == 0:  # the branches share one counter: count each batch once
+            if index is None or index == 0:  # the branches share one counter: count each batch once
                 self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 factor = 1.0 / float(self.num_batches_tracked)
@@ -74,21 +127,30 @@ class BranchBatchNorm2d(nn.BatchNorm2d):
         track = not self.training or self.track_running_stats
 
         def part(t):
-            return None if t is None else branch_slice(t, index, C)
+            return None if t is None or index is None else branch_slice(t, index, C)
 
-        return F.batch_norm(
-            x,
-            part(self.running_mean) if track else None,
-            part(self.running_var) if track else None,
-            part(self.weight),
-            part(self.bias),
-            use_batch_stats,
-            factor,
-            self.eps,
-        )
+        weight = self.weight if index is None else part(self.weight)
+        bias = self.bias if index is None else part(self.bias)
+        running_mean = (self.running_mean if index is None else part(self.running_mean)) if track else None
+        running_var = (self.running_var if index is None else part(self.running_var)) if track else None
+        impl = default_norm_impl(x) if self.impl == "auto" else self.impl
+        if impl == "fused":
+            from ..ops.batch_norm import batch_norm
+
+            return batch_norm(x, weight, bias, running_mean, running_var, training=use_batch_stats,
+                              momentum=factor, eps=self.eps, residual=residual, activation=activation)
+        y = F.batch_norm(x, running_mean, running_var, weight, bias, use_batch_stats, factor, self.eps)
+        if residual is not None:
+            y = y + residual
+        if activation == "relu":
+            y = F.relu(y, inplace=True)
+        elif activation is not None:
+            raise ValueError(f"activation must be None or 'relu'; got {activation!r}")
+        return y
 
     def extra_repr(self) -> str:
         return (
             f"{self.branch_features}, branches={self.branches}, eps={self.eps}, momentum={self.momentum}, "
             f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+            + (f", impl={self.impl!r}" if self.impl != "auto" else "")
         )

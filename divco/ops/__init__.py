@@ -40,3 +40,7 @@ from .ensemble import ensemble
 KINDS = COTRAIN_KINDS
 
 __all__ = ["cotrain_loss", "ensemble", "available_backends", "CotrainLoss", "BACKENDS", "KINDS", "ENSEMBLE_MODES"]
+
+from .batch_norm import batch_norm  # noqa: E402  (fused BN + residual + ReLU)
+
+__all__ += ["batch_norm"]

@@ -202,3 +202,25 @@ def ensemble(logits: Tensor, mode: str = "mean_logits") -> Tensor:
     else:
         raise ValueError(f"mode must be one of {', '.join(ENSEMBLE_MODES)}; got {mode!r}")
     return out.to(logits.dtype)
+
+
+def batch_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    residual: Tensor | None = None,
+    activation: str | None = None,
+) -> Tensor:
+    """act(batch_norm(x) + residual) as eager PyTorch ops (the fused BatchNorm's reference;
+    exact in float64). Running statistics are updated in place by F.batch_norm."""
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    if residual is not None:
+        y = y + residual
+    if activation == "relu":
+        y = torch.relu(y)
+    return y

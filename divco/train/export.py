@@ -24,6 +24,7 @@ from torch import nn
 from .. import __version__, models
 from ..io import atomic_write_bytes
 from ..models.base import BranchBatchedNetwork
+from ..nn.fold import apply_fold_structure, fold_batchnorm
 from ..stacking import unstack
 from .checkpoint import checkpoint_of, load_checkpoint, validate_checkpoint
 
@@ -67,13 +68,16 @@ def _metadata(model: BranchBatchedNetwork, info: dict, index: int, standalone: n
 
 
 def export_branches(checkpoint: Union[str, Path], out: Optional[Union[str, Path]] = None, *,
-                    branch: Optional[int] = None) -> list[Path]:
+                    branch: Optional[int] = None, fold_bn: bool = False) -> list[Path]:
     """Write branch ``branch`` (or every branch) of ``checkpoint`` as safetensors; return the paths.
 
     ``checkpoint`` is a file or a run folder (its best.pt, else its newest checkpoint).
     With ``branch``, ``out`` is the file (default: ``<checkpoint stem>-branch<i>.safetensors``
     beside the checkpoint); without, ``out`` is a folder (default:
     ``<checkpoint stem>-branches/``) receiving ``branch<i>.safetensors`` for every i.
+    ``fold_bn``: fold every BatchNorm that follows a convolution into it (eval-mode
+    inference weights, divco.nn.fold); the folded pairs go into the metadata, so
+    :func:`load_branch` rebuilds the folded structure.
     """
     from safetensors.torch import save
 
@@ -94,8 +98,11 @@ def export_branches(checkpoint: Union[str, Path], out: Optional[Union[str, Path]
     written = []
     for index, target in zip(indices, targets):
         standalone = standalones[index]
+        metadata = _metadata(model, state["model_info"], index, standalone)
+        if fold_bn:
+            metadata["folded_bn"] = json.dumps(fold_batchnorm(standalone.eval(), torch.randn(2, 3, 32, 32)))
         tensors = {k: v.contiguous() for k, v in standalone.state_dict().items()}
-        atomic_write_bytes(target, save(tensors, metadata=_metadata(model, state["model_info"], index, standalone)))
+        atomic_write_bytes(target, save(tensors, metadata=metadata))
         written.append(target)
     return written
 
@@ -131,5 +138,6 @@ def load_branch(path: Union[str, Path], *, device: Union[str, torch.device] = "c
             f"divco builds {spec}: the model definition changed since the export"
         )
     model = divided.standalone_model()
+    apply_fold_structure(model, [tuple(pair) for pair in json.loads(metadata.get("folded_bn", "[]"))])
     model.load_state_dict(load_file(str(path), device="cpu"), strict=True)
     return model.to(device).eval()

@@ -1,0 +1,55 @@
+// Host side of the CUDA batch_norm: the checks and allocation shared with the CPU kernels
+// (prepare_batch_norm*), workspaces, then the launchers on the current stream of x's device.
+// Nothing here waits for the GPU (CUDA-graph capturable: the workspaces come from the
+// caching allocator).
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "../ops.h"
+
+namespace divco {
+namespace ops {
+namespace {
+
+struct Workspace {
+  at::Tensor partial, coefficients;
+};
+
+Workspace workspace(const at::Tensor& x, const BatchNormLayout& layout) {
+  const int64_t chunks = cuda::batch_norm_chunks(layout);
+  return {at::empty({chunks * 2 * layout.channels}, x.options().dtype(at::kDouble)),
+          at::empty({3 * layout.channels}, x.options().dtype(at::kFloat))};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_cuda(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& residual, bool training, double eps, bool relu) {
+  BatchNormForwardCall call = prepare_batch_norm(x, weight, bias, running_mean, running_var, residual, training, eps,
+                                                 relu, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(x.device());
+  Workspace ws = workspace(x, call.layout);
+  C10_CUDA_CHECK(cuda::launch_batch_norm(call.args, ws.partial.data_ptr<double>(), ws.coefficients.data_ptr<float>(),
+                                         c10::cuda::getCurrentCUDAStream()));
+  return {call.out, call.mean, call.var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& out,
+    const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& var, bool training, double eps,
+    bool relu, bool residual_grad) {
+  BatchNormBackwardCall call = prepare_batch_norm_backward(grad_out, x, out, weight, mean, var, training, eps, relu,
+                                                           residual_grad, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(x.device());
+  Workspace ws = workspace(x, call.layout);
+  C10_CUDA_CHECK(cuda::launch_batch_norm_backward(call.args, ws.partial.data_ptr<double>(),
+                                                  ws.coefficients.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
+  return {call.grad_x, call.grad_residual, call.grad_weight, call.grad_bias};
+}
+
+}  // namespace ops
+}  // namespace divco
