@@ -35,7 +35,7 @@ from pathlib import Path
 
 TRITON_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 #: Scalar arguments that are floats; every other non-pointer, non-constexpr argument is an int32.
-FLOAT_SCALARS = {"inv_t", "cot_coef", "temperature", "eps", "momentum"}
+FLOAT_SCALARS = {"inv_t", "cot_coef", "temperature", "eps", "momentum", "count"}
 #: The branch counts and class counts whose tile shapes are compiled (the launchers' tile_shape
 #: turns them into BLOCK_S x BLOCK_K and num_warps): from one branch to wide ensembles, from
 #: CIFAR-10 to K past one tile.
@@ -155,7 +155,38 @@ def plan(quick: bool = False) -> list[Spec]:
             for _, _, block_s, block_k, warps in _tile_shapes(tile_shape):
                 if (block_s, block_k, warps) != (base_s, base_k, base_warps):
                     ensemble("float32", "mean_probs", block_s, block_k, warps)
+    specs += _batch_norm_plan(quick)
     return list(dict.fromkeys(specs))  # duplicates (same tile from two S, K) compiled once
+
+
+def _batch_norm_plan(quick: bool) -> list[Spec]:
+    """The fused BatchNorm kernels (kernels/batch_norm.py): every flag combination in float32 at
+    the NCHW tile, the load/store paths in bfloat16/float16, and the channels_last tile.
+    The tiles are the launcher's (divco.ops.batch_norm.tile_shape): NCHW long along HW,
+    channels_last long along C; the finalize kernel takes up to 1024 channels per program."""
+    specs: list[Spec] = []
+    tiles = ((4, 512), (64, 32)) if not quick else ((4, 512),)
+    bools = (False, True)
+    for block_c, block_hw in tiles:
+        tile = (("BLOCK_C", block_c), ("BLOCK_HW", block_hw))
+        for dtype in TRITON_DTYPES:
+            every_flag = dtype == "float32" and (block_c, block_hw) == tiles[0]
+            pairs = list(itertools.product(bools, bools)) if every_flag else [(False, False), (True, True)]
+            for backward, relu in pairs:
+                specs.append(Spec("bn_partial_sums_kernel", dtype, (("BACKWARD", backward), ("RELU", relu)) + tile, 4))
+            quads = list(itertools.product(bools, repeat=4)) if every_flag else [(True, True, True, True),
+                                                                                 (False, False, False, False)]
+            for has_weight, has_bias, has_residual, relu in quads:
+                specs.append(Spec("bn_forward_kernel", dtype, (("HAS_WEIGHT", has_weight), ("HAS_BIAS", has_bias),
+                                                               ("HAS_RESIDUAL", has_residual), ("RELU", relu)) + tile, 4))
+            for training, has_weight, relu, write_residual in quads:
+                specs.append(Spec("bn_backward_kernel", dtype, (("TRAINING", training), ("HAS_WEIGHT", has_weight),
+                                                                ("RELU", relu), ("WRITE_RESIDUAL", write_residual))
+                                  + tile, 4))
+    for dtype in TRITON_DTYPES:
+        for backward in bools:
+            specs.append(Spec("bn_finalize_kernel", dtype, (("BACKWARD", backward), ("BLOCK_C", 1024)), 4))
+    return specs
 
 
 # -- compiling -----------------------------------------------------------------------------------
@@ -166,7 +197,16 @@ KERNEL_MODULES = {
     "cotrain_loss_kernel": "divco.kernels.cotrain_loss",
     "ensemble_kernel": "divco.kernels.ensemble",
     "ensemble_backward_kernel": "divco.kernels.ensemble",
+    "bn_partial_sums_kernel": "divco.kernels.batch_norm",
+    "bn_finalize_kernel": "divco.kernels.batch_norm",
+    "bn_forward_kernel": "divco.kernels.batch_norm",
+    "bn_backward_kernel": "divco.kernels.batch_norm",
 }
+
+#: Pointers of the BatchNorm kernels that hold float32 statistics, parameters or sums (the rest
+#: hold activations, in the activations' dtype).
+BN_FLOAT32_POINTERS = {"mean_ptr", "var_ptr", "weight_ptr", "bias_ptr", "partial_ptr", "first_ptr", "second_ptr",
+                       "sum_dy_ptr", "sum_dy_xhat_ptr"}
 
 
 def _kernel(name: str):
@@ -196,6 +236,8 @@ def _pointer_dtype(arg: str, spec: Spec) -> str:
         return "i32"
     if arg in ("weight_ptr", "ce_rows_ptr", "cot_rows_ptr"):
         return "fp32"
+    if spec.kernel.startswith("bn_"):
+        return "fp32" if arg in BN_FLOAT32_POINTERS else logits
     if arg in ("logits_ptr", "ensemble_ptr", "grad_ptr", "out_ptr", "grad_out_ptr"):
         return logits
     raise KeyError(f"pointer argument {arg!r}: its dtype is not in the compile plan; add it to _pointer_dtype")

@@ -39,39 +39,29 @@ pure function; the update is two small in-place ops on [C] tensors, with no host
 
 from __future__ import annotations
 
-import contextlib
 import os
-import warnings
 
 import torch
 from torch import Tensor
 
-from ..vocabulary import OPERATOR_SUFFIX
-from . import backends
+from typing import Optional
+
+from . import backends, registration, triton_backend
 from .reference import batch_norm as reference_batch_norm
-from .schema import NAMESPACE
+from .schema import declare, op_name, operator, qualified_name  # noqa: F401  (qualified_name: for tests and users)
 
 #: The activations applied after the (optional) residual add.
 ACTIVATIONS: tuple[str | None, ...] = (None, "relu")
 
-BATCH_NORM_SCHEMA = (
+BATCH_NORM_SCHEMA = declare("batch_norm", 
     "(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, Tensor? residual, "
     "bool training, float eps, bool relu) -> (Tensor out, Tensor mean, Tensor var)"
 )
-BATCH_NORM_BACKWARD_SCHEMA = (
+BATCH_NORM_BACKWARD_SCHEMA = declare("batch_norm_backward", 
     "(Tensor grad_out, Tensor x, Tensor? out, Tensor? weight, Tensor mean, Tensor var, bool training, "
     "float eps, bool relu, bool residual_grad) -> (Tensor grad_x, Tensor grad_residual, Tensor grad_weight, "
     "Tensor grad_bias)"
 )
-
-
-def op_name(base: str, backend: str) -> str:
-    """``batch_norm`` / ``batch_norm_backward`` for ``"native"`` / ``"triton"`` -> unqualified name."""
-    return f"{base}_{backend}"
-
-
-def qualified_name(base: str, backend: str) -> str:
-    return f"{NAMESPACE}::{op_name(base, backend)}"
 
 
 # -- checks ------------------------------------------------------------------------------------
@@ -177,11 +167,12 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.training, ctx.eps, ctx.relu = training, eps, relu
 
 
-def _backward_for(backend: str):
-    backward_op = getattr(torch.ops.divco, op_name("batch_norm_backward", backend))
+def _backward_for(suffix: str):
+    backward_op = getattr(torch.ops.divco, op_name("batch_norm_backward", suffix))
 
     def backward(ctx, grad_out, grad_mean, grad_var):
         x, out, weight, mean, var = ctx.saved_tensors
+        registration.refuse_double_backward("batch_norm", suffix, x.device)
         need_x, need_weight, need_bias, _, _, need_residual = ctx.needs_input_grad[:6]
         write_residual = ctx.relu and need_residual
         grad_x, grad_residual, grad_weight, grad_bias = backward_op(
@@ -204,22 +195,19 @@ def _backward_for(backend: str):
     return backward
 
 
-def _register(backend: str, *, fakes: bool) -> None:
-    forward, backward = qualified_name("batch_norm", backend), qualified_name("batch_norm_backward", backend)
-    if fakes:
-        torch.library.register_fake(forward, _forward_fake)
-        torch.library.register_fake(backward, _backward_fake)
-    torch.library.register_autograd(forward, _backward_for(backend), setup_context=_setup_context)
+def _register(suffix: str) -> None:
+    registration.register("batch_norm_backward", suffix, fake=_backward_fake)
+    registration.register("batch_norm", suffix, fake=_forward_fake, backward=_backward_for(suffix),
+                          setup_context=_setup_context)
 
 
 # -- the Triton launchers ------------------------------------------------------------------------
 
-from . import functional as _functional  # noqa: E402,F401  (loads divco._C before Python adds divco:: ops)
-from .triton_backend import TRITON_ERROR, kernels_interpreted  # noqa: E402
+from .triton_backend import TRITON_ERROR  # noqa: E402
 
 if not TRITON_ERROR:
     import triton
-    from torch.library import triton_op, wrap_triton
+    from torch.library import wrap_triton
 
     from ..kernels.batch_norm import (
         bn_backward_kernel,
@@ -241,17 +229,6 @@ def tile_shape(x: Tensor) -> tuple[int, int]:
         return block_c, min(triton.next_power_of_2(HW), max(1, TILE_ELEMENTS // block_c))
     block_hw = min(triton.next_power_of_2(HW), 512)
     return min(triton.next_power_of_2(C), max(1, TILE_ELEMENTS // block_hw)), block_hw
-
-
-@contextlib.contextmanager
-def _quiet_interpreter():
-    """The interpreter evaluates masked-off lanes with numpy (1/sqrt of padding), which may warn."""
-    if not kernels_interpreted():
-        yield
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        yield
 
 
 def _view(x: Tensor) -> tuple[int, int, int, int, int, int]:
@@ -277,13 +254,16 @@ def _finalize_block(C: int) -> int:
     return min(triton.next_power_of_2(C), 1024)
 
 
-def batch_norm_triton_impl(x, weight, bias, running_mean, running_var, residual, training, eps, relu):
+def batch_norm_triton_impl(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+    running_var: Optional[Tensor], residual: Optional[Tensor], training: bool, eps: float, relu: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     _check_operator_operands(x, weight, bias, running_mean, running_var)
     N, C, HW, sn, sc, shw = _view(x)
     residual = _like(residual, x)
     out = torch.empty_like(x)
     block_c, block_hw = tile_shape(x)
-    with _quiet_interpreter():
+    with triton_backend.device_guard(x.device), triton_backend.quiet_interpreter():
         if training:
             partial, chunks = _partial_sums(x, x, x, x, False, False, block_c, block_hw)
             mean = torch.empty((C,), dtype=torch.float32, device=x.device)
@@ -306,7 +286,10 @@ def batch_norm_triton_impl(x, weight, bias, running_mean, running_var, residual,
     return out, mean, var
 
 
-def batch_norm_backward_triton_impl(grad_out, x, out, weight, mean, var, training, eps, relu, residual_grad):
+def batch_norm_backward_triton_impl(
+    grad_out: Tensor, x: Tensor, out: Optional[Tensor], weight: Optional[Tensor], mean: Tensor, var: Tensor,
+    training: bool, eps: float, relu: bool, residual_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_operator_operands(x, weight, None, mean, var)
     if relu and out is None:
         raise ValueError("batch_norm_backward with relu=True needs the forward's output (the ReLU mask)")
@@ -319,7 +302,7 @@ def batch_norm_backward_triton_impl(grad_out, x, out, weight, mean, var, trainin
     grad_residual = torch.empty_like(x) if write_residual else x.new_empty((0,))
     grad_bias = torch.empty((C,), dtype=torch.float32, device=x.device)
     grad_weight = torch.empty_like(grad_bias)
-    with _quiet_interpreter():
+    with triton_backend.device_guard(x.device), triton_backend.quiet_interpreter():
         partial, chunks = _partial_sums(x, grad_out, out if relu else x, mean, True, relu, block_c, block_hw)
         fin = _finalize_block(C)
         wrap_triton(bn_finalize_kernel)[(triton.cdiv(C, fin),)](
@@ -335,12 +318,6 @@ def batch_norm_backward_triton_impl(grad_out, x, out, weight, mean, var, trainin
     return grad_x, grad_residual, grad_weight, grad_bias
 
 
-def _define_triton(base: str, schema: str, fn):
-    """triton_op on a GPU (torch.compile sees the kernels); an opaque custom_op when interpreted."""
-    define = torch.library.custom_op if kernels_interpreted() else triton_op
-    return define(qualified_name(base, "triton"), mutates_args=(), schema=schema)(fn)
-
-
 def native_available() -> tuple[bool, str]:
     ok, reason = backends.native_status()
     if ok and not hasattr(torch.ops.divco, op_name("batch_norm", "native")):
@@ -348,15 +325,13 @@ def native_available() -> tuple[bool, str]:
     return ok, reason
 
 
-if native_available()[0]:
-    _register("native", fakes=True)
-
 if not TRITON_ERROR:
-    batch_norm_triton = _define_triton("batch_norm", BATCH_NORM_SCHEMA, batch_norm_triton_impl)
-    batch_norm_backward_triton = _define_triton(
-        "batch_norm_backward", BATCH_NORM_BACKWARD_SCHEMA, batch_norm_backward_triton_impl
-    )
-    _register("triton", fakes=kernels_interpreted())
+    batch_norm_triton = triton_backend.define("batch_norm")(batch_norm_triton_impl)
+    batch_norm_backward_triton = triton_backend.define("batch_norm_backward")(batch_norm_backward_triton_impl)
+
+for _suffix in registration.defined_suffixes():
+    if _suffix != "native" or native_available()[0]:  # an extension older than this op: torch fallback
+        _register(_suffix)
 
 
 # -- the public function --------------------------------------------------------------------------
@@ -411,7 +386,7 @@ def batch_norm(
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()
     f32 = torch.float32
-    op = getattr(torch.ops.divco, op_name("batch_norm", OPERATOR_SUFFIX[backend]))
+    op = operator("batch_norm", backend)
     out, mean, var = op(
         x,
         weight if weight is None or weight.dtype == f32 else weight.to(f32),
