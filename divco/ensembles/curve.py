@@ -174,7 +174,7 @@ def _plot(curve: dict, path: Path) -> bool:
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    from ..data.cache import atomic_write_path
+    from ..io import atomic_write_path
 
     with atomic_write_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120)
@@ -187,7 +187,7 @@ def write_curve(curve: dict, out_dir) -> dict[str, Optional[Path]]:
 
     Returns the written paths by file name; ``None`` for curve.png when matplotlib is missing.
     """
-    from ..data.cache import atomic_write_path
+    from ..io import atomic_write_path
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
