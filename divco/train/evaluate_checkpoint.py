@@ -10,7 +10,7 @@ import torch
 
 from ..data import ImageDataset, Normalize, load_dataset
 from .checkpoint import checkpoint_of, load_checkpoint
-from .evaluation import EvaluationResult, evaluate
+from .evaluation import EvaluationResult, metrics_from_logits, predict, temperature_scaling
 from .export import model_from_checkpoint
 from .runtime import resolve_device
 
@@ -70,13 +70,22 @@ def load_checkpoint_on_test_data(checkpoint: Union[str, Path], *, data: Optional
 
 def evaluate_checkpoint(checkpoint: Union[str, Path], *, data: Optional[str] = None, image_size: Optional[int] = None,
                         test_subset: Optional[int] = None, batch_size: int = 256, device: str = "auto",
-                        cache_dir=None) -> tuple[EvaluationResult, dict]:
-    """Test metrics of ``checkpoint`` (see :func:`load_checkpoint_on_test_data`) and a description."""
+                        cache_dir=None, temperature: bool = False) -> tuple[EvaluationResult, dict]:
+    """Test metrics of ``checkpoint`` (see :func:`load_checkpoint_on_test_data`) and a description.
+
+    With ``temperature``, the description also holds ``temperature_scaling``: post-hoc temperature
+    scaling of every branch and ensemble mode, fitted on a held-out half of the test images
+    (:func:`divco.train.evaluation.temperature_scaling`).
+    """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     loaded = load_checkpoint_on_test_data(checkpoint, data=data, image_size=image_size, test_subset=test_subset,
                                           device=device, cache_dir=cache_dir)
     dataset, target = loaded.dataset, loaded.device
-    result = evaluate(loaded.model, dataset.test_images.to(target), dataset.test_labels.to(target), loaded.normalize,
-                      batch_size=batch_size, amp_dtype=loaded.amp_dtype, channels_last=target.type == "cuda")
-    return result, loaded.describe()
+    logits = predict(loaded.model, dataset.test_images.to(target), loaded.normalize, batch_size=batch_size,
+                     amp_dtype=loaded.amp_dtype, channels_last=target.type == "cuda")
+    labels = dataset.test_labels.to(logits.device)
+    description = loaded.describe()
+    if temperature:
+        description["temperature_scaling"] = temperature_scaling(logits, labels)
+    return metrics_from_logits(logits, labels), description

@@ -38,7 +38,7 @@ def test_end_to_end_training_learns_and_records(tmp_path):
     assert [r["epoch"] for r in records] == [1, 2, 3, 4] and records == result.history
     for r in records:
         assert len(r["test_branch_acc"]) == 2 and r["images_per_s"] > 0 and r["train_images"] == 320
-        assert set(r["test_ensembles"]) == {"mean_logits", "mean_probs", "geo_mean", "max"}
+        assert set(r["test_ensembles"]) == {"mean_logits", "mean_probs", "geo_mean", "max", "max_probs"}
         assert 0.0 <= r["test_disagreement"] <= 1.0
     # it learns: the loss falls and the ensemble beats chance (10 %) by far
     assert records[-1]["train_loss"] < records[0]["train_loss"]
