@@ -10,8 +10,7 @@ from train_helpers import tiny_config
 
 import divco
 from divco.data import AugmentConfig
-from divco.train import TrainConfig, load_checkpoint, read_metrics, train
-from divco.train import step as step_module
+from divco.train import load_checkpoint, read_metrics, train
 from divco.train.runtime import branch_epoch_orders, epoch_order
 from divco.train.step import TrainStep
 from divco.vocabulary import TRAINING_METHODS
@@ -116,3 +115,20 @@ def test_independent_resume_is_bit_exact_and_the_method_defines_the_run(tmp_path
         assert torch.equal(value, b["model"][key]), key
     assert [r["train_loss"] for r in read_metrics(tmp_path / "stopped")] == \
         [r["train_loss"] for r in read_metrics(tmp_path / "straight")]
+
+
+@pytest.mark.parametrize("backend", [b for b in divco.ops.available_backends() if b != "cuda"])
+def test_independent_loss_on_every_backend(backend):
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(8, 4, 6, generator=g, requires_grad=True)
+    targets = torch.randint(0, 6, (8, 4), generator=g)
+    model = torch.nn.Linear(1, 1)
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), cot_weight=torch.tensor(0.5), branches=4,
+                     backend=backend, independent=True)
+    out = step.independent_loss(logits, targets)
+    z = logits.detach().double().requires_grad_()
+    expected = sum(F.cross_entropy(z[:, s], targets[:, s]) for s in range(4))
+    (grad,) = torch.autograd.grad(out.loss, logits)
+    (expected_grad,) = torch.autograd.grad(expected, z)
+    assert float(out.loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert torch.allclose(grad.double(), expected_grad, atol=1e-6)
