@@ -88,8 +88,8 @@ class EvaluationResult:
         lines = [title] if title else []
         lines.append(f"{'test images: ' + str(self.images):<{width}}  {'acc %':>7}  {'NLL':>7}  {'ECE %':>6}  "
                      f"{'aECE %':>6}  {'Brier':>6}  {'AURC %':>6}")
-        lines += [f"{name:<{width}}  {100 * s.acc:7.2f}  {s.nll:7.4f}  {100 * s.ece:6.2f}  {100 * s.adaptive_ece:6.2f}  "
-                  f"{s.brier:6.4f}  {100 * s.aurc:6.2f}" for name, s in rows]
+        lines += [f"{name:<{width}}  {100 * s.acc:7.2f}  {s.nll:7.4f}  {100 * s.ece:6.2f}  "
+                  f"{100 * s.adaptive_ece:6.2f}  {s.brier:6.4f}  {100 * s.aurc:6.2f}" for name, s in rows]
         if self.disagreement is not None:
             S = len(self.disagreement)
             pairs = [self.disagreement[s][t] for s in range(S) for t in range(s + 1, S)]

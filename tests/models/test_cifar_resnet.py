@@ -9,7 +9,8 @@ from model_matrix import shapes_only
 import divco
 
 CIFAR_MODELS = ["pyramidnet164", "pyramidnet272", "resnet110", "resnet164", "resnext29_16x64d", "resnext29_8x64d",
-                "se_resnet110", "se_resnet164", "wide_resnet16_1", "wide_resnet16_12", "wide_resnet16_2", "wide_resnet16_4",
+                "se_resnet110", "se_resnet164", "wide_resnet16_1", "wide_resnet16_12", "wide_resnet16_2",
+                "wide_resnet16_4",
                 "wide_resnet16_8", "wide_resnet28_10", "wide_resnet40_10", "wide_resnet52_8"]
 
 

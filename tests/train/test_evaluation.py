@@ -146,7 +146,8 @@ def test_temperature_scaling_fits_on_one_half_and_reports_on_the_other():
     log_p = ops.ensemble(logits, "geo_mean", backend="torch").double().log()
     assert geo["temperature"] == pytest.approx(calibration.temperature_scaled(log_p, labels)["temperature"])
     assert mean["temperature"] > 1 and mean["scaled"]["nll"] < mean["unscaled"]["nll"]
-    assert "temperature scaling: T fitted on 20 test images, metrics on the other 20 (seed 0)" in temperature_table(report)
+    title = "temperature scaling: T fitted on 20 test images, metrics on the other 20 (seed 0)"
+    assert title in temperature_table(report)
 
 
 def test_temperature_scaling_says_why_it_cannot_fit():
