@@ -24,8 +24,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _command_modules() -> dict[str, str]:
+    """Command name -> module name: a module ``ensemble_curve`` is the command ``ensemble-curve``."""
+    modules = (m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_"))
+    return {module.replace("_", "-"): module for module in sorted(modules)}
+
+
 def _command_names() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_"))
+    return sorted(_command_modules())
 
 
 def _requested_command(argv: Sequence[str], names: list[str]) -> Optional[str]:
@@ -40,10 +46,11 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
     parser.add_argument("--version", action="version", version=f"divco {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    names = _command_names()
+    modules = _command_modules()
+    names = sorted(modules)
     selected = _requested_command(argv, names) if argv is not None else None
     for name in names:
-        module = importlib.import_module(f"divco.commands.{name}")
+        module = importlib.import_module(f"divco.commands.{modules[name]}")
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         if argv is None or name == selected:
             module.add_arguments(p)

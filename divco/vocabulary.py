@@ -11,6 +11,13 @@ from __future__ import annotations
 #: Co-training terms: the paper's Jensen-Shannon divergence, or pairwise KL with detached targets.
 COTRAIN_KINDS: tuple[str, ...] = ("js", "kl")
 
+#: How ``divco train`` trains the S branches (TrainConfig.method):
+#:   cotrain      Divide-and-Co-training: one order of the training set, Σ_s CE_s + weight · J
+#:   independent  S independent networks in one launch (Kondratyuk et al. 2020): no co-training
+#:                term, and each branch its own order of the training set (as S separate runs)
+TRAINING_METHODS: tuple[str, ...] = ("cotrain", "independent")
+DEFAULT_TRAINING_METHOD = "cotrain"
+
 #: How branch outputs [N, S, K] are combined into one prediction [N, K].
 #:   mean_logits  mean of the logits
 #:   mean_probs   mean of the softmax probabilities

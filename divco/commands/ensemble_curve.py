@@ -38,40 +38,32 @@ def add_arguments(parser) -> None:
 def load_run_members(run_dir, args):
     """RunMembers of one run: its best checkpoint's members' test logits, label and member FLOPs.
 
-    The label is the network and its branch count, e.g. "wide_resnet16_1 (S=4)"; the FLOPs are
-    2 x the multiply-accumulates of one member (one branch) on one test image.
+    The checkpoint and its test data are read as ``divco eval`` reads them
+    (:func:`divco.train.evaluate_checkpoint.load_checkpoint_on_test_data`).  The label is the
+    network and its branch count, e.g. "wide_resnet16_1 (S=4)"; the FLOPs are 2 x the
+    multiply-accumulates of one member (one branch) on one test image.
     """
     import torch
 
-    from ..data import Normalize, load_dataset
     from ..ensembles.curve import RunMembers
     from ..summary import summary
-    from ..train.checkpoint import load_checkpoint
+    from ..train.evaluate_checkpoint import load_checkpoint_on_test_data
     from ..train.evaluation import predict
-    from ..train.export import model_from_checkpoint
-    from ..train.runtime import resolve_device
 
     path = Path(run_dir)
-    checkpoint = path / RUN_CHECKPOINT if path.is_dir() else path
-    if not checkpoint.is_file():
+    if path.is_dir() and not (path / RUN_CHECKPOINT).is_file():
         raise FileNotFoundError(f"{run_dir}: no {RUN_CHECKPOINT} (expected a training run directory or a checkpoint)")
-    state = load_checkpoint(checkpoint)
-    config, info = state["config"], state["model_info"]
-    data = args.data if args.data is not None else config["data"]
-    test_subset = args.test_subset
-    if test_subset is None and data == config["data"]:
-        test_subset = config.get("test_subset")
-    dataset = load_dataset(data, image_size=config.get("image_size"), cache_dir=args.cache_dir).subset(test=test_subset)
-    if dataset.num_classes != info["num_classes"]:
-        raise ValueError(f"{data} has {dataset.num_classes} classes but {checkpoint} predicts {info['num_classes']}")
-    device = resolve_device(args.device)
-    model = model_from_checkpoint(state)
-    member_macs = summary(model, tuple(dataset.test_images.shape[1:])).macs_per_branch
-    model = model.to(device)
-    normalize = Normalize(state["dataset"]["mean"], state["dataset"]["std"], device)
-    logits = predict(model, dataset.test_images.to(device), normalize, batch_size=args.batch_size)  # [N, S, K]
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir}: no such run directory or checkpoint (expected one with {RUN_CHECKPOINT})")
+    loaded = load_checkpoint_on_test_data(path, data=args.data, test_subset=args.test_subset, device=args.device,
+                                          cache_dir=args.cache_dir)
+    images = loaded.dataset.test_images
+    member_macs = summary(loaded.model, tuple(images.shape[1:])).macs_per_branch
+    logits = predict(loaded.model, images.to(loaded.device), loaded.normalize, batch_size=args.batch_size)  # [N, S, K]
+    info = loaded.state["model_info"]
     return RunMembers(label=f"{info['name']} (S={info['branches']})", logits=logits.transpose(0, 1).to(torch.float64),
-                      labels=dataset.test_labels.to(device), member_flops=2.0 * member_macs, source=str(run_dir))
+                      labels=loaded.dataset.test_labels.to(loaded.device), member_flops=2.0 * member_macs,
+                      source=str(run_dir))
 
 
 def run(args, load_run: Optional[Callable] = None) -> int:

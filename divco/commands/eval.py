@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-HELP = "evaluate a checkpoint: per-branch and ensemble accuracy, NLL, ECE, disagreement"
+HELP = ("evaluate a checkpoint: per-branch and ensemble accuracy, NLL, ECE, adaptive ECE, Brier, AURC, "
+        "disagreement, temperature scaling")
 
 
 def add_arguments(parser) -> None:
@@ -16,18 +17,25 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--no-temperature", dest="temperature", action="store_false",
+                        help="skip post-hoc temperature scaling (by default T is fitted on a seeded half of the "
+                             "test images and the metrics are reported on the other half)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
 
 
 def run(args) -> int:
     from ..train.evaluate_checkpoint import evaluate_checkpoint
+    from ..train.evaluation import temperature_table
 
     result, description = evaluate_checkpoint(
         args.checkpoint, data=args.data, image_size=args.image_size, test_subset=args.test_subset,
-        batch_size=args.batch_size, device=args.device, cache_dir=args.cache_dir)
+        batch_size=args.batch_size, device=args.device, cache_dir=args.cache_dir,
+        temperature=args.temperature)
     if args.json:
         print(json.dumps({**description, **result.to_dict()}))
     else:
         print(result.table(f"{description['checkpoint']}: {description['model']} x{description['branches']} after "
                            f"{description['epochs_done']} epoch(s) on {description['data']}"))
+        if args.temperature:
+            print(temperature_table(description["temperature_scaling"]))
     return 0

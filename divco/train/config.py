@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 from ..data.augment import CROPS, AugmentConfig
 from ..data.policies import POLICIES
 from ..data.sources import describe_sources
-from ..vocabulary import BACKENDS, PRECISIONS
+from ..vocabulary import BACKENDS, DEFAULT_TRAINING_METHOD, PRECISIONS, TRAINING_METHODS
 from ..vocabulary import COTRAIN_KINDS as COT_KINDS
 from ..vocabulary import EXECUTION_MODES as EXECUTIONS
 
@@ -84,7 +84,12 @@ class TrainConfig:
     label_smoothing: Optional[float] = option_field(
         None, help="label smoothing e of the targets (default 0.1 on ImageNet, 0 on CIFAR)")
     # -- co-training --------------------------------------------------------------------------
-    cot_weight: float = option_field(0.5, group="co-training")
+    method: str = option_field(
+        DEFAULT_TRAINING_METHOD, group="co-training", choices=TRAINING_METHODS,
+        help="cotrain (Divide-and-Co-training) or independent (S independent networks in one launch: no "
+             "co-training term, so --cot-weight is not used, and each branch its own order of the training set, "
+             "branch s the order a separate run with seed + s would see)")
+    cot_weight: float = option_field(0.5)
     cot_kind: str = option_field("js", choices=COT_KINDS)
     cot_warmup_epochs: Optional[int] = option_field(
         None, help="linear per-epoch warm-up of the weight (official: 40 of 300 CIFAR epochs, 60 on ImageNet; "
@@ -194,6 +199,8 @@ class TrainConfig:
         for name in ("divide_weight_decay", "exempt_norm_weight_decay"):
             if getattr(self, name) not in (None, True, False):
                 raise ValueError(f"{name} must be True, False or None (the recipe's), got {getattr(self, name)!r}")
+        if self.method not in TRAINING_METHODS:
+            raise ValueError(f"method must be one of {TRAINING_METHODS}, got {self.method!r}")
         number("cot_weight", self.cot_weight, 0.0, low_open=False)
         number("temperature", self.temperature, 0.0, low_open=True)
         if self.cot_kind not in COT_KINDS:

@@ -49,6 +49,7 @@ from .run_lock import LOCK_NAME, RunLock
 from .run_log import CONFIG_NAME, RunLog, write_json
 from .runtime import (
     SignalStop,
+    branch_epoch_orders,
     epoch_order,
     global_rng_state,
     option,
@@ -306,7 +307,7 @@ def assemble_run(config: TrainConfig, processes: DistributedContext, device: tor
     step = TrainStep(train_model, optimizer, cot_weight=cot_weight, branches=config.branches,
                      cot_kind=config.cot_kind, temperature=config.temperature, backend=config.backend,
                      scheduler=schedule, amp_dtype=amp_dtype, scaler=scaler, compile=config.compile,
-                     on_nonfinite=config.on_nan)
+                     on_nonfinite=config.on_nan, independent=config.method == "independent")
     # every process draws its own augmentations
     augment_seed = int(np.random.SeedSequence([config.seed, processes.rank]).generate_state(1)[0])
     augmenter = BatchAugmenter(resolved.augment_config(), data.mean, data.std, device, seed=augment_seed,
@@ -390,9 +391,14 @@ def train_epoch(run: Run, epoch: int, first_step: int, images: Tensor, labels: T
     """Steps ``first_step..`` of ``epoch``; returns (the step to checkpoint mid-epoch or None, stop after)."""
     config, processes = run.config, run.processes
     S, K, batch, steps = config.branches, run.data.num_classes, run.batch, run.steps_per_epoch
-    run.cot_weight.fill_(recipe.cot_weight_for_epoch(epoch, config.cot_weight, run.cot_warmup_epochs))
-    order = process_shard(epoch_order(len(labels), config.seed, epoch), processes.rank,
-                          processes.world_size)[: steps * batch]
+    run.cot_weight.fill_(_cot_weight(run, epoch))
+    independent = config.method == "independent"
+    if independent:  # [S, steps * batch]: every branch its own order of the training set
+        order = torch.stack([process_shard(o, processes.rank, processes.world_size)[: steps * batch]
+                             for o in branch_epoch_orders(len(labels), config.seed, epoch, S)])
+    else:
+        order = process_shard(epoch_order(len(labels), config.seed, epoch), processes.rank,
+                              processes.world_size)[: steps * batch]
     if run.device.type == "cuda":
         order = order.pin_memory().to(run.device, non_blocking=True)
     run.net.train()
@@ -400,9 +406,12 @@ def train_epoch(run: Run, epoch: int, first_step: int, images: Tensor, labels: T
     with progress_bar(steps * config.batch_size, first_step * config.batch_size,
                       f"epoch {epoch + 1}/{config.epochs}", run.verbose) as bar:
         for i in range(first_step, steps):
-            index = order[i * batch:(i + 1) * batch]
-            views, targets = run.augmenter.training_batch(images.index_select(0, index),
-                                                          labels.index_select(0, index), S, K)
+            if independent:
+                views, targets = _independent_batch(run, images, labels, order[:, i * batch:(i + 1) * batch], K)
+            else:
+                index = order[i * batch:(i + 1) * batch]
+                views, targets = run.augmenter.training_batch(images.index_select(0, index),
+                                                              labels.index_select(0, index), S, K)
             run.step(to_model_layout(views, run.channels_last), targets)
             bar.update(config.batch_size)
             asked = signals.received is not None or (should_stop is not None and should_stop(epoch, i + 1))
@@ -410,6 +419,21 @@ def train_epoch(run: Run, epoch: int, first_step: int, images: Tensor, labels: T
             if stop and i + 1 < steps:
                 return i + 1, True
     return None, stop
+
+
+def _independent_batch(run: Run, images: Tensor, labels: Tensor, index: Tensor, K: int) -> tuple[Tensor, Tensor]:
+    """Views ``[B, S, 3, H, W]`` and targets ``[B, S]`` / ``[B, S, K]``: branch s gets the images of its
+    own order ``index[s]``, augmented (and mixed up) on their own, as a separate run would."""
+    per_branch = [run.augmenter.training_batch(images.index_select(0, rows), labels.index_select(0, rows), 1, K)
+                  for rows in index]
+    return torch.cat([v for v, _ in per_branch], dim=1), torch.stack([t for _, t in per_branch], dim=1)
+
+
+def _cot_weight(run: Run, epoch: int) -> float:
+    """The co-training weight of an epoch: 0 for independent training, else the warmed-up schedule."""
+    if run.config.method == "independent":
+        return 0.0
+    return recipe.cot_weight_for_epoch(epoch, run.config.cot_weight, run.cot_warmup_epochs)
 
 
 def finish_epoch(run: Run, epoch: int, first_step: int, started: float, test_images: Tensor,
@@ -430,7 +454,7 @@ def finish_epoch(run: Run, epoch: int, first_step: int, started: float, test_ima
     return {
         "epoch": epoch + 1,
         "lr": run.schedule.current_lr(),
-        "cot_weight": recipe.cot_weight_for_epoch(epoch, config.cot_weight, run.cot_warmup_epochs),
+        "cot_weight": _cot_weight(run, epoch),
         **train_metrics,
         **evaluation.to_dict(),
         "images_per_s": images_this_session / elapsed if elapsed > 0 else math.inf,

@@ -2,29 +2,52 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
-from ..data import Normalize, load_dataset
+from ..data import ImageDataset, Normalize, load_dataset
 from .checkpoint import checkpoint_of, load_checkpoint
-from .evaluation import EvaluationResult, evaluate
+from .evaluation import EvaluationResult, metrics_from_logits, predict, temperature_scaling
 from .export import model_from_checkpoint
 from .runtime import resolve_device
 
 
-def evaluate_checkpoint(checkpoint: Union[str, Path], *, data: Optional[str] = None, image_size: Optional[int] = None,
-                        test_subset: Optional[int] = None, batch_size: int = 256, device: str = "auto",
-                        cache_dir=None) -> tuple[EvaluationResult, dict]:
-    """Test metrics of ``checkpoint`` (a file, or a run folder: its best.pt) and a description.
+@dataclass(frozen=True)
+class CheckpointOnTestData:
+    """A checkpoint's model on its device, next to the test data it is evaluated on."""
+
+    checkpoint: Path
+    state: dict
+    model: torch.nn.Module  # in eval mode, on ``device``
+    dataset: ImageDataset  # test images already subset
+    normalize: Normalize  # the training data's statistics
+    device: torch.device
+
+    @property
+    def amp_dtype(self) -> Optional[torch.dtype]:
+        """bfloat16 autocast on a GPU that has it (as training evaluates), none elsewhere."""
+        cuda = self.device.type == "cuda"
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
+
+    def describe(self) -> dict:
+        info = self.state["model_info"]
+        return {"checkpoint": str(self.checkpoint), "model": info["name"], "branches": info["branches"],
+                "epochs_done": self.state["epochs_done"], "data": self.dataset.describe()}
+
+
+def load_checkpoint_on_test_data(checkpoint: Union[str, Path], *, data: Optional[str] = None,
+                                 image_size: Optional[int] = None, test_subset: Optional[int] = None,
+                                 device: str = "auto", cache_dir=None) -> CheckpointOnTestData:
+    """The model of ``checkpoint`` (a file, or a run folder: its best.pt) and its test data.
 
     By default the test split of the data the checkpoint was trained on (same image
     size and test subset).  Inputs are normalised with the training data's statistics,
-    as in training, whatever data is tested.
+    as in training, whatever data is tested.  ``divco eval`` and ``divco ensemble-curve``
+    both read checkpoints through here.
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     checkpoint = checkpoint_of(checkpoint)
     state = load_checkpoint(checkpoint)
     config = state["config"]
@@ -39,12 +62,30 @@ def evaluate_checkpoint(checkpoint: Union[str, Path], *, data: Optional[str] = N
         raise ValueError(f"{data} has {dataset.num_classes} classes but checkpoint {checkpoint} predicts "
                          f"{info['num_classes']}")
     target = resolve_device(device)
-    model = model_from_checkpoint(state).to(target)
+    model = model_from_checkpoint(state).to(target).eval()
     trained = state["dataset"]
-    normalize = Normalize(trained["mean"], trained["std"], target)
-    amp_dtype = torch.bfloat16 if target.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    result = evaluate(model, dataset.test_images.to(target), dataset.test_labels.to(target), normalize,
-                      batch_size=batch_size, amp_dtype=amp_dtype, channels_last=target.type == "cuda")
-    description = {"checkpoint": str(checkpoint), "model": info["name"], "branches": info["branches"],
-                   "epochs_done": state["epochs_done"], "data": dataset.describe()}
-    return result, description
+    return CheckpointOnTestData(checkpoint, state, model, dataset, Normalize(trained["mean"], trained["std"], target),
+                                target)
+
+
+def evaluate_checkpoint(checkpoint: Union[str, Path], *, data: Optional[str] = None, image_size: Optional[int] = None,
+                        test_subset: Optional[int] = None, batch_size: int = 256, device: str = "auto",
+                        cache_dir=None, temperature: bool = False) -> tuple[EvaluationResult, dict]:
+    """Test metrics of ``checkpoint`` (see :func:`load_checkpoint_on_test_data`) and a description.
+
+    With ``temperature``, the description also holds ``temperature_scaling``: post-hoc temperature
+    scaling of every branch and ensemble mode, fitted on a held-out half of the test images
+    (:func:`divco.train.evaluation.temperature_scaling`).
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    loaded = load_checkpoint_on_test_data(checkpoint, data=data, image_size=image_size, test_subset=test_subset,
+                                          device=device, cache_dir=cache_dir)
+    dataset, target = loaded.dataset, loaded.device
+    logits = predict(loaded.model, dataset.test_images.to(target), loaded.normalize, batch_size=batch_size,
+                     amp_dtype=loaded.amp_dtype, channels_last=target.type == "cuda")
+    labels = dataset.test_labels.to(logits.device)
+    description = loaded.describe()
+    if temperature:
+        description["temperature_scaling"] = temperature_scaling(logits, labels)
+    return metrics_from_logits(logits, labels), description

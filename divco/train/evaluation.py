@@ -1,8 +1,10 @@
-"""Test-set evaluation of S branches and their ensembles: accuracy, NLL, ECE, disagreement."""
+"""Test-set evaluation of S branches and their ensembles: accuracy, NLL, disagreement and the
+calibration metrics of :mod:`divco.calibration` (ECE, adaptive ECE, Brier score, AURC)."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
@@ -10,23 +12,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops
-from .. import vocabulary
+from .. import calibration, ops, vocabulary
 
 #: The ensemble modes evaluated and reported: every mode of the vocabulary that divco.ops
-#: implements (the official max-of-softmax "max_probs" once the ops provide it).
+#: implements (all five today, the official max-of-softmax "max_probs" included).
 ENSEMBLE_MODES = tuple(m for m in vocabulary.ENSEMBLE_MODES if m in ops.ENSEMBLE_MODES)
 DEFAULT_ENSEMBLE = vocabulary.DEFAULT_ENSEMBLE_MODE
 #: divco.ops.ensemble returns logits for these modes and probabilities for the others.
 _LOGIT_MODES = tuple(m for m in ENSEMBLE_MODES if m not in vocabulary.PROBABILITY_MODES)
-ECE_BINS = 15
+ECE_BINS = calibration.DEFAULT_BINS
+#: The calibration metrics added by issue 13; records written before them read back as NaN.
+CALIBRATION_FIELDS = ("brier", "adaptive_ece", "aurc")
 
 
 @dataclass(frozen=True)
 class Scores:
     acc: float  # top-1 accuracy, a fraction
     nll: float  # mean negative log-likelihood of the true class
-    ece: float  # expected calibration error (15 equal-width confidence bins), a fraction
+    ece: float  # expected calibration error (15 equal-width confidence bins ((m-1)/M, m/M]), a fraction
+    brier: float = math.nan  # Brier score, mean over images of sum_k (p_k - onehot_k)^2, in [0, 2]
+    adaptive_ece: float = math.nan  # ECE over 15 equal-mass bins, a fraction
+    aurc: float = math.nan  # area under the risk-coverage curve (selective classification), a fraction
 
 
 @dataclass(frozen=True)
@@ -56,9 +62,11 @@ class EvaluationResult:
             "test_branch_acc": [b.acc for b in self.branches],
             "test_branch_nll": [b.nll for b in self.branches],
             "test_branch_ece": [b.ece for b in self.branches],
+            **{f"test_branch_{name}": [getattr(b, name) for b in self.branches] for name in CALIBRATION_FIELDS},
             "test_ensemble_acc": default.acc,
             "test_nll": default.nll,
             "test_ece": default.ece,
+            **{f"test_{name}": getattr(default, name) for name in CALIBRATION_FIELDS},
             "test_ensembles": {mode: asdict(s) for mode, s in self.ensembles.items()},
             "test_disagreement": self.mean_disagreement,
             "test_disagreement_matrix": self.disagreement,
@@ -66,8 +74,10 @@ class EvaluationResult:
 
     @classmethod
     def from_dict(cls, record: dict) -> "EvaluationResult":
-        branches = [Scores(a, n, e) for a, n, e in zip(record["test_branch_acc"], record["test_branch_nll"],
-                                                       record["test_branch_ece"])]
+        S = len(record["test_branch_acc"])
+        extra = [record.get(f"test_branch_{name}", [math.nan] * S) for name in CALIBRATION_FIELDS]
+        branches = [Scores(*values) for values in zip(record["test_branch_acc"], record["test_branch_nll"],
+                                                      record["test_branch_ece"], *extra)]
         ensembles = {mode: Scores(**s) for mode, s in record["test_ensembles"].items()}
         return cls(record["test_images"], branches, ensembles, record["test_disagreement_matrix"])
 
@@ -76,8 +86,10 @@ class EvaluationResult:
         rows += [(f"ensemble {mode}", s) for mode, s in self.ensembles.items()]
         width = max(len(name) for name, _ in rows)
         lines = [title] if title else []
-        lines.append(f"{'test images: ' + str(self.images):<{width}}  {'acc %':>7}  {'NLL':>7}  {'ECE %':>6}")
-        lines += [f"{name:<{width}}  {100 * s.acc:7.2f}  {s.nll:7.4f}  {100 * s.ece:6.2f}" for name, s in rows]
+        lines.append(f"{'test images: ' + str(self.images):<{width}}  {'acc %':>7}  {'NLL':>7}  {'ECE %':>6}  "
+                     f"{'aECE %':>6}  {'Brier':>6}  {'AURC %':>6}")
+        lines += [f"{name:<{width}}  {100 * s.acc:7.2f}  {s.nll:7.4f}  {100 * s.ece:6.2f}  "
+                  f"{100 * s.adaptive_ece:6.2f}  {s.brier:6.4f}  {100 * s.aurc:6.2f}" for name, s in rows]
         if self.disagreement is not None:
             S = len(self.disagreement)
             pairs = [self.disagreement[s][t] for s in range(S) for t in range(s + 1, S)]
@@ -87,23 +99,22 @@ class EvaluationResult:
 
 
 def expected_calibration_error(probs: Tensor, labels: Tensor, bins: int = ECE_BINS) -> Tensor:
-    """Σ_b |B_b|/N · |acc(B_b) - conf(B_b)| over equal-width confidence bins (0-dim tensor; NaN for NaN input)."""
-    confidence, prediction = probs.max(dim=-1)
-    hit = (prediction == labels).to(probs.dtype)
-    # NaN confidences (a diverged model) go to bin 0, where they make the result NaN: never an index error.
-    index = torch.nan_to_num(confidence * bins, nan=0.0).long().clamp_(0, bins - 1)
-    count = torch.zeros(bins, dtype=probs.dtype, device=probs.device).index_add_(0, index, torch.ones_like(hit))
-    conf_sum = torch.zeros_like(count).index_add_(0, index, confidence)
-    hit_sum = torch.zeros_like(count).index_add_(0, index, hit)
-    return (conf_sum - hit_sum).abs().sum() / probs.shape[0]
+    """divco.calibration's ECE (kept under this name for its callers).
+
+    The former equal-width ECE put a confidence c in bin floor(c * M); divco.calibration puts it
+    in ((m-1)/M, m/M] (Guo et al.): the two differ only for a confidence exactly on a bin edge.
+    """
+    return calibration.expected_calibration_error(probs, labels, bins)
+
+
+#: The order of the metrics in one row of :func:`_scores` (the fields of :class:`Scores`).
+SCORE_FIELDS = ("acc", "nll", "ece") + CALIBRATION_FIELDS
 
 
 def _scores(probs: Tensor, labels: Tensor) -> Tensor:
-    """[acc, nll, ece] of one predictive distribution [N, K] (a device tensor)."""
-    probs = probs.to(torch.float64)
-    acc = (probs.argmax(dim=-1) == labels).to(torch.float64).mean()
-    nll = -probs.gather(1, labels[:, None]).clamp_min(torch.finfo(torch.float64).tiny).log().mean()
-    return torch.stack([acc, nll, expected_calibration_error(probs, labels)])
+    """[acc, nll, ece, brier, adaptive_ece, aurc] of one predictive distribution [N, K] (a device tensor)."""
+    metrics = calibration.calibration_metrics(probs.to(torch.float64), labels, ECE_BINS)
+    return torch.stack([metrics["accuracy"]] + [metrics[name] for name in SCORE_FIELDS[1:]])
 
 
 def metrics_from_logits(logits: Tensor, labels: Tensor, backend: Optional[str] = None) -> EvaluationResult:
@@ -120,8 +131,9 @@ def metrics_from_logits(logits: Tensor, labels: Tensor, backend: Optional[str] =
     predictions = logits.argmax(dim=-1)  # [N, S]
     disagreement = (predictions[:, :, None] != predictions[:, None, :]).to(torch.float64).mean(0)  # [S, S]
     values = torch.cat([torch.stack(rows).flatten(), disagreement.flatten()]).cpu().tolist()  # one read
-    scores = [Scores(*values[3 * i: 3 * i + 3]) for i in range(len(rows))]
-    matrix = values[3 * len(rows):]
+    width = len(SCORE_FIELDS)
+    scores = [Scores(*values[width * i: width * (i + 1)]) for i in range(len(rows))]
+    matrix = values[width * len(rows):]
     return EvaluationResult(
         images=int(logits.shape[0]),
         branches=scores[:S],
@@ -158,3 +170,69 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, normalize: Callab
     logits = predict(model, images, normalize, batch_size=batch_size, amp_dtype=amp_dtype,
                      channels_last=channels_last)
     return metrics_from_logits(logits, labels.to(logits.device), backend=backend)
+
+
+#: Temperature scaling in ``divco eval``: T is fitted on one half of the test set (a seeded
+#: permutation, :func:`divco.calibration.held_out_split`) and every metric is reported on the other half.
+TEMPERATURE_FIT_FRACTION = 0.5
+TEMPERATURE_SEED = 0
+
+
+def _as_logits(out: Tensor, mode: str) -> Tensor:
+    """What temperature scaling divides: the logits, or the log-probabilities of a probability mode."""
+    if mode in _LOGIT_MODES:
+        return out.to(torch.float64)
+    return out.to(torch.float64).clamp_min(torch.finfo(torch.float64).tiny).log()
+
+
+def _scaled(logits: Tensor, labels: Tensor, seed: int) -> dict:
+    try:
+        return calibration.temperature_scaled(logits, labels, fit_fraction=TEMPERATURE_FIT_FRACTION, seed=seed,
+                                              bins=ECE_BINS)
+    except ValueError as error:  # non-finite logits, or classes separated perfectly: said, never a guess
+        return {"temperature": None, "error": str(error)}
+
+
+def temperature_scaling(logits: Tensor, labels: Tensor, *, seed: int = TEMPERATURE_SEED,
+                        backend: Optional[str] = None) -> dict:
+    """Post-hoc temperature scaling of every branch and every ensemble mode of logits ``[N, S, K]``.
+
+    T is fitted on a held-out half of the images (the same half for every row) and the scaled
+    and unscaled metrics are reported on the other half (:func:`divco.calibration.temperature_scaled`).
+    A probability mode's output is scaled through its log-probabilities: softmax(log p / T) ∝ p^(1/T).
+    A row whose T cannot be fitted carries ``temperature: None`` and the reason; with fewer than
+    2 images (nothing to hold out) every row does.
+    """
+    if logits.dim() != 3 or labels.shape != (logits.shape[0],):
+        raise ValueError(f"expected logits [N, S, K] and labels [N], got {tuple(logits.shape)} and "
+                         f"{tuple(labels.shape)}")
+    logits = logits.to(torch.float32)
+    N = int(logits.shape[0])
+    fit_images = len(calibration.held_out_split(N, TEMPERATURE_FIT_FRACTION, seed).fit) if N >= 2 else 0
+    return {
+        "fit_images": fit_images,
+        "eval_images": N - fit_images,
+        "seed": seed,
+        "branches": [_scaled(logits[:, s].to(torch.float64), labels, seed) for s in range(logits.shape[1])],
+        "ensembles": {mode: _scaled(_as_logits(ops.ensemble(logits, mode, backend=backend), mode), labels, seed)
+                      for mode in ENSEMBLE_MODES},
+    }
+
+
+def temperature_table(report: dict) -> str:
+    """Temperature scaling as text: T and NLL / ECE / Brier before -> after on the held-out half."""
+    rows = [(f"branch {s}", r) for s, r in enumerate(report["branches"])]
+    rows += [(f"ensemble {mode}", r) for mode, r in report["ensembles"].items()]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"temperature scaling: T fitted on {report['fit_images']} test images, metrics on the other "
+             f"{report['eval_images']} (seed {report['seed']})",
+             f"{'':<{width}}  {'T':>7}  {'NLL':>17}  {'ECE %':>15}  {'Brier':>15}"]
+    for name, r in rows:
+        if r["temperature"] is None:
+            lines.append(f"{name:<{width}}  not fitted: {r['error']}")
+            continue
+        before, after = r["unscaled"], r["scaled"]
+        lines.append(f"{name:<{width}}  {r['temperature']:7.3f}  {before['nll']:7.4f} -> {after['nll']:7.4f}  "
+                     f"{100 * before['ece']:6.2f} -> {100 * after['ece']:6.2f}  "
+                     f"{before['brier']:6.4f} -> {after['brier']:6.4f}")
+    return "\n".join(lines)

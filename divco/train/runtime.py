@@ -48,6 +48,12 @@ def epoch_order(size: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(size, generator=generator)
 
 
+def branch_epoch_orders(size: int, seed: int, epoch: int, branches: int) -> Tensor:
+    """``[S, size]``: branch s's image order of an epoch in independent training, the order
+    :func:`epoch_order` gives a separate run with seed ``seed + s`` (a pure function: resume keeps it)."""
+    return torch.stack([epoch_order(size, seed + s, epoch) for s in range(branches)])
+
+
 def process_shard(order: Tensor, rank: int, world_size: int) -> Tensor:
     """This process's images of the epoch: every world_size-th, all shards of equal length."""
     usable = (order.numel() // world_size) * world_size

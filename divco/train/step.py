@@ -35,9 +35,10 @@ NONFINITE_POLICIES = ("stop", "skip-step")
 class RunningMetrics:
     """Sums of the step outputs over an epoch, kept on the device until :meth:`read`."""
 
-    def __init__(self, branches: int, device: torch.device) -> None:
+    def __init__(self, branches: int, device: torch.device, *, ensemble: bool = True) -> None:
         self.branches = branches
         self.device = torch.device(device)
+        self.ensemble = ensemble  # False when the branches see different images (no ensemble to score)
         self.reset()
 
     def reset(self) -> None:
@@ -94,7 +95,7 @@ class RunningMetrics:
             "train_ce": [mean(v) for v in sums[1: S + 1]],
             "train_cot": mean(sums[S + 1]),
             "train_branch_acc": [mean(v) for v in correct[:S]],
-            "train_ensemble_acc": mean(correct[S]),
+            "train_ensemble_acc": mean(correct[S]) if self.ensemble else None,
             "train_images": int(count),
             "train_nonfinite_steps": int(values[-2]),
             "train_first_nonfinite_step": first if 0 < first < torch.iinfo(torch.int64).max else None,
@@ -127,6 +128,9 @@ class TrainStep:
         scaler: a ``torch.amp.GradScaler`` for float16 (it reads its overflow flag on the
             host: the one synchronisation float16 training needs).
         compile: wrap forward + loss in ``torch.compile``.
+        independent: S independent networks (``--method independent``): targets are per branch,
+            ``[B, S]`` or ``[B, S, K]`` (branch s's view holds other images than branch t's), and
+            the loss is Σ_s CE_s with no co-training term (``cot_weight`` is not read).
         on_nonfinite: ``"stop"`` (apply and count non-finite steps; the caller stops) or
             ``"skip-step"`` (do not apply them: weights and optimiser state are restored
             on the device from a copy taken before the step; counted in the metrics).
@@ -135,7 +139,7 @@ class TrainStep:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, cot_weight: Tensor,
                  branches: Optional[int] = None, cot_kind: str = "js", temperature: float = 1.0,
                  backend: Optional[str] = None, scheduler=None, amp_dtype: Optional[torch.dtype] = None,
-                 scaler=None, compile: bool = False, on_nonfinite: str = "stop") -> None:
+                 scaler=None, compile: bool = False, on_nonfinite: str = "stop", independent: bool = False) -> None:
         if not isinstance(cot_weight, Tensor) or cot_weight.dim() != 0:
             raise ValueError(f"cot_weight must be a 0-dim tensor, got {cot_weight!r}")
         if on_nonfinite not in NONFINITE_POLICIES:
@@ -154,7 +158,9 @@ class TrainStep:
         self.device_type = device.type
         if branches is None:
             branches = unwrap_model(model).branches
-        self.metrics = RunningMetrics(branches, device)
+        self.independent = independent
+        self._no_cotraining = torch.zeros((), dtype=torch.float32, device=device)
+        self.metrics = RunningMetrics(branches, device, ensemble=not independent)
         self._forward_loss: Callable[[Tensor, Tensor], ops.CotrainLoss] = self.forward_loss
         if compile:
             self._forward_loss = torch.compile(self.forward_loss)
@@ -167,8 +173,30 @@ class TrainStep:
     def forward_loss(self, images: Tensor, targets: Tensor) -> ops.CotrainLoss:
         with self.autocast():
             logits = self.model(images)
+        if self.independent:
+            return self.independent_loss(logits, targets)
         return ops.cotrain_loss(logits, targets, weight=self.cot_weight, kind=self.cot_kind,
                                 temperature=self.temperature, backend=self.backend)
+
+    def independent_loss(self, logits: Tensor, targets: Tensor) -> ops.CotrainLoss:
+        """Σ_s CE_s of logits ``[B, S, K]`` against per-branch targets ``[B, S]`` / ``[B, S, K]``.
+
+        Each branch is one fused single-branch loss (its co-training term is 0 by definition):
+        ``correct`` holds each branch's hits and 0 for the ensemble, which has no images of its
+        own here (RunningMetrics reports no training ensemble accuracy); ``ensemble`` is the mean
+        of the branch logits, as the op defines it.
+        """
+        S = logits.shape[1]
+        if targets.shape[:2] != logits.shape[:2]:
+            raise ValueError(f"independent training needs per-branch targets [B, S] or [B, S, K] for logits "
+                             f"{tuple(logits.shape)}, got {tuple(targets.shape)}")
+        parts = [ops.cotrain_loss(logits[:, s:s + 1], targets[:, s].contiguous(), weight=self._no_cotraining,
+                                  kind=self.cot_kind, temperature=self.temperature, backend=self.backend)
+                 for s in range(S)]
+        correct = torch.cat([p.correct[:1] for p in parts] + [torch.zeros_like(parts[0].correct[:1])])
+        return ops.CotrainLoss(loss=torch.stack([p.loss for p in parts]).sum(), ce=torch.cat([p.ce for p in parts]),
+                               cot=torch.zeros_like(parts[0].cot), ensemble=logits.detach().mean(1),
+                               correct=correct)
 
     def __call__(self, images: Tensor, targets: Tensor) -> ops.CotrainLoss:
         # skip-step also undoes the forward pass's BatchNorm statistics: copy them before it

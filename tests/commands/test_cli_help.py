@@ -28,10 +28,27 @@ def test_divco_help_imports_no_heavy_module():
     result = json.loads(last)
     assert result == {"code": 0, "heavy": []}
     help_text = "\n".join(help_lines)
-    for command in ("train", "eval", "export", "compare", "bench", "summary", "models", "demo"):
+    for command in ("train", "eval", "export", "compare", "bench", "summary", "models", "demo", "ensemble-curve"):
         assert command in help_text
 
 
 def test_a_command_still_gets_its_arguments(capsys):
     assert main(["models", "--family", "cifar"]) == 0
     assert "wide_resnet16_8" in capsys.readouterr().out
+
+
+def test_module_names_with_underscores_are_commands_with_dashes(tmp_path, capsys):
+    """divco.commands.ensemble_curve is ``divco ensemble-curve`` (and only that spelling)."""
+    from divco.cli import build_parser
+
+    args = build_parser(["ensemble-curve", "r", "--out", str(tmp_path)]).parse_args(
+        ["ensemble-curve", "r", "--out", str(tmp_path)])
+    assert args.command == "ensemble-curve" and args.runs == ["r"]
+    assert main(["ensemble-curve", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+    assert "ensemble-curve: error:" in capsys.readouterr().err
+    try:
+        main(["ensemble_curve", "r", "--out", str(tmp_path)])
+    except SystemExit as done:
+        assert done.code == 2
+    else:
+        raise AssertionError("the module name is not a command")

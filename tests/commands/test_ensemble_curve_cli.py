@@ -45,6 +45,25 @@ def test_command_rejects_a_bad_subset_count(tmp_path):
 def test_missing_run_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="best.pt"):
         ensemble_curve.load_run_members(tmp_path / "nothing", parse([str(tmp_path), "--out", str(tmp_path)]))
+    with pytest.raises(FileNotFoundError, match="best.pt"):
+        ensemble_curve.load_run_members(tmp_path, parse([str(tmp_path), "--out", str(tmp_path)]))
+
+
+def test_loader_reads_checkpoints_through_the_eval_loader(tmp_path, monkeypatch):
+    """ensemble-curve and divco eval share one checkpoint reader (same data, subset, normalisation)."""
+    import divco.train.evaluate_checkpoint as reader
+
+    seen = {}
+
+    def refuse(path, **kw):
+        seen.update(kw, path=path)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(reader, "load_checkpoint_on_test_data", refuse)
+    (tmp_path / "best.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="stop here"):
+        ensemble_curve.load_run_members(str(tmp_path), parse([str(tmp_path), "--out", "o", "--test-subset", "7"]))
+    assert seen["test_subset"] == 7 and str(seen["path"]) == str(tmp_path)
 
 
 @pytest.mark.slow

@@ -27,7 +27,8 @@ def test_train_eval_export(tmp_path, capsys, cache):
     records = read_metrics(out)
     assert len(records) == 2
     for record in records:
-        for field in ("epoch", "train_loss", "test_ensemble_acc", "test_branch_acc", "images_per_s"):
+        for field in ("epoch", "train_loss", "test_ensemble_acc", "test_branch_acc", "images_per_s",
+                      "test_brier", "test_adaptive_ece", "test_aurc", "test_branch_aurc"):
             assert field in record
         assert len(record["test_branch_acc"]) == 2
     assert load_checkpoint(out / "best.pt")["config"]["seed"] == 3
@@ -38,9 +39,17 @@ def test_train_eval_export(tmp_path, capsys, cache):
     result = json.loads(capsys.readouterr().out)
     assert result["test_ensemble_acc"] == pytest.approx(records[-1]["test_ensemble_acc"])
     assert result["test_branch_acc"] == pytest.approx(records[-1]["test_branch_acc"])
+    for field in ("test_brier", "test_adaptive_ece", "test_aurc"):
+        assert result[field] == pytest.approx(records[-1][field])
+    scaling = result["temperature_scaling"]  # fitted on 16 of the 32 test images, reported on the others
+    assert (scaling["fit_images"], scaling["eval_images"]) == (16, 16) and len(scaling["branches"]) == 2
+    assert "max_probs" in scaling["ensembles"] and "max_probs" in result["test_ensembles"]
     assert main(["eval", str(checkpoint), "--device", "cpu", *cache]) == 0
     table = capsys.readouterr().out
-    assert "ensemble max" in table and "pairwise disagreement" in table
+    assert "ensemble max_probs" in table and "pairwise disagreement" in table and "AURC %" in table
+    assert "temperature scaling: T fitted on 16 test images, metrics on the other 16 (seed 0)" in table
+    assert main(["eval", str(checkpoint), "--device", "cpu", "--no-temperature", "--json", *cache]) == 0
+    assert "temperature_scaling" not in json.loads(capsys.readouterr().out)
 
     # export one branch, then all
     target = tmp_path / "b1.safetensors"

@@ -9,7 +9,8 @@ from model_matrix import shapes_only
 import divco
 
 CIFAR_MODELS = ["pyramidnet164", "pyramidnet272", "resnet110", "resnet164", "resnext29_16x64d", "resnext29_8x64d",
-                "se_resnet110", "se_resnet164", "wide_resnet16_12", "wide_resnet16_2", "wide_resnet16_4",
+                "se_resnet110", "se_resnet164", "wide_resnet16_1", "wide_resnet16_12", "wide_resnet16_2",
+                "wide_resnet16_4",
                 "wide_resnet16_8", "wide_resnet28_10", "wide_resnet40_10", "wide_resnet52_8"]
 
 
@@ -31,6 +32,17 @@ def test_the_cifar_family_is_registered():
 def test_parameter_counts_reproduce_the_paper(name, S, millions):
     """Zhao et al. (TIP 2022), CIFAR-100 heads, all branches together."""
     assert _millions(name, S) == pytest.approx(millions, abs=0.1)
+
+
+@pytest.mark.parametrize("S", [1, 2, 4])
+def test_wide_resnet16_1_is_wrn16_1_per_branch(S):
+    """WRN-16-1 (Zagoruyko & Komodakis: 0.175M on CIFAR-10) has no narrower width: k' = 1 per branch."""
+    with shapes_only():
+        model = divco.models.create("wide_resnet16_1", num_classes=10, branches=S)
+    head = 64 * 10 + 10  # one CIFAR-10 classifier per branch
+    body = (sum(p.numel() for p in model.parameters()) - S * head) / S
+    assert body + head == pytest.approx(0.175e6, rel=0.01)
+    assert model.spec.widths == (16, 32, 64)
 
 
 def test_divide_false_gives_full_size_branches():
