@@ -7,6 +7,8 @@
 #   bash scripts/cpu_torch_check.sh
 #   DIVCO_CPU_TORCH=2.13.0   the torch to install first (here a local CPU-only wheel)
 #   DIVCO_CHECK_TIMEOUT=1200 seconds for the test suite
+#   DIVCO_CHECK_MARK="not slow"  a pytest -m expression; DIVCO_CHECK_PATHS="tests/ops ..."  test paths
+#                            (default: the whole suite)
 #
 # The sources are copied (tracked and untracked-but-not-ignored files), so the checkout's own
 # divco/_C*.so, built against another torch, is neither used nor replaced.
@@ -41,5 +43,9 @@ python -W error::RuntimeWarning -c "import torch, divco, divco._C as c; built = 
 assert built == torch.__version__, (built, torch.__version__); print('divco._C built against torch', built)"
 
 SECONDS=0
-timeout "${DIVCO_CHECK_TIMEOUT:-1200}" python -m pytest -q -n 2 -p no:cacheprovider
+# What to run (default: the whole suite; CI runs the torch-dependent part)
+selection=()
+[[ -n ${DIVCO_CHECK_MARK:-} ]] && selection+=(-m "$DIVCO_CHECK_MARK")
+read -r -a paths <<< "${DIVCO_CHECK_PATHS:-}"
+timeout "${DIVCO_CHECK_TIMEOUT:-1200}" python -m pytest -q -n 2 -p no:cacheprovider "${selection[@]}" "${paths[@]}"
 echo "suite on torch $after passed in ${SECONDS}s"

@@ -5,9 +5,10 @@
 #   build      120 s  a private venv (--system-site-packages; nothing goes into the system
 #                     environment, nothing is downloaded), divco installed editable into it with
 #                     the CUDA kernels for this card only; falls back to pure Python (logged)
-#   kernels     70 s  pytest -m gpu tests/ops tests/native       (the fused kernels first)
-#   rest        40 s  pytest -m gpu on every other test folder
-#   bench*     110 s  the stages of BENCH_STAGES below, one divco bench call each
+#   kernels     60 s  pytest -m gpu tests/ops tests/native       (the fused kernels first)
+#   rest        30 s  pytest -m gpu on every other test folder
+#   bench*     130 s  the stages of BENCH_STAGES below: divco bench --quick (100 s), the fused
+#                     BatchNorm rows of bench/bench_batch_norm.py (30 s)
 #   (margin     20 s  the summary, the junit merge, slow exits)
 #
 # Every phase is time-boxed (pytest gets SIGINT first, so it still writes its junit report;
@@ -43,14 +44,17 @@ MARGIN=20
 BUILD_BUDGET=${DIVCO_SUITE_BUILD_BUDGET:-120}
 # Test phases: "name|budget seconds|pytest arguments", in the order they run.
 TEST_PHASES=(
-    "kernels|70|tests/ops tests/native"
-    "rest|40|tests --ignore=tests/ops --ignore=tests/native"
+    "kernels|60|tests/ops tests/native"
+    "rest|30|tests --ignore=tests/ops --ignore=tests/native"
 )
 # Bench stages: "name|budget seconds|divco bench arguments" (each writes OUT_DIR/bench; a later
 # stage's files replace an earlier one's, so give a stage of its own an --out of its own and
 # keep the 8-file limit in mind). Hook: the fused BatchNorm op's GPU rows (issue 12) go here.
+# An entry whose arguments start with "pytest " runs those pytest-benchmark arguments instead
+# (its table lands in suite.log: no file of its own).
 BENCH_STAGES=(
-    "bench|110|--quick"
+    "bench|100|--quick"
+    "batchnorm|30|pytest bench/bench_batch_norm.py -k b64-channels_last --benchmark-max-time=0.2 --benchmark-columns=median --benchmark-group-by=group"
 )
 # Overrides (';'-separated entries of the same form), for rehearsals and tests.
 [[ -n ${DIVCO_SUITE_TEST_PHASES:-} ]] && IFS=';' read -r -a TEST_PHASES <<< "$DIVCO_SUITE_TEST_PHASES"
@@ -192,6 +196,22 @@ done
 # -- benchmarks -------------------------------------------------------------------------------
 for entry in "${BENCH_STAGES[@]}"; do
     IFS='|' read -r name seconds args <<< "$entry"
+    if [[ $args == "pytest "* ]]; then
+        # pytest-benchmark rows (the fused BatchNorm op, issue 12); no spaces inside an argument
+        read -r -a pytest_args <<< "${args#pytest }"
+        if (( DRY_RUN )); then
+            count=$($PY -m pytest --collect-only -q -p no:cacheprovider "${pytest_args[@]}" 2>/dev/null | grep -c '::')
+            echo "$name: $count benchmarks would run (pytest ${pytest_args[*]})"
+            SUMMARY+=("$(printf '%-9s %s benchmarks collected for %ss' "$name" "$count" "$seconds")")
+            if (( count == 0 )); then
+                echo "bench stage $name: no benchmark collected"
+                FAILED=1
+            fi
+        else
+            stage "$name" "$seconds" $PY -m pytest -q -p no:cacheprovider "${pytest_args[@]}"
+        fi
+        continue
+    fi
     # shellcheck disable=SC2086
     if (( DRY_RUN )); then
         echo "$name: divco bench --device cuda $args would run:"

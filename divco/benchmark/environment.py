@@ -9,17 +9,7 @@ from typing import Optional
 
 import torch
 
-
-def cpu_model() -> str:
-    """The CPU's marketing name (/proc/cpuinfo on Linux, else what platform knows)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from ..platform_info import cpu_model  # noqa: F401  (re-exported: reports name the CPU)
 
 
 def _version(module: str) -> Optional[str]:
@@ -32,12 +22,10 @@ def _version(module: str) -> Optional[str]:
 
 
 def _native_extension() -> Optional[str]:
-    try:
-        import divco._C  # noqa: F401
+    from ..native import load_extension  # the one loader: checks the build's torch first
 
-        return "built"
-    except ImportError as error:
-        return f"absent ({error})"
+    extension, reason = load_extension()
+    return "built" if extension is not None else f"absent ({reason})"
 
 
 def machine_info(device: torch.device) -> dict:

@@ -37,7 +37,7 @@ def test_dry_run_builds_collects_in_order_and_fits_the_budget(tmp_path):
     out = tmp_path / "out"
     code, log = _run(out, "--dry-run", DIVCO_SUITE_VENV=str(tmp_path / "venv"))
     assert code == 0, log
-    plan = re.search(r"plan: build (\d+)s, kernels, rest, bench = (\d+)s \+ (\d+)s margin of a (\d+)s budget", log)
+    plan = re.search(r"plan: build (\d+)s, kernels, rest, bench, batchnorm = (\d+)s \+ (\d+)s margin of a (\d+)s budget", log)
     assert plan, log
     assert int(plan[2]) + int(plan[3]) <= int(plan[4]) <= 360, "the whole call must fit in 6 minutes"
     assert re.search(r"build\s+exit 0", log), log  # the venv and the editable install
@@ -51,6 +51,7 @@ def test_dry_run_builds_collects_in_order_and_fits_the_budget(tmp_path):
     assert not any(line.strip().startswith(("tests/ops/", "tests/native/")) for line in rest[2].splitlines())
     assert re.search(r"bench\s+plan estimate ~\d+s of \d+s", log), log
     assert "wide_resnet16_8/S4/train/" in log  # the bench stage's comparisons are listed
+    assert re.search(r"batchnorm\s+\d+ benchmarks collected", log), log  # the fused BatchNorm rows (issue 12)
     assert log.rstrip().endswith("RESULT: OK"), log[-2000:]
     assert {p.name for p in _files(out)} == {"suite.log", "build.log"}
 

@@ -11,7 +11,7 @@ import torch
 import divco
 from divco.cli import main
 from divco.train import load_branch, read_branch_metadata, save_checkpoint
-from divco.train.checkpoint import CHECKPOINT_FORMAT
+from train_helpers import checkpoint_state
 
 
 def checkpoint_of(tmp_path, name: str, branches: int = 2):
@@ -24,8 +24,7 @@ def checkpoint_of(tmp_path, name: str, branches: int = 2):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_(0, 0.2)
     path = tmp_path / f"{name}.pt"
-    save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "version": 1, "model": model.state_dict(),
-                           "model_info": {"name": name, "branches": branches, "num_classes": 7, "model_kwargs": {}}})
+    save_checkpoint(path, checkpoint_state(model=name, branches=branches, num_classes=7, weights=model.state_dict()))
     return model, path
 
 
