@@ -16,7 +16,7 @@ import torch
 
 import divco
 from divco.benchmark.methods import METHODS, MethodUnavailable, Workload, build_method
-from divco.benchmark.steps import TrainStep, Variant
+from divco.benchmark.steps import MethodTrainStep, Variant
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 MODEL = os.environ.get("BENCH_MODEL", "wide_resnet16_4")
@@ -36,7 +36,7 @@ def test_train_step(benchmark, branches, method):
     except MethodUnavailable as error:
         pytest.skip(str(error))
     images, target = m.train_inputs(BATCH, torch.Generator().manual_seed(1))
-    step = TrainStep(m, images, target, VARIANT)
+    step = MethodTrainStep(m, images, target, VARIANT)
     for _ in range(2):  # warm-up: allocator, oneDNN/cuDNN algorithm choice, momentum buffers
         step()
 

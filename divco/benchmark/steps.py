@@ -78,7 +78,7 @@ def _capture(run_once: Callable[[bool], None], prepare: Callable[[], None]) -> C
     return graph.replay
 
 
-class TrainStep:
+class MethodTrainStep:
     """One training step of ``method`` on fixed ``images``/``target``: call it."""
 
     def __init__(self, method: Method, images: Tensor, target: Tensor, variant: Variant) -> None:
@@ -123,7 +123,7 @@ class TrainStep:
         return tensors
 
 
-class InferStep:
+class MethodInferStep:
     """One inference pass (forward and ensemble, no gradients) on fixed ``images``: call it."""
 
     def __init__(self, method: Method, images: Tensor, variant: Variant) -> None:

@@ -202,13 +202,13 @@ def _make_step(ctx: _Context, group: Group, method: Method):
     _clear_grads(method)
     generator = torch.Generator().manual_seed(1)
     if group.phase == "train":
-        from .steps import TrainStep
+        from .steps import MethodTrainStep
 
         images, target = method.train_inputs(group.batch_size, generator)
-        return TrainStep(method, images, target, group.variant)
-    from .steps import InferStep
+        return MethodTrainStep(method, images, target, group.variant)
+    from .steps import MethodInferStep
 
-    return InferStep(method, method.infer_inputs(group.batch_size, generator), group.variant)
+    return MethodInferStep(method, method.infer_inputs(group.batch_size, generator), group.variant)
 
 
 def _run_group_cpu(ctx: _Context, group: Group) -> list[dict]:

@@ -23,9 +23,6 @@ def _bench_extra() -> set[str]:
     return {re.split(r"[<>=!~; \[]", spec, maxsplit=1)[0].lower() for spec in extras["bench"]}
 
 
-@pytest.mark.xfail(strict=False, reason="issue 9 (Also fix): pyproject.toml's bench extra lacks scipy, which "
-                                        "torch-uncertainty's packed models import; pyproject is the install "
-                                        "engineer's to change")
 def test_bench_extra_installs_what_plots_and_packed_ensembles_import():
     missing = NEEDED - _bench_extra()
     assert not missing, f"the bench extra lacks {sorted(missing)}"

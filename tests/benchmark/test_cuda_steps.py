@@ -10,7 +10,7 @@ import divco
 from divco.benchmark.environment import matmul_peak_flops
 from divco.benchmark.measure import time_cuda
 from divco.benchmark.methods import MethodUnavailable, Workload, build_method
-from divco.benchmark.steps import InferStep, TrainStep, Variant
+from divco.benchmark.steps import MethodInferStep, MethodTrainStep, Variant
 
 pytestmark = pytest.mark.gpu
 MODEL = "wide_resnet16_4"
@@ -32,7 +32,7 @@ def test_bf16_training_steps_update_the_weights(graphs):
     for name, method in _methods():
         images, target = method.train_inputs(8, torch.Generator().manual_seed(0))
         before = [p.detach().clone() for p in method.parameters()]
-        step = TrainStep(method, images, target, Variant(torch.bfloat16, cuda_graphs=graphs))
+        step = MethodTrainStep(method, images, target, Variant(torch.bfloat16, cuda_graphs=graphs))
         times = time_cuda(step, repeats=3, warmup=1)
         assert len(times) == 3 and all(t > 0 for t in times), name
         after = list(method.parameters())
@@ -47,7 +47,7 @@ def test_graph_replay_takes_the_same_step_as_eager():
     for graphs in (False, True):
         method = dict(_methods())["divco-batched"]
         images, target = method.train_inputs(8, torch.Generator().manual_seed(0))
-        step = TrainStep(method, images, target, Variant(cuda_graphs=graphs))  # float32: comparable
+        step = MethodTrainStep(method, images, target, Variant(cuda_graphs=graphs))  # float32: comparable
         extra = 0 if graphs else 3  # the capture ran 3 warm-up steps eagerly
         for _ in range(extra + 2):
             step()
@@ -69,7 +69,7 @@ def test_graphed_inference_matches_eager():
             return outputs["last"]
 
         method.forward_infer = keep
-        step = InferStep(method, images, Variant(cuda_graphs=True))
+        step = MethodInferStep(method, images, Variant(cuda_graphs=True))
         step()
         torch.cuda.synchronize()
         torch.testing.assert_close(outputs["last"].float(), expected, rtol=1e-4, atol=1e-4, msg=name)
@@ -79,7 +79,7 @@ def test_compiled_step_runs():
     method = dict(_methods())["divco-batched"]
     images, target = method.train_inputs(8, torch.Generator().manual_seed(0))
     torch._dynamo.reset()
-    step = TrainStep(method, images, target, Variant(torch.bfloat16, compile=True))
+    step = MethodTrainStep(method, images, target, Variant(torch.bfloat16, compile=True))
     assert all(t > 0 for t in time_cuda(step, repeats=2, warmup=1))
 
 

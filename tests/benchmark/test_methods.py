@@ -14,7 +14,7 @@ from divco.benchmark.methods import (
     official_cotrain_loss,
     packed_ensemble,
 )
-from divco.benchmark.steps import InferStep, TrainStep, Variant
+from divco.benchmark.steps import MethodInferStep, MethodTrainStep, Variant
 
 MODEL = "wide_resnet16_4"
 
@@ -58,7 +58,7 @@ def test_divided_methods_take_the_same_training_step():
     for name, method in methods.items():
         method.train()
         losses[name] = method.forward_loss(images, target).item()
-        step = TrainStep(method, images, target, Variant())
+        step = MethodTrainStep(method, images, target, Variant())
         step()
     for name in names[1:]:
         assert losses[name] == pytest.approx(losses["loop"], rel=1e-5), name
@@ -85,7 +85,7 @@ def test_inference_is_the_mean_of_the_branch_logits():
         method = build_method(name, workload, divided).train(False)
         with torch.no_grad():
             torch.testing.assert_close(method.forward_infer(images), expected, rtol=1e-5, atol=1e-5, msg=name)
-        InferStep(method, images, Variant())()  # the timed callable runs
+        MethodInferStep(method, images, Variant())()  # the timed callable runs
 
 
 def test_undivided_is_the_s1_network():
@@ -138,6 +138,6 @@ def test_divided_methods_leave_the_given_model_alone():
     before = copy.deepcopy(divided.state_dict())
     method = build_method("divco-batched", _workload(), divided)
     images, target = method.train_inputs(2, torch.Generator().manual_seed(0))
-    TrainStep(method, images, target, Variant())()
+    MethodTrainStep(method, images, target, Variant())()
     for key, value in divided.state_dict().items():
         assert torch.equal(value, before[key]), key
