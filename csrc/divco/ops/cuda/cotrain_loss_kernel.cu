@@ -177,41 +177,44 @@ __device__ __forceinline__ float log_probability(const RowStats<kBranches>& st, 
   return (z - st.max[s]) * inv_t - st.log_sum_p[s];
 }
 
-template <typename scalar_t, int kBranches>
-__global__ void __launch_bounds__(max_threads_for_branches(kBranches)) cotrain_rows_kernel(const CotrainArgs a) {
-  const LogitsView& v = a.logits;
-  const int64_t n = blockIdx.x;
-  const int S = static_cast<int>(v.branches);
-  const int K = static_cast<int>(v.classes);
-  const float inv_t = a.inv_temperature;
-  const bool soft = a.target_index == nullptr;
-  const int64_t row = n * v.stride_row;
+// The row's target: a class index (valid or not) or a soft target row.
+struct RowTarget {
+  bool soft;
+  bool valid;          // hard targets: the index is in [0, K)
+  int64_t index;       // hard targets: the class, -1 when invalid
+  const float* y_row;  // soft targets: y_n, strided by target_soft_stride_class
+  float y_sum = 1.0f;  // soft targets: sum_k y_k (filled by stage 1)
+  int64_t label = -1;  // the class the hits compare with (soft: first argmax of y)
+};
 
-  __shared__ BranchPartial partial_scratch[32];
-  __shared__ ArgMax argmax_scratch[32];
-  __shared__ float float_scratch[32];
-  __shared__ RowStats<kBranches> st;
-
-  int64_t target = -1;
-  bool target_valid = true;
-  if (!soft) {
-    const int64_t t = a.target_index[n * a.target_index_stride];
-    target_valid = t >= 0 && t < K;
-    target = target_valid ? t : -1;
+__device__ __forceinline__ RowTarget row_target(const CotrainArgs& a, int64_t n, int K) {
+  RowTarget t{a.target_index == nullptr, true, -1, nullptr};
+  if (t.soft) {
+    t.y_row = a.target_soft + n * a.target_soft_stride_row;
+  } else {
+    const int64_t index = a.target_index[n * a.target_index_stride];
+    t.valid = index >= 0 && index < K;
+    t.index = t.valid ? index : -1;
+    t.label = t.index;
   }
-  const float* y_row = soft ? a.target_soft + n * a.target_soft_stride_row : nullptr;
+  return t;
+}
 
-  // 1. Per-branch softmax statistics, cross-entropy and hits.
-  float y_sum = 1.0f;
-  int y_best_index = -1;
+// ---- stage 1 (row): every branch's softmax statistics into st; cross-entropy and hits -----
+template <typename scalar_t, int kBranches>
+__device__ __forceinline__ void softmax_statistics_stage(const CotrainArgs& a, int64_t n, int64_t row, int S, int K,
+                                                         RowTarget& target, RowStats<kBranches>& st,
+                                                         BranchPartial* scratch) {
+  const LogitsView& v = a.logits;
+  const float inv_t = a.inv_temperature;
   for (int s = 0; s < S; ++s) {
     const int64_t branch = row + s * v.stride_branch;
-    const BranchPartial total = branch_statistics<scalar_t>(a, branch, y_row, partial_scratch);
+    const BranchPartial total = branch_statistics<scalar_t>(a, branch, target.y_row, scratch);
     const m::SoftmaxStats q = inv_t == 1.0f ? total.p : total.q;
     const float lse_z = m::softmax_log_normalizer(q.max, q.sum, 1.0f);
-    if (soft) {
-      y_sum = total.y_sum;
-      y_best_index = first_index_if_empty(total.y_best_index, K);
+    if (target.soft) {
+      target.y_sum = total.y_sum;
+      target.label = first_index_if_empty(total.y_best_index, K);
     }
     if (threadIdx.x == 0) {
       st.max[s] = total.p.max;
@@ -219,27 +222,28 @@ __global__ void __launch_bounds__(max_threads_for_branches(kBranches)) cotrain_r
       st.log_sum_p[s] = m::log_f32(total.p.sum);
       st.inv_sum_q[s] = 1.0f / q.sum;
       float ce;
-      if (soft) {
+      if (target.soft) {
         ce = total.y_sum * lse_z - total.y_dot_z;
       } else {
-        ce = target_valid ? lse_z - load<scalar_t>(v.data, branch + target * v.stride_class) : m::quiet_nan();
+        ce = target.valid ? lse_z - load<scalar_t>(v.data, branch + target.index * v.stride_class) : m::quiet_nan();
       }
       a.row_ce[n * S + s] = ce;
-      const int64_t label = soft ? y_best_index : target;
-      a.row_hits[n * (S + 1) + s] = first_index_if_empty(total.best_index, K) == label ? 1 : 0;
+      a.row_hits[n * (S + 1) + s] = first_index_if_empty(total.best_index, K) == target.label ? 1 : 0;
     }
   }
-  __syncthreads();  // st visible to every thread
+}
 
-  // 2-3. Ensemble, probabilities and co-training partials, every branch of class k in registers.
+// ---- stages 2-3 (row): ensemble, probabilities and this thread's co-training partials ------
+// Every branch of class k in registers. branch_acc[s]: js KL(p_s || pbar), kl the masked mass
+// m_s; kl_value: the kl term. Returns this thread's best ensemble class.
+template <typename scalar_t, int kBranches>
+__device__ __forceinline__ ArgMax cotrain_partials_stage(const CotrainArgs& a, int64_t n, int64_t row, int S, int K,
+                                                         const RowStats<kBranches>& st, bool js,
+                                                         float (&branch_acc)[kBranches], float& kl_value) {
+  const LogitsView& v = a.logits;
+  const float inv_t = a.inv_temperature;
   const float inv_branches = 1.0f / static_cast<float>(S);
   const float log_branches = m::log_f32(static_cast<float>(S));
-  const float kl_factor = S > 1 ? static_cast<float>(S) / static_cast<float>(S - 1) : 0.0f;
-  const bool js = a.kind == CotrainKind::kJensenShannon;
-  float branch_acc[kBranches];  // js: KL(p_s || pbar); kl: masked mass m_s
-#pragma unroll
-  for (int s = 0; s < kBranches; ++s) branch_acc[s] = 0.0f;
-  float kl_value = 0.0f;
   ArgMax ens_best{-m::positive_infinity(), K};
   for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
     float z[kBranches], p[kBranches];
@@ -269,9 +273,71 @@ __global__ void __launch_bounds__(max_threads_for_branches(kBranches)) cotrain_r
       }
     }
   }
+  return ens_best;
+}
+
+// ---- stage 4 (row): gradient (1/N) dCE + w/(N T) dJ, written contiguous [N, S, K] ---------
+template <typename scalar_t, int kBranches>
+__device__ __forceinline__ void gradient_stage(const CotrainArgs& a, int64_t n, int64_t row, int S, int K,
+                                               const RowTarget& target, const RowStats<kBranches>& st, bool js) {
+  const LogitsView& v = a.logits;
+  const float inv_t = a.inv_temperature;
+  const float inv_branches = 1.0f / static_cast<float>(S);
+  const float log_branches = m::log_f32(static_cast<float>(S));
+  const float kl_factor = S > 1 ? static_cast<float>(S) / static_cast<float>(S - 1) : 0.0f;
+  const float inv_rows = 1.0f / static_cast<float>(v.rows);
+  const float cot_scale = S > 1 ? a.weight[0] * inv_t * inv_rows : 0.0f;
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+    float z[kBranches], p[kBranches];
+    const float psum = class_probabilities<scalar_t, kBranches>(a, row, k, S, st, z, p);
+    const float log_pbar = js ? m::log_f32(psum) - log_branches : 0.0f;
+    const float pbar = psum * inv_branches;
+    const float y = target.soft ? target.y_row[k * a.target_soft_stride_class] : (k == target.index ? 1.0f : 0.0f);
+#pragma unroll
+    for (int s = 0; s < kBranches; ++s) {
+      if (s < S) {
+        const float q = inv_t == 1.0f ? p[s] : m::exp_f32(z[s] - st.max[s]) * st.inv_sum_q[s];
+        float cot_grad = 0.0f;
+        if (S > 1) {
+          const float log_p = log_probability(st, s, z[s], inv_t);
+          cot_grad = js ? m::js_grad_element(p[s], log_p, log_pbar, st.branch_cot[s], inv_branches)
+                        : m::kl_grad_element(p[s], pbar, log_p, st.branch_cot[s], kl_factor);
+        }
+        const float ce_grad = m::ce_grad_element(q, y, target.y_sum);
+        const float g = target.valid ? m::loss_grad_element(ce_grad, cot_grad, inv_rows, cot_scale) : m::quiet_nan();
+        store<scalar_t>(a.grad, (n * S + s) * K + k, g);
+      }
+    }
+  }
+}
+
+// One block per row n, the stages of kernels/cotrain_loss.py in order.
+template <typename scalar_t, int kBranches>
+__global__ void __launch_bounds__(max_threads_for_branches(kBranches)) cotrain_rows_kernel(const CotrainArgs a) {
+  const LogitsView& v = a.logits;
+  const int64_t n = blockIdx.x;
+  const int S = static_cast<int>(v.branches);
+  const int K = static_cast<int>(v.classes);
+  const int64_t row = n * v.stride_row;
+  const bool js = a.kind == CotrainKind::kJensenShannon;
+
+  __shared__ BranchPartial partial_scratch[32];
+  __shared__ ArgMax argmax_scratch[32];
+  __shared__ float float_scratch[32];
+  __shared__ RowStats<kBranches> st;
+
+  RowTarget target = row_target(a, n, K);
+  softmax_statistics_stage<scalar_t, kBranches>(a, n, row, S, K, target, st, partial_scratch);
+  __syncthreads();  // st visible to every thread
+
+  float branch_acc[kBranches];
+#pragma unroll
+  for (int s = 0; s < kBranches; ++s) branch_acc[s] = 0.0f;
+  float kl_value = 0.0f;
+  const ArgMax ens_best = cotrain_partials_stage<scalar_t, kBranches>(a, n, row, S, K, st, js, branch_acc, kl_value);
   const ArgMax ens_total = block_allreduce(ens_best, ShuffleArgMax{}, CombineArgMax{}, argmax_scratch);
   float cot = 0.0f;
-  if (S > 1) {
+  if (S > 1) {  // the row's co-training term: block sums of the partials
     float kl_sum = 0.0f;
     if (js || a.grad != nullptr) {  // kl: the masked masses only serve the gradient
 #pragma unroll
@@ -283,42 +349,17 @@ __global__ void __launch_bounds__(max_threads_for_branches(kBranches)) cotrain_r
         }
       }
     }
+    const float inv_branches = 1.0f / static_cast<float>(S);
+    const float kl_factor = static_cast<float>(S) / static_cast<float>(S - 1);
     cot = js ? kl_sum * inv_branches : block_sum(kl_value, float_scratch) * kl_factor;
   }
   if (threadIdx.x == 0) {
     a.row_cot[n] = cot;
-    const int64_t label = soft ? y_best_index : target;
-    a.row_hits[n * (S + 1) + S] = first_index_if_empty(ens_total.index, K) == label ? 1 : 0;
+    a.row_hits[n * (S + 1) + S] = first_index_if_empty(ens_total.index, K) == target.label ? 1 : 0;
   }
   if (a.grad == nullptr) return;
   __syncthreads();  // st.branch_cot visible
-
-  // 4. Gradient: (1/N) dCE + w/(N T) dJ, written contiguous [N, S, K].
-  const float inv_rows = 1.0f / static_cast<float>(v.rows);
-  const float cot_scale = S > 1 ? a.weight[0] * inv_t * inv_rows : 0.0f;
-  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-    float z[kBranches], p[kBranches];
-    const float psum = class_probabilities<scalar_t, kBranches>(a, row, k, S, st, z, p);
-    const float log_pbar = js ? m::log_f32(psum) - log_branches : 0.0f;
-    const float pbar = psum * inv_branches;
-    const float y = soft ? y_row[k * a.target_soft_stride_class] : (k == target ? 1.0f : 0.0f);
-#pragma unroll
-    for (int s = 0; s < kBranches; ++s) {
-      if (s < S) {
-        const float q = inv_t == 1.0f ? p[s] : m::exp_f32(z[s] - st.max[s]) * st.inv_sum_q[s];
-        float cot_grad = 0.0f;
-        if (S > 1) {
-          const float log_p = log_probability(st, s, z[s], inv_t);
-          cot_grad = js ? m::js_grad_element(p[s], log_p, log_pbar, st.branch_cot[s], inv_branches)
-                        : m::kl_grad_element(p[s], pbar, log_p, st.branch_cot[s], kl_factor);
-        }
-        const float g = target_valid
-                            ? m::loss_grad_element(m::ce_grad_element(q, y, y_sum), cot_grad, inv_rows, cot_scale)
-                            : m::quiet_nan();
-        store<scalar_t>(a.grad, (n * S + s) * K + k, g);
-      }
-    }
-  }
+  gradient_stage<scalar_t, kBranches>(a, n, row, S, K, target, st, js);
 }
 
 // Reduces the per-row partials in a fixed order (one block; double accumulation).
