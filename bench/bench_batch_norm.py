@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import divco
 from divco.nn import set_norm_impl
-from divco.ops.batch_norm import batch_norm
+from divco.benchmark import batch_norm as bn_bench
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -45,39 +44,8 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def eager_block(x, w, b, rm, rv, r):
-    y = F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
-    if r is not None:
-        y = y + r
-    return F.relu(y, inplace=True)  # as the models' nn.ReLU(inplace=True)
-
-
-def fused_block(x, w, b, rm, rv, r):
-    return batch_norm(x, w, b, rm, rv, training=True, momentum=0.1, eps=1e-5, residual=r, activation="relu")
-
-
 def make_block_step(impl: str, block: str, shape: tuple[int, int, int, int], memory_format):
-    g = torch.Generator().manual_seed(0)
-    C = shape[1]
-
-    def tensor(*size, grad=True):
-        t = torch.randn(*size, generator=g).to(device=DEVICE, dtype=DTYPE if len(size) == 4 else torch.float32)
-        if len(size) == 4:
-            t = t.contiguous(memory_format=memory_format)
-        return t.requires_grad_(grad)
-
-    x, grad_out = tensor(*shape), tensor(*shape, grad=False)
-    r = tensor(*shape) if block == "bn_add_relu" else None
-    w, b = tensor(C), tensor(C)
-    rm, rv = torch.zeros(C, device=DEVICE), torch.ones(C, device=DEVICE)
-    fn = {"fused": fused_block, "eager": eager_block}.get(impl) or torch.compile(eager_block)
-    leaves = [t for t in (x, w, b, r) if t is not None]
-
-    def step():
-        out = fn(x, w, b, rm, rv, r)
-        return torch.autograd.grad(out, leaves, grad_out)
-
-    return step
+    return bn_bench.make_block_step(impl, block, shape, memory_format, DEVICE)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

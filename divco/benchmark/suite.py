@@ -342,6 +342,27 @@ def _run_ops(ctx: _Context) -> None:
     except Exception as error:  # noqa: BLE001
         ctx.results["ops"].append({"status": "failed", "reason": _error_reason(error)})
         ctx.log(f"ops micro-benchmarks FAILED: {_error_reason(error)}")
+    _run_batch_norm_blocks(ctx)
+
+
+def _run_batch_norm_blocks(ctx: _Context) -> None:
+    """The fused BatchNorm block (divco.benchmark.batch_norm) against eager and compiled; the
+    quick profile keeps the small ResNet-110 S=2 shapes, without the compiled reference."""
+    try:
+        from . import batch_norm as bn_bench
+
+        cases = bn_bench.CASES
+        kwargs: dict = {}
+        if ctx.profile.quick:
+            cases = tuple(c for c in cases if c.model == "resnet110_s2")
+            kwargs = {"compiled": False, "repeats": ctx.repeats}
+        records = bn_bench.run(ctx.device, cases, **kwargs)
+        for r in records:
+            r.setdefault("status", "ok")
+        ctx.results["ops"].extend(records)
+    except Exception as error:  # noqa: BLE001
+        ctx.results["ops"].append({"status": "failed", "reason": f"batch_norm: {_error_reason(error)}"})
+        ctx.log(f"batch_norm micro-benchmarks FAILED: {_error_reason(error)}")
 
 
 def _fit_quick_run(ctx: _Context, remaining_groups: list[Group]) -> None:
