@@ -359,10 +359,11 @@ def test_bad_input_is_a_value_error(kwargs, message):
         batch_norm(x, call.pop("weight"), call.pop("bias"), call.pop("running_mean"), call.pop("running_var"), **call)
 
 
-def test_float64_needs_the_torch_backend():
-    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+@pytest.mark.parametrize("backend", backend_params(*FUSED))
+def test_float64_needs_the_torch_backend(backend):
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, device=device_for(backend))
     with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
-        batch_norm(x, None, None, None, None, backend="triton")
+        batch_norm(x, None, None, None, None, backend=backend)
 
 
 @pytest.mark.parametrize("backend", backend_params(*FUSED))
