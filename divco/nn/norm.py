@@ -23,9 +23,9 @@ from .branching import active_branch, branch_slice, check_branches
 def default_norm_impl(x: Tensor) -> str:
     """What ``"auto"`` runs for this input: the fused kernels on CUDA (with Triton or divco._C),
     else eager: on CPUs (measured there, a whole training step with the fused op is 4-37 %
-    slower than PyTorch's own BatchNorm: the per-call cost of a custom op on the small
-    per-branch tensors outweighs the saved passes; ``set_norm_impl(model, "fused")`` still
-    runs it), for float64, other devices, an extension without the op, and tensors inside
+    slower than PyTorch's own BatchNorm: its backward kernel is slower than PyTorch's and its
+    autograd wrapper costs ~1 ms per call, see the README; ``set_norm_impl(model, "fused")``
+    still runs it), for float64, other devices, an extension without the op, and tensors inside
     torch.func transforms such as vmap (the fused op has no batching rule)."""
     from ..ops import backends
     from ..ops.batch_norm import native_available
