@@ -357,6 +357,16 @@ def describe_sources() -> str:
             "with train/ and test/ class folders, or a .tar/.tar.gz/.tar.xz archive of one of those")
 
 
+def existing_data_path(source: str) -> Path:
+    """``source`` as a path that exists and is a folder or a tar archive, else a clear error."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data path {path} does not exist; expected {describe_sources()}")
+    if path.is_file() and not is_archive(path):
+        raise ValueError(f"data file {path} is not a tar archive; expected {describe_sources()}")
+    return path
+
+
 def load_dataset(source: str, *, image_size: Optional[int] = None, cache_dir: CacheDir = None) -> ImageDataset:
     """Decode (or read from the cache) the data set named by ``source``.
 
@@ -372,12 +382,8 @@ def load_dataset(source: str, *, image_size: Optional[int] = None, cache_dir: Ca
 
         key = fingerprint("digits", sklearn.__version__, image_size, CACHE_FORMAT)
         return _cached("digits", key, cache_dir, lambda: load_digits_splits(image_size), "scikit-learn digits")
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"data path {path} does not exist; expected {describe_sources()}")
+    path = existing_data_path(source)
     if path.is_file():
-        if not is_archive(path):
-            raise ValueError(f"data file {path} is not a tar archive; expected {describe_sources()}")
         key = fingerprint("archive", file_fingerprint(path), image_size, CACHE_FORMAT)
         return _cached(_archive_stem(path), key, cache_dir, lambda: load_archive_splits(path, image_size), str(path))
     layout, root = detect_folder_layout(path)
@@ -477,12 +483,8 @@ def identify_dataset(source: str) -> Optional[str]:
     """
     if source == "digits":
         return "digits"
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"data path {path} does not exist; expected {describe_sources()}")
+    path = existing_data_path(source)
     if path.is_file():
-        if not is_archive(path):
-            raise ValueError(f"data file {path} is not a tar archive; expected {describe_sources()}")
         layout, classes = _archive_classes(path)
         return layout if layout is not None else identify_classes(classes)
     layout, root = detect_folder_layout(path)

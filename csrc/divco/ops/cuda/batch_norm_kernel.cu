@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "../../batch_norm_math.h"
+#include "typed_access.cuh"
 
 namespace divco {
 namespace ops {
@@ -28,16 +29,6 @@ namespace m = divco::math;
 constexpr int kThreads = 256;
 constexpr int64_t kReductionBlocks = 1024;  // blocks the reductions aim for (several per SM)
 constexpr int64_t kMinPositionsPerThread = 4;
-
-template <typename scalar_t>
-__device__ __forceinline__ float load(const void* base, int64_t i) {
-  return static_cast<float>(static_cast<const scalar_t*>(base)[i]);
-}
-
-template <typename scalar_t>
-__device__ __forceinline__ void store(void* base, int64_t i, float v) {
-  static_cast<scalar_t*>(base)[i] = static_cast<scalar_t>(v);
-}
 
 template <bool kChannelsLast>
 __device__ __forceinline__ int64_t offset_of(const BatchNormLayout& l, int64_t position, int64_t c) {

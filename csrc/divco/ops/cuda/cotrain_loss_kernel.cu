@@ -19,6 +19,7 @@
 #include "../kernel_args.h"
 #include "block_reduce.cuh"
 #include "launchers.h"
+#include "typed_access.cuh"
 
 namespace divco {
 namespace ops {
@@ -91,16 +92,6 @@ struct CombineArgMax {
 // The argmax reductions start from index K, which loses every tie; it survives only when
 // every value is -inf, where torch.argmax answers 0.
 __device__ __forceinline__ int first_index_if_empty(int index, int classes) { return index == classes ? 0 : index; }
-
-template <typename scalar_t>
-__device__ __forceinline__ float load(const void* base, int64_t offset) {
-  return static_cast<float>(static_cast<const scalar_t*>(base)[offset]);
-}
-
-template <typename scalar_t>
-__device__ __forceinline__ void store(void* base, int64_t offset, float value) {
-  static_cast<scalar_t*>(base)[offset] = static_cast<scalar_t>(value);
-}
 
 // Block size bound of cotrain_rows_kernel<scalar_t, kBranches>: 16 branches keep 16 z, 16 p
 // and 16 KL accumulators per thread, more than the 128 registers a 512-thread block allows

@@ -13,6 +13,7 @@
 #include "../kernel_args.h"
 #include "block_reduce.cuh"
 #include "launchers.h"
+#include "typed_access.cuh"
 
 namespace divco {
 namespace ops {
@@ -31,16 +32,6 @@ struct MergeStats {
     return m::softmax_stats_merge(a, b, 1.0f);
   }
 };
-
-template <typename scalar_t>
-__device__ __forceinline__ float load(const void* base, int64_t offset) {
-  return static_cast<float>(static_cast<const scalar_t*>(base)[offset]);
-}
-
-template <typename scalar_t>
-__device__ __forceinline__ void store(void* base, int64_t offset, float value) {
-  static_cast<scalar_t*>(base)[offset] = static_cast<scalar_t>(value);
-}
 
 // Mean over branches of class k of the row starting at `row` (branch order fixed; double
 // accumulator, see math::mean_logit_add).
