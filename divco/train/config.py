@@ -10,7 +10,8 @@ from typing import Any, Optional, Union
 from ..data.augment import CROPS, AugmentConfig
 from ..data.policies import POLICIES
 from ..data.sources import describe_sources
-from ..vocabulary import BACKENDS, DEFAULT_TRAINING_METHOD, PRECISIONS, TRAINING_METHODS
+from ..ensembles.boosting import ERROR_KINDS as CBNN_ERROR_KINDS
+from ..vocabulary import BACKENDS, CHECKPOINT_ENSEMBLE_METHODS, DEFAULT_TRAINING_METHOD, PRECISIONS, TRAINING_METHODS
 from ..vocabulary import COTRAIN_KINDS as COT_KINDS
 from ..vocabulary import EXECUTION_MODES as EXECUTIONS
 
@@ -21,6 +22,9 @@ DEVICES = ("auto", "cpu", "cuda")
 #: run is resumed.  Of ``device`` only the index may change (cuda:0 -> cuda:1), not the type
 #: (the training engine compares the device type a checkpoint was written on).
 OPERATIONAL_FIELDS = frozenset({"out", "resume", "device", "progress", "tensorboard", "keep_checkpoints", "cache_dir"})
+
+#: M, the member checkpoints of a snapshot or cbnn run, when ``checkpoints`` is not given.
+DEFAULT_CHECKPOINTS = 3
 
 #: What training does with a step whose loss is not finite (see divco.train.step).
 ON_NAN_CHOICES = ("stop", "skip-step")
@@ -86,9 +90,22 @@ class TrainConfig:
     # -- co-training --------------------------------------------------------------------------
     method: str = option_field(
         DEFAULT_TRAINING_METHOD, group="co-training", choices=TRAINING_METHODS,
-        help="cotrain (Divide-and-Co-training) or independent (S independent networks in one launch: no "
+        help="cotrain (Divide-and-Co-training); independent (S independent networks in one launch: no "
              "co-training term, so --cot-weight is not used, and each branch its own order of the training set, "
-             "branch s the order a separate run with seed + s would see)")
+             "branch s the order a separate run with seed + s would see); snapshot (Snapshot Ensembles: M cosine "
+             "cycles with restarts, one member checkpoint per cycle, equal weights; --branches 1); cbnn (boosting "
+             "by checkpoints: M member checkpoints at equal intervals of the normal schedule, the training samples "
+             "re-weighted at each as SAMME does, members weighted by alpha; --branches 1)")
+    checkpoints: Optional[int] = option_field(
+        None, metavar="M", help=f"M, the member checkpoints of a snapshot or cbnn run (default "
+                                f"{DEFAULT_CHECKPOINTS}; 1 <= M <= epochs; only with those methods)")
+    cbnn_shrinkage: Optional[float] = option_field(
+        None, help="cbnn: factor (> 0) on every alpha, in the member weights and the sample-weight update alike "
+                   "(default 1: the paper's rule; only with --method cbnn)")
+    cbnn_errors: Optional[str] = option_field(
+        None, choices=CBNN_ERROR_KINDS,
+        help="cbnn: a member's per-sample error, zero_one (top-1 wrong: the paper's rule, the default) or "
+             "probability (1 - p(true class)); only with --method cbnn")
     cot_weight: float = option_field(0.5)
     cot_kind: str = option_field("js", choices=COT_KINDS)
     cot_warmup_epochs: Optional[int] = option_field(
@@ -201,6 +218,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be True, False or None (the recipe's), got {getattr(self, name)!r}")
         if self.method not in TRAINING_METHODS:
             raise ValueError(f"method must be one of {TRAINING_METHODS}, got {self.method!r}")
+        self._validate_checkpoint_ensemble(positive_int, number)
         number("cot_weight", self.cot_weight, 0.0, low_open=False)
         number("temperature", self.temperature, 0.0, low_open=True)
         if self.cot_kind not in COT_KINDS:
@@ -218,6 +236,39 @@ class TrainConfig:
             raise ValueError(f"model_kwargs must be a dict, got {type(self.model_kwargs).__name__}")
         if not isinstance(self.augment, AugmentConfig):
             raise ValueError(f"augment must be an AugmentConfig, got {type(self.augment).__name__}")
+
+    def _validate_checkpoint_ensemble(self, positive_int, number) -> None:
+        """--checkpoints, --cbnn-shrinkage and --cbnn-errors: only where they mean something."""
+        ensemble_options = {"checkpoints": self.checkpoints, "cbnn_shrinkage": self.cbnn_shrinkage,
+                            "cbnn_errors": self.cbnn_errors}
+        allowed = {"snapshot": {"checkpoints"}, "cbnn": set(ensemble_options)}.get(self.method, set())
+        for name, value in ensemble_options.items():
+            if value is not None and name not in allowed:
+                methods = "snapshot and cbnn" if name == "checkpoints" else "cbnn"
+                raise ValueError(f"{name} is an option of the method(s) {methods}; this run's method is "
+                                 f"{self.method!r}")
+        if self.method not in CHECKPOINT_ENSEMBLE_METHODS:
+            return
+        positive_int("checkpoints", self.checkpoints, allow_none=True)
+        if self.members > self.epochs:
+            raise ValueError(f"checkpoints must be <= epochs ({self.epochs}): each member needs at least one "
+                             f"epoch of its own; got {self.members}")
+        if self.branches != 1:
+            raise ValueError(f"method {self.method!r} trains one network and stacks its {self.members} member "
+                             f"checkpoints into the ensemble: branches must be 1, got {self.branches}")
+        number("cbnn_shrinkage", self.cbnn_shrinkage, 0.0, low_open=True, allow_none=True)
+        if self.cbnn_errors is not None and self.cbnn_errors not in CBNN_ERROR_KINDS:
+            raise ValueError(f"cbnn_errors must be one of {CBNN_ERROR_KINDS}, got {self.cbnn_errors!r}")
+
+    @property
+    def members(self) -> int:
+        """M, the member checkpoints of a snapshot/cbnn run (``checkpoints`` or its default)."""
+        return self.checkpoints if self.checkpoints is not None else DEFAULT_CHECKPOINTS
+
+    @property
+    def checkpoint_ensemble(self) -> bool:
+        """Whether this run's ensemble is made of its checkpoints (snapshot, cbnn)."""
+        return self.method in CHECKPOINT_ENSEMBLE_METHODS
 
     # -- (de)serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -43,8 +43,9 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .distributed import DistributedContext, convert_sync_batchnorm
-from .evaluation import EvaluationResult, evaluate
+from .evaluation import EvaluationResult, evaluate, predict
 from .export import spec_json
+from .members import CheckpointEnsemble, SnapshotLR
 from .run_lock import LOCK_NAME, RunLock
 from .run_log import CONFIG_NAME, RunLog, write_json
 from .runtime import (
@@ -176,6 +177,10 @@ def train_in_folder(config: TrainConfig, processes: DistributedContext,
                 if stopped_at is not None:
                     return stop_mid_epoch(run, result, signals, epoch, stopped_at, log)
                 record = finish_epoch(run, epoch, first, started, test_images, test_labels)
+                if run.members is not None and run.members.boosting_due(epoch + 1):
+                    boosting = boosting_round(run, train_images, train_labels)
+                    take_member(run, epoch + 1, 0, (epoch + 1) * run.steps_per_epoch, boosting, record)
+                    record["cbnn_alpha"], record["cbnn_error"] = boosting["alpha"], boosting["error"]
                 result.epochs_done, result.final = epoch + 1, EvaluationResult.from_dict(record)
                 diverged = config.on_nan == "stop" and record["train_nonfinite_steps"] > 0
                 last_good = result.checkpoint or (resume[0] if resume is not None else None)
@@ -230,6 +235,7 @@ class Run:
     amp_dtype: Optional[torch.dtype]
     info: dict
     best: Optional[dict] = None  # {"epoch", "test_ensemble_acc"} of best.pt
+    members: Optional[CheckpointEnsemble] = None  # snapshot / cbnn: the member checkpoints and sample weights
 
     @property
     def out(self) -> Path:
@@ -274,6 +280,9 @@ def assemble_run(config: TrainConfig, processes: DistributedContext, device: tor
         raise ValueError(f"batch_size {config.batch_size} is the global batch and must be divisible by the "
                          f"{processes.world_size} processes")
     batch = config.batch_size // processes.world_size
+    if config.checkpoint_ensemble and processes.enabled:
+        raise ValueError(f"method {config.method!r} runs on one process (its members and sample weights are not "
+                         f"sharded yet); this launch has {processes.world_size}: run it without torchrun")
     amp_dtype, needs_scaler = resolve_precision(config.precision, device)
     channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
     seed_everything(config.seed)
@@ -291,10 +300,21 @@ def assemble_run(config: TrainConfig, processes: DistributedContext, device: tor
         recipe.parameter_groups(net, weight_decay, exempt_all_norms=resolved.exempt_all_norms), lr=base_lr,
         momentum=resolved.momentum, nesterov=config.nesterov)
     total_steps = config.epochs * steps_per_epoch
-    schedule = recipe.WarmupCosineSchedule(
-        optimizer, base_lr=base_lr, total_steps=total_steps,
-        warmup_steps=recipe.warmup_steps(resolved.warmup_epochs, steps_per_epoch, total_steps),
-        warmup_start_lr=resolved.warmup_start_lr, min_lr=resolved.min_lr)
+    if config.method == "snapshot":  # M cosine cycles with restarts instead of the recipe's schedule
+        if config.members > total_steps:
+            raise ValueError(f"{config.members} snapshot cycles need at least {config.members} steps; this run has "
+                             f"{total_steps}: lower {option('checkpoints')} or {option('batch_size')}")
+        schedule = SnapshotLR(optimizer, base_lr=base_lr, total_steps=total_steps, cycles=config.members)
+    else:
+        schedule = recipe.WarmupCosineSchedule(
+            optimizer, base_lr=base_lr, total_steps=total_steps,
+            warmup_steps=recipe.warmup_steps(resolved.warmup_epochs, steps_per_epoch, total_steps),
+            warmup_start_lr=resolved.warmup_start_lr, min_lr=resolved.min_lr)
+    members = None
+    if config.checkpoint_ensemble:
+        members = CheckpointEnsemble(config.method, config.members, total_steps=total_steps, epochs=config.epochs,
+                                     num_samples=len(data.train_labels), num_classes=data.num_classes,
+                                     shrinkage=config.cbnn_shrinkage, error_kind=config.cbnn_errors, device=device)
     cot_warmup = resolved.cot_warmup_epochs
     scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
     cot_weight = torch.zeros((), dtype=torch.float32, device=device)
@@ -321,7 +341,7 @@ def assemble_run(config: TrainConfig, processes: DistributedContext, device: tor
         "resolved": resolved.to_dict(),  # every recipe value used (warm-ups included); also in config.json
     }
     return Run(config, processes, device, channels_last, data, net, optimizer, schedule, scaler, cot_weight,
-               cot_warmup, step, augmenter, batch, steps_per_epoch, amp_dtype, info)
+               cot_warmup, step, augmenter, batch, steps_per_epoch, amp_dtype, info, members=members)
 
 
 def _load_data(config: TrainConfig, processes: DistributedContext) -> ImageDataset:
@@ -369,6 +389,10 @@ def restore(run: Run, path: Path, state: dict) -> tuple[int, int]:
     if run.scaler is not None and state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
     run.best = state.get("best")
+    if run.members is not None:
+        run.members.load_state_dict(state.get("checkpoint_ensemble"))
+        if run.processes.is_main:  # members taken after this checkpoint are taken again, identically
+            run.members.write_record(run.out)
     local_states = state["local_states"]
     if len(local_states) == run.processes.world_size:
         local = local_states[run.processes.rank]
@@ -412,8 +436,13 @@ def train_epoch(run: Run, epoch: int, first_step: int, images: Tensor, labels: T
                 index = order[i * batch:(i + 1) * batch]
                 views, targets = run.augmenter.training_batch(images.index_select(0, index),
                                                               labels.index_select(0, index), S, K)
-            run.step(to_model_layout(views, run.channels_last), targets)
+            sample_weight = run.members.batch_weights(index) if run.members is not None and not independent else None
+            run.step(to_model_layout(views, run.channels_last), targets, sample_weight=sample_weight)
             bar.update(config.batch_size)
+            iteration = epoch * steps + i + 1
+            if run.members is not None and run.members.snapshot_due(iteration):
+                ends_epoch = i + 1 == steps
+                take_member(run, epoch + 1 if ends_epoch else epoch, 0 if ends_epoch else i + 1, iteration)
             asked = signals.received is not None or (should_stop is not None and should_stop(epoch, i + 1))
             stop = processes.any(asked)  # every process stops at the same step
             if stop and i + 1 < steps:
@@ -461,6 +490,29 @@ def finish_epoch(run: Run, epoch: int, first_step: int, started: float, test_ima
         "epoch_time_s": elapsed,
         "eval_time_s": time.perf_counter() - eval_started,
     }
+
+
+# -- members of a checkpoint ensemble (snapshot, cbnn) --------------------------------------------------
+
+
+def boosting_round(run: Run, train_images: Tensor, train_labels: Tensor) -> dict:
+    """CBNN: the model (eval mode) predicts the un-augmented training set; the round's alpha and weights."""
+    logits = predict(unwrap_model(run.net), train_images, run.augmenter.normalize,
+                     batch_size=run.config.eval_batch_size or max(run.config.batch_size, 256),
+                     amp_dtype=run.amp_dtype, channels_last=run.channels_last)
+    boosting = run.members.boosting_round(logits, train_labels)
+    run.report(f"cbnn member {len(run.members.taken) + 1}/{run.members.count}: weighted training error "
+               f"{boosting['error']:.4f}, alpha {boosting['alpha']:.4f}")
+    return boosting
+
+
+def take_member(run: Run, epochs_done: int, steps: int, iteration: int, boosting: Optional[dict] = None,
+                record: Optional[dict] = None) -> None:
+    """Write the next member checkpoint (single process: snapshot/cbnn refuse distributed runs)."""
+    state = checkpoint_state(run, epochs_done, steps, record)
+    path = run.members.take(run.out, state, epochs_done=epochs_done, steps=steps, iteration=iteration,
+                            boosting=boosting)
+    run.report(f"member {len(run.members.taken)}/{run.members.count}: {path.name} (iteration {iteration})")
 
 
 # -- checkpoints -------------------------------------------------------------------------------------
@@ -513,6 +565,7 @@ def checkpoint_state(run: Run, epochs_done: int, steps: int, last_record: Option
         "scaler": run.scaler.state_dict() if run.scaler is not None else None,
         "best": run.best, "world_size": run.processes.world_size, "local_states": local_states,
         "last_record": last_record,
+        "checkpoint_ensemble": run.members.state_dict() if run.members is not None else None,
     }
 
 
