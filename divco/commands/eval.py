@@ -10,7 +10,8 @@ HELP = ("evaluate a checkpoint: per-branch and ensemble accuracy, NLL, ECE, adap
 
 def add_arguments(parser) -> None:
     parser.add_argument("checkpoint", metavar="CKPT",
-                        help="a checkpoint written by divco train, or a run folder (its best.pt)")
+                        help="a checkpoint written by divco train, or a run folder (its best.pt; for a snapshot or cbnn "
+                             "run: every member checkpoint and their weighted ensemble)")
     parser.add_argument("--data", default=None, help="data to test on (default: the checkpoint's training data)")
     parser.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's")
     parser.add_argument("--test-subset", type=int, default=None)
@@ -24,8 +25,16 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..train.evaluate_checkpoint import evaluate_checkpoint
+    from ..train.evaluate_checkpoint import evaluate_checkpoint, evaluate_members, members_table
     from ..train.evaluation import temperature_table
+    from ..train.members import is_members_run
+
+    if is_members_run(args.checkpoint):  # a snapshot/cbnn run: its members and their weighted ensemble
+        report = evaluate_members(args.checkpoint, data=args.data, image_size=args.image_size,
+                                  test_subset=args.test_subset, batch_size=args.batch_size, device=args.device,
+                                  cache_dir=args.cache_dir)
+        print(json.dumps(report) if args.json else members_table(report))
+        return 0
 
     result, description = evaluate_checkpoint(
         args.checkpoint, data=args.data, image_size=args.image_size, test_subset=args.test_subset,

@@ -40,4 +40,9 @@ def run(args) -> int:
     is_main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints the table
     if result.final is not None and result.completed and is_main:
         print(result.final.table(f"{config.model} x{config.branches}, {result.epochs_done} epoch(s): {args.out}"))
+        if config.checkpoint_ensemble:  # the members and their weighted ensemble, as divco eval RUN_DIR shows them
+            from ..train.evaluate_checkpoint import evaluate_members, members_table
+
+            print(members_table(evaluate_members(args.out, device=config.device, cache_dir=config.cache_dir,
+                                                 batch_size=config.eval_batch_size or max(config.batch_size, 256))))
     return exit_code(result.interrupted)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Union
 
@@ -89,3 +89,77 @@ def evaluate_checkpoint(checkpoint: Union[str, Path], *, data: Optional[str] = N
     if temperature:
         description["temperature_scaling"] = temperature_scaling(logits, labels)
     return metrics_from_logits(logits, labels), description
+
+
+#: How a checkpoint ensemble combines its members: the weighted mean of their probabilities.
+MEMBERS_ENSEMBLE_MODE = "mean_probs"
+
+
+def _scores_dict(scores) -> dict:
+    values = asdict(scores)
+    values["accuracy"] = values.pop("acc")
+    return values
+
+
+def evaluate_members(folder: Union[str, Path], *, data: Optional[str] = None, image_size: Optional[int] = None,
+                     test_subset: Optional[int] = None, batch_size: int = 256, device: str = "auto",
+                     cache_dir=None) -> dict:
+    """Every member of a snapshot/cbnn run and their weighted ensemble on test data (``divco eval RUN_DIR``).
+
+    The members are stacked into one M-branch model (one forward pass for all of them); the ensemble is
+    the weighted mean of the members' probabilities with the run's weights (members.json: equal for
+    snapshot, the normalised alphas for cbnn). Returns one JSON-ready dict: ``members`` (one entry per
+    member: its metrics, ``weight``, file, epoch, and ``alpha``/``error`` for cbnn), ``ensemble``,
+    ``disagreement`` (mean over member pairs) and ``disagreement_matrix``.
+    """
+    from ..ensembles.combine import ensemble_probabilities
+    from .evaluation import Scores, _scores
+    from .members import load_members
+
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    members = load_members(folder)
+    first = Path(folder) / members.record["members"][0]["file"]
+    loaded = load_checkpoint_on_test_data(first, data=data, image_size=image_size, test_subset=test_subset,
+                                          device=device, cache_dir=cache_dir)
+    target = loaded.device
+    model = members.stacked().to(target)
+    logits = predict(model, loaded.dataset.test_images.to(target), loaded.normalize, batch_size=batch_size,
+                     amp_dtype=loaded.amp_dtype, channels_last=target.type == "cuda")  # [N, M, K]
+    labels = loaded.dataset.test_labels.to(logits.device)
+    per_member = metrics_from_logits(logits, labels)
+    probs = ensemble_probabilities(logits.to(torch.float64), MEMBERS_ENSEMBLE_MODE, members.weights)
+    ensemble = Scores(*_scores(probs, labels).cpu().tolist())
+    info = members.states[0]["model_info"]
+    entries = []
+    for entry, weight, scores in zip(members.record["members"], members.weights, per_member.branches):
+        extra = {k: entry[k] for k in ("alpha", "error") if k in entry}
+        entries.append({"file": entry["file"], "epochs_done": entry["epochs_done"],
+                        "steps_into_epoch": entry["steps_into_epoch"], "weight": weight, **extra,
+                        **_scores_dict(scores)})
+    return {
+        "run": str(folder), "method": members.method, "model": info["name"], "data": loaded.dataset.describe(),
+        "images": per_member.images, "checkpoints": members.record["checkpoints"],
+        "complete": bool(members.record.get("complete")), "members": entries,
+        "ensemble": {"mode": MEMBERS_ENSEMBLE_MODE, "weights": list(members.weights), **_scores_dict(ensemble)},
+        "disagreement": per_member.mean_disagreement, "disagreement_matrix": per_member.disagreement,
+    }
+
+
+def members_table(report: dict) -> str:
+    """``divco eval RUN_DIR`` of a snapshot/cbnn run as text."""
+    taken = len(report["members"])
+    unfinished = "" if report["complete"] else f" (of {report['checkpoints']}: the run is not finished)"
+    lines = [f"{report['run']}: {report['method']} ensemble of {taken} member(s){unfinished} of {report['model']} "
+             f"on {report['data']}",
+             f"{'test images: ' + str(report['images']):<22}  {'weight':>6}  {'acc %':>7}  {'NLL':>7}  {'ECE %':>6}  "
+             f"{'aECE %':>6}  {'Brier':>6}  {'AURC %':>6}"]
+    rows = [(f"member {j + 1} (epoch {m['epochs_done']})", m) for j, m in enumerate(report["members"])]
+    rows.append((f"ensemble ({report['ensemble']['mode']})", {**report["ensemble"], "weight": 1.0}))
+    for name, s in rows:
+        lines.append(f"{name:<22}  {s['weight']:6.3f}  {100 * s['accuracy']:7.2f}  {s['nll']:7.4f}  "
+                     f"{100 * s['ece']:6.2f}  {100 * s['adaptive_ece']:6.2f}  {s['brier']:6.4f}  "
+                     f"{100 * s['aurc']:6.2f}")
+    if report["disagreement"] is not None:
+        lines.append(f"pairwise disagreement of the members: {100 * report['disagreement']:.2f} % (mean over pairs)")
+    return "\n".join(lines)

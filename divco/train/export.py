@@ -81,6 +81,10 @@ def export_branches(checkpoint: Union[str, Path], out: Optional[Union[str, Path]
     """
     from safetensors.torch import save
 
+    from .members import is_members_run
+
+    if is_members_run(checkpoint):
+        return export_members(checkpoint, out, member=branch, fold_bn=fold_bn)
     checkpoint = checkpoint_of(checkpoint)
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state)
@@ -141,3 +145,54 @@ def load_branch(path: Union[str, Path], *, device: Union[str, torch.device] = "c
     apply_fold_structure(model, [tuple(pair) for pair in json.loads(metadata.get("folded_bn", "[]"))])
     model.load_state_dict(load_file(str(path), device="cpu"), strict=True)
     return model.to(device).eval()
+
+
+#: The file beside a checkpoint ensemble's exported members: how to combine them.
+ENSEMBLE_JSON = "ensemble.json"
+
+
+def export_members(folder: Union[str, Path], out: Optional[Union[str, Path]] = None, *,
+                   member: Optional[int] = None, fold_bn: bool = False) -> list[Path]:
+    """Export the stacked members of a snapshot/cbnn run: branch j of the stacked model = member j.
+
+    Without ``member``: every member as ``branch<j>.safetensors`` in ``out`` (default
+    ``RUN_DIR/members-branches/``) and ``ensemble.json`` (method, mode and the members' weights);
+    with it, that member's file ``out`` (default ``RUN_DIR/member-<j+1>-branch.safetensors``).
+    Each file loads with :func:`load_branch` as an ordinary model (a member is a whole network).
+    """
+    from safetensors.torch import save
+
+    from .evaluate_checkpoint import MEMBERS_ENSEMBLE_MODE
+    from .members import load_members
+
+    folder = Path(folder)
+    members = load_members(folder)
+    stacked = members.stacked()  # the ensemble as one model; its branches are what is exported
+    M = stacked.branches
+    if member is not None and (not isinstance(member, int) or isinstance(member, bool) or not 0 <= member < M):
+        raise ValueError(f"branch must be an int in [0, {M}) for this run of {M} member(s), got {member!r}")
+    indices = [member] if member is not None else list(range(M))
+    if member is not None:
+        targets = [Path(out) if out is not None else folder / f"member-{member + 1:02d}-branch.safetensors"]
+    else:
+        target_folder = Path(out) if out is not None else folder / "members-branches"
+        targets = [target_folder / f"branch{j}.safetensors" for j in indices]
+    standalones = unstack(stacked)
+    written = []
+    for index, target in zip(indices, targets):
+        standalone, state = standalones[index], members.states[index]
+        # each member is a whole network (divided into 1 branch): its metadata says so
+        metadata = _metadata(models.create(state["model_info"]["name"], num_classes=stacked.num_classes, branches=1,
+                                           **state["model_info"].get("model_kwargs", {})),
+                             state["model_info"], 0, standalone)
+        metadata.update(member=str(index), member_weight=repr(members.weights[index]), method=members.method)
+        if fold_bn:
+            metadata["folded_bn"] = json.dumps(fold_batchnorm(standalone.eval(), torch.randn(2, 3, 32, 32)))
+        tensors = {k: v.contiguous() for k, v in standalone.state_dict().items()}
+        atomic_write_bytes(target, save(tensors, metadata=metadata))
+        written.append(target)
+    if member is None:
+        description = {"method": members.method, "mode": MEMBERS_ENSEMBLE_MODE, "weights": list(members.weights),
+                       "files": [t.name for t in targets]}
+        atomic_write_bytes(targets[0].parent / ENSEMBLE_JSON, (json.dumps(description, indent=2) + "\n").encode())
+    return written
