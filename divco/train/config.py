@@ -244,8 +244,8 @@ class TrainConfig:
         allowed = {"snapshot": {"checkpoints"}, "cbnn": set(ensemble_options)}.get(self.method, set())
         for name, value in ensemble_options.items():
             if value is not None and name not in allowed:
-                methods = "snapshot and cbnn" if name == "checkpoints" else "cbnn"
-                raise ValueError(f"{name} is an option of the method(s) {methods}; this run's method is "
+                methods = "methods snapshot and cbnn" if name == "checkpoints" else "method cbnn"
+                raise ValueError(f"{name} is an option of the {methods}; this run's method is "
                                  f"{self.method!r}")
         if self.method not in CHECKPOINT_ENSEMBLE_METHODS:
             return

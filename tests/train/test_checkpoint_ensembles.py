@@ -1,0 +1,232 @@
+"""--method snapshot|cbnn (issue 13 item 2): member checkpoints of one run, their weights, stacking, resume.
+
+Tiny real runs on the digits at 8x8 (WRN-16-1, 48 training images, batches of 16: 3 steps an epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from train_helpers import tiny_config
+
+from divco.data import AugmentConfig, load_dataset
+from divco.ensembles import BoostingState, SnapshotSchedule, loss_weights
+from divco.train import TrainConfig, load_checkpoint, train
+from divco.train.evaluation import predict
+from divco.train.export import model_from_checkpoint
+from divco.train.members import MEMBERS_NAME, load_members, member_name
+from divco.train.runtime import epoch_order
+from divco.train.step import TrainStep, sample_weighted_cross_entropy
+from divco.vocabulary import CHECKPOINT_ENSEMBLE_METHODS, TRAINING_METHODS
+
+TRAIN_IMAGES = 48
+
+
+def members_config(out, method, **overrides) -> TrainConfig:
+    values = dict(model="wide_resnet16_1", method=method, branches=1, epochs=3, train_subset=TRAIN_IMAGES,
+                  augment=AugmentConfig(crop_padding=1, mixup_alpha=0.0), keep_checkpoints=1)
+    values.update(overrides)
+    return tiny_config(out, **values)
+
+
+def recording_steps(monkeypatch) -> list[dict]:
+    """Record the lr, the sample weights and the weights after every TrainStep call."""
+    calls = []
+    original = TrainStep.__call__
+
+    def record(self, images, targets, sample_weight=None):
+        lr = self.optimizer.param_groups[0]["lr"]
+        out = original(self, images, targets, sample_weight=sample_weight)
+        calls.append({"lr": lr, "sample_weight": None if sample_weight is None else sample_weight.clone(),
+                      "model": {k: v.clone() for k, v in self.model.state_dict().items()}})
+        return out
+
+    monkeypatch.setattr(TrainStep, "__call__", record)
+    return calls
+
+
+def test_the_methods_and_their_options():
+    assert TRAINING_METHODS[-2:] == CHECKPOINT_ENSEMBLE_METHODS == ("snapshot", "cbnn")
+    config = members_config("x", "cbnn")
+    assert config.checkpoints is None and config.members == 3
+    assert members_config("x", "snapshot", checkpoints=2).members == 2
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(checkpoints=0), r"checkpoints must be an int >= 1, got 0"),
+    (dict(checkpoints=4), r"checkpoints must be <= epochs \(3\).*got 4"),
+    (dict(branches=2), r"method 'cbnn' trains one network.*branches must be 1, got 2"),
+    (dict(method="cotrain", checkpoints=2, branches=2), r"checkpoints is an option of the methods snapshot and cbnn; "
+                                                        r"this run's method is 'cotrain'"),
+    (dict(method="snapshot", cbnn_shrinkage=0.5), r"cbnn_shrinkage is an option of the method cbnn"),
+    (dict(cbnn_shrinkage=0.0), r"cbnn_shrinkage must be a finite number > 0"),
+    (dict(cbnn_errors="hinge"), r"cbnn_errors must be one of \('zero_one', 'probability'\)"),
+])
+def test_bad_options_are_refused(changes, message):
+    with pytest.raises(ValueError, match=message):
+        members_config("x", changes.pop("method", "cbnn"), **changes)
+
+
+def test_distributed_runs_are_refused(tmp_path):
+    from divco.train.engine import assemble_run
+
+    processes = types.SimpleNamespace(world_size=2, enabled=True)
+    with pytest.raises(ValueError, match=r"method 'snapshot' runs on one process.*this launch has 2"):
+        assemble_run(members_config(tmp_path, "snapshot"), processes, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_sample_weighted_loss_is_the_weighted_mean_of_cross_entropies(soft):
+    g = torch.Generator().manual_seed(0)
+    N, K = 7, 5
+    logits = torch.randn(N, 1, K, generator=g, requires_grad=True)
+    targets = torch.softmax(torch.randn(N, K, generator=g), -1) if soft else torch.randint(0, K, (N,), generator=g)
+    weights = torch.rand(N, generator=g) * 2
+    out = sample_weighted_cross_entropy(logits, targets, weights)
+    z = logits.detach().double().requires_grad_()
+    rows = F.cross_entropy(z[:, 0], targets.double() if soft else targets, reduction="none")
+    expected = (weights.double() * rows).mean()
+    assert float(out.loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    (grad,) = torch.autograd.grad(out.loss, logits)
+    (expected_grad,) = torch.autograd.grad(expected, z)
+    assert torch.allclose(grad.double(), expected_grad, atol=1e-6)
+    labels = targets.argmax(-1) if soft else targets
+    hits = int((logits[:, 0].argmax(-1) == labels).sum())
+    assert out.correct.tolist() == [hits, hits] and float(out.cot) == 0.0
+    # weights of 1 give the unweighted loss
+    plain = sample_weighted_cross_entropy(logits, targets, torch.ones(N))
+    assert float(plain.loss) == pytest.approx(float(F.cross_entropy(logits[:, 0], targets)), rel=1e-6)
+    with pytest.raises(ValueError, match=r"sample_weight must have shape \[7\]"):
+        sample_weighted_cross_entropy(logits, targets, torch.ones(6))
+    with pytest.raises(ValueError, match=r"one branch"):
+        sample_weighted_cross_entropy(torch.randn(N, 2, K), targets, weights)
+
+
+def test_snapshot_cycles_members_and_weights(tmp_path, monkeypatch):
+    calls = recording_steps(monkeypatch)
+    config = members_config(tmp_path / "run", "snapshot", checkpoints=2)
+    result = train(config)
+    assert result.completed and len(calls) == 9  # 3 epochs of 3 steps
+    cycles = SnapshotSchedule(9, 2)  # cycles of ceil(9/2) = 5 iterations: members after iterations 5 and 9
+    base = result.info["base_lr"]
+    assert [c["lr"] for c in calls] == pytest.approx([base * cycles.factor(t) for t in range(1, 10)])
+    assert calls[5]["lr"] == pytest.approx(base)  # the restart
+    assert all(c["sample_weight"] is None for c in calls)  # snapshot: an unweighted loss
+    record = json.loads((tmp_path / "run" / MEMBERS_NAME).read_text())
+    assert record["complete"] and record["method"] == "snapshot"
+    assert [(m["iteration"], m["epochs_done"], m["steps_into_epoch"], m["weight"]) for m in record["members"]] == \
+        [(5, 1, 2, 0.5), (9, 3, 0, 0.5)]
+    # each member holds the weights of its iteration; --keep-checkpoints 1 pruned no member
+    for member, iteration in zip(load_members(tmp_path / "run").states, (5, 9)):
+        for key, value in calls[iteration - 1]["model"].items():
+            assert torch.equal(member["model"][key], value), key
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*.pt")) == ["checkpoint-e0003-s000000.pt"]
+
+
+def train_set(config: TrainConfig):
+    data = load_dataset(config.data, image_size=config.image_size).subset(config.train_subset, config.test_subset)
+    return data.train_images, data.train_labels
+
+
+@pytest.mark.parametrize("error_kind, shrinkage", [("zero_one", None), ("probability", 0.5)])
+def test_cbnn_rounds_equal_boosting_replayed_by_hand(tmp_path, monkeypatch, error_kind, shrinkage):
+    calls = recording_steps(monkeypatch)
+    config = members_config(tmp_path / "run", "cbnn", cbnn_errors=error_kind, cbnn_shrinkage=shrinkage)
+    result = train(config)
+    assert result.completed
+    members = load_members(tmp_path / "run")
+    images, labels = train_set(config)
+    replay = BoostingState(TRAIN_IMAGES, 10, 3, 3, shrinkage=shrinkage or 1.0, error_kind=error_kind)
+    loss_weights_of_epoch = [replay.loss_weights()]
+    for j, state in enumerate(members.states):
+        errors = state["member"]["errors"]
+        # the recorded errors are the member's (eval mode) on the un-augmented training set
+        logits = predict(model_from_checkpoint(state), images, _normalize(state))
+        if error_kind == "zero_one":
+            assert torch.equal(errors, logits[:, 0].argmax(-1) != labels)
+        else:
+            expected = 1 - torch.softmax(logits[:, 0].double(), -1).gather(1, labels[:, None]).squeeze(1)
+            assert torch.allclose(errors, expected, atol=1e-6)
+        round_ = replay.record(errors)
+        assert members.record["members"][j]["alpha"] == round_.alpha
+        assert members.record["members"][j]["error"] == round_.error
+        loss_weights_of_epoch.append(replay.loss_weights())
+    assert members.weights == pytest.approx(replay.ensemble_weights())
+    final = load_checkpoint(result.checkpoint)["checkpoint_ensemble"]["boosting"]
+    assert torch.equal(final["weights"], replay.weights)
+    # the loss of epoch e weighs each image by the weights of the last round before it (epoch 1: all 1)
+    for step, call in enumerate(calls):
+        epoch, i = divmod(step, 3)
+        index = epoch_order(TRAIN_IMAGES, config.seed, epoch)[16 * i: 16 * (i + 1)]
+        expected = loss_weights_of_epoch[epoch][index].float()
+        assert torch.equal(call["sample_weight"], expected), step
+    assert not torch.equal(calls[3]["sample_weight"], torch.ones(16))  # the first round re-weighted
+
+
+def _normalize(state):
+    from divco.data import Normalize
+
+    return Normalize(state["dataset"]["mean"], state["dataset"]["std"], torch.device("cpu"))
+
+
+def test_stacked_members_equal_the_members_one_by_one(tmp_path):
+    config = members_config(tmp_path / "run", "cbnn", epochs=2, checkpoints=2)
+    train(config)
+    members = load_members(tmp_path / "run")
+    stacked = members.stacked()
+    assert stacked.branches == 2
+    images, _ = train_set(config)
+    normalize = _normalize(members.states[0])
+    together = predict(stacked, images[:20], normalize)  # [20, 2, K]: one forward pass
+    for j, model in enumerate(members.models()):
+        alone = predict(model, images[:20], normalize)[:, 0]
+        assert torch.allclose(together[:, j], alone, atol=1e-5), j
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, stop_at", [("snapshot", (1, 2)), ("cbnn", (1, 2))])
+def test_resume_keeps_members_weights_and_cycle_position(tmp_path, method, stop_at):
+    """Interrupted mid-epoch after a member (snapshot: after its mid-epoch member; cbnn: after its first
+    boosting round) and resumed: the same members, bit for bit, and the same weights."""
+    changes = dict(checkpoints=2) if method == "snapshot" else {}
+    reference = train(members_config(tmp_path / "straight", method, **changes))
+    stopped = train(members_config(tmp_path / "stopped", method, **changes),
+                    should_stop=lambda epoch, steps: (epoch, steps) == stop_at)
+    assert stopped.interrupted
+    assert len(json.loads((tmp_path / "stopped" / MEMBERS_NAME).read_text())["members"]) == 1
+    final = train(members_config(tmp_path / "stopped", method, resume=True, **changes))
+    assert final.completed
+    a = json.loads((tmp_path / "straight" / MEMBERS_NAME).read_text())
+    b = json.loads((tmp_path / "stopped" / MEMBERS_NAME).read_text())
+    assert a == b
+    for entry in a["members"]:
+        x = load_checkpoint(tmp_path / "straight" / entry["file"])
+        y = load_checkpoint(tmp_path / "stopped" / entry["file"])
+        for key, value in x["model"].items():
+            assert torch.equal(value, y["model"][key]), (entry["file"], key)
+    x, y = load_checkpoint(reference.checkpoint), load_checkpoint(final.checkpoint)
+    if method == "cbnn":
+        assert torch.equal(x["checkpoint_ensemble"]["boosting"]["weights"],
+                           y["checkpoint_ensemble"]["boosting"]["weights"])
+    assert x["schedule"] == y["schedule"]
+
+
+def test_member_files_are_checked_when_loaded(tmp_path):
+    config = members_config(tmp_path / "run", "snapshot", epochs=2, checkpoints=2)
+    train(config)
+    record_path = tmp_path / "run" / MEMBERS_NAME
+    record = json.loads(record_path.read_text())
+    (tmp_path / "run" / member_name(1)).write_bytes(b"truncated")
+    with pytest.raises(ValueError, match=r"member-02.pt is truncated or corrupt"):
+        load_members(tmp_path / "run")
+    record["members"][0]["file"] = "elsewhere.pt"
+    record_path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"member 0 must be the file member-01.pt"):
+        load_members(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match=r"holds no members.json"):
+        load_members(tmp_path)
+    assert loss_weights(torch.full((4,), 0.25)).tolist() == [1.0] * 4
