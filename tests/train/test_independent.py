@@ -17,9 +17,10 @@ from divco.vocabulary import TRAINING_METHODS
 
 
 def test_method_is_an_option_with_cotrain_by_default(tmp_path):
-    assert TRAINING_METHODS == ("cotrain", "independent")
+    assert TRAINING_METHODS == ("cotrain", "independent", "snapshot", "cbnn")
     assert tiny_config(tmp_path).method == "cotrain"
-    with pytest.raises(ValueError, match=r"method must be one of \('cotrain', 'independent'\), got 'boost'"):
+    with pytest.raises(ValueError, match=r"method must be one of \('cotrain', 'independent', 'snapshot', 'cbnn'\), "
+                                         r"got 'boost'"):
         tiny_config(tmp_path, method="boost")
     import argparse
 
@@ -28,8 +29,12 @@ def test_method_is_an_option_with_cotrain_by_default(tmp_path):
     parser = argparse.ArgumentParser()
     add_train_options(parser)  # the CLI generated from TrainConfig
     assert parser.parse_args(["--model", "wide_resnet16_1", "--method", "independent"]).method == "independent"
+    assert parser.parse_args(["--model", "wide_resnet16_1", "--method", "cbnn", "--checkpoints", "4",
+                              "--cbnn-errors", "probability", "--cbnn-shrinkage", "0.5"]).checkpoints == 4
     with pytest.raises(SystemExit):
-        parser.parse_args(["--model", "wide_resnet16_1", "--method", "cbnn"])
+        parser.parse_args(["--model", "wide_resnet16_1", "--method", "boost"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "wide_resnet16_1", "--method", "cbnn", "--cbnn-errors", "hinge"])
 
 
 def test_branch_orders_are_those_of_separate_runs():
