@@ -152,8 +152,10 @@ def train_in_folder(config: TrainConfig, processes: DistributedContext,
     run.report(f"divco {__version__}: {config.model} x{config.branches} on {run.info['dataset']}; {device}, "
                f"{processes.world_size} process(es), {run.steps_per_epoch} steps/epoch, lr "
                f"{run.info['base_lr']:.4g}, wd {run.info['weight_decay']:.3g}, {run.info['precision']}; recipe "
-               f"{run.info['resolved']['recipe']}: lr warm-up {run.info['resolved']['warmup_epochs']:g} epoch(s), "
-               f"co-training warm-up {run.info['resolved']['cot_warmup_epochs']} epoch(s)")
+               f"{run.info['resolved']['recipe']}: "
+               + (f"{config.members} snapshot cycles (no lr warm-up), " if config.method == "snapshot" else
+                  f"lr warm-up {run.info['resolved']['warmup_epochs']:g} epoch(s), ")
+               + f"co-training warm-up {run.info['resolved']['cot_warmup_epochs']} epoch(s)")
 
     log = None
     if processes.is_main:

@@ -458,4 +458,26 @@ def resolve_run(config: Any, identified: Optional[str] = None) -> dict:
         "execution": config.execution,
         "departures": _departures(config, resolved, table),
     }
-    return json.loads(json.dumps(run))  # the JSON form (tuples as lists), equal to what is printed
+    if getattr(config, "checkpoint_ensemble", False):
+        run["lr_schedule"], run["checkpoint_ensemble"] = _checkpoint_ensemble_plan(config, resolved.lr, run["lr_schedule"],
+                                                                                 total_steps)
+    return json.loads(json.dumps(run))
+
+
+def _checkpoint_ensemble_plan(config: Any, peak: float, schedule: dict, total_steps: int) -> tuple[dict, dict]:
+    """The lr schedule and the member plan of a snapshot/cbnn run (--print-config)."""
+    from ..ensembles.boosting import checkpoint_epochs
+    from ..ensembles.snapshot import SnapshotSchedule
+
+    plan = {"method": config.method, "members": config.members, "ensemble": "weighted mean of the members' "
+            "probabilities (mean_probs)"}
+    if config.method == "snapshot":
+        cycles = SnapshotSchedule(max(total_steps, config.members), config.members)
+        schedule = {"type": "snapshot: cosine cycles with restarts, no warm-up", "per": "iteration", "peak": peak,
+                    "cycles": config.members, "cycle_steps": cycles.cycle_length, "total_steps": total_steps}
+        plan.update(member_iterations=cycles.snapshot_iterations(), weights="equal")
+    else:
+        plan.update(member_epochs=checkpoint_epochs(config.epochs, config.members), weights="alpha_j normalised",
+                    shrinkage=config.cbnn_shrinkage if config.cbnn_shrinkage is not None else 1.0,
+                    errors=config.cbnn_errors or "zero_one")
+    return schedule, plan  # the JSON form (tuples as lists), equal to what is printed

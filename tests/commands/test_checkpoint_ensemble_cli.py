@@ -77,3 +77,16 @@ def test_bad_checkpoint_ensemble_options_are_usage_errors(tmp_path, capsys, argu
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("divco train: error:") and message in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_print_config_shows_the_member_plan(tmp_path, capsys):
+    base = ["train", *TINY, "--epochs", "4", "--out", str(tmp_path / "run"), "--print-config"]
+    assert main([*base, "--method", "snapshot", "--checkpoints", "2"]) == 0
+    run = json.loads(capsys.readouterr().out)
+    assert run["lr_schedule"]["cycles"] == 2 and run["lr_schedule"]["total_steps"] == 8  # 2 steps/epoch
+    assert run["checkpoint_ensemble"]["member_iterations"] == [4, 8]
+    assert main([*base, "--method", "cbnn", "--cbnn-errors", "probability"]) == 0
+    run = json.loads(capsys.readouterr().out)
+    assert run["checkpoint_ensemble"]["member_epochs"] == [1, 2, 4]
+    assert run["checkpoint_ensemble"]["errors"] == "probability"
+    assert not (tmp_path / "run").exists()
