@@ -167,9 +167,14 @@ class CheckpointEnsemble:
         return path
 
     def record(self) -> dict:
+        """members.json: a member's ``weight`` is null while no member has a positive alpha."""
+        try:
+            weights = self.weights()
+        except ValueError:
+            weights = [None] * len(self.taken)
         return {"format": MEMBERS_FORMAT, "method": self.method, "checkpoints": self.count,
-                "members": [{**entry, "weight": w} for entry, w in zip(self.taken, self.weights())]
-                if self.taken else [], "complete": len(self.taken) == self.count}
+                "members": [{**entry, "weight": w} for entry, w in zip(self.taken, weights)],
+                "complete": len(self.taken) == self.count}
 
     def write_record(self, out: Path) -> None:
         atomic_write_text(out / MEMBERS_NAME, json.dumps(self.record(), indent=2, sort_keys=True) + "\n")
@@ -190,15 +195,20 @@ class CheckpointEnsemble:
 
 
 def ensemble_weights(method: str, entries: list[dict]) -> list[float]:
-    """Snapshot: equal weights; cbnn: the alphas normalised to sum 1 (all 0: equal, with a warning left
-    to the caller: every member no better than chance)."""
+    """Snapshot: equal weights; cbnn: the alphas normalised to sum 1.
+
+    A cbnn run whose every member so far has alpha 0 (none better than chance) has no ensemble
+    weights: a ValueError, never invented weights.
+    """
     if not entries:
         return []
     if method == "cbnn":
         alphas = [float(e["alpha"]) for e in entries]
         total = sum(alphas)
-        if total > 0:
-            return [a / total for a in alphas]
+        if not total > 0:
+            raise ValueError(f"every cbnn member so far has alpha 0 (a weighted training error no better than "
+                             f"chance): the ensemble has no weights (alphas {alphas})")
+        return [a / total for a in alphas]
     return [1.0 / len(entries)] * len(entries)
 
 

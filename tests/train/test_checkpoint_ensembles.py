@@ -230,3 +230,12 @@ def test_member_files_are_checked_when_loaded(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"holds no members.json"):
         load_members(tmp_path)
     assert loss_weights(torch.full((4,), 0.25)).tolist() == [1.0] * 4
+
+
+def test_cbnn_members_without_a_positive_alpha_have_no_weights():
+    from divco.train.members import ensemble_weights
+
+    assert ensemble_weights("cbnn", [{"alpha": 0.5}, {"alpha": 1.5}]) == [0.25, 0.75]
+    assert ensemble_weights("snapshot", [{}, {}, {}]) == [1 / 3] * 3
+    with pytest.raises(ValueError, match=r"every cbnn member so far has alpha 0"):
+        ensemble_weights("cbnn", [{"alpha": 0.0}, {"alpha": 0.0}])
