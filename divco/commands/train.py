@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 HELP = "train S branches of a divided network with co-training (checkpoints and metrics.jsonl in --out)"
 
@@ -43,6 +44,9 @@ def run(args) -> int:
         if config.checkpoint_ensemble:  # the members and their weighted ensemble, as divco eval RUN_DIR shows them
             from ..train.evaluate_checkpoint import evaluate_members, members_table
 
-            print(members_table(evaluate_members(args.out, device=config.device, cache_dir=config.cache_dir,
-                                                 batch_size=config.eval_batch_size or max(config.batch_size, 256))))
+            try:
+                print(members_table(evaluate_members(args.out, device=config.device, cache_dir=config.cache_dir,
+                                                     batch_size=config.eval_batch_size or max(config.batch_size, 256))))
+            except ValueError as error:  # e.g. no member better than chance: the run itself is complete
+                print(f"divco train: no ensemble table: {error}", file=sys.stderr)
     return exit_code(result.interrupted)
