@@ -438,8 +438,8 @@ def train_epoch(run: Run, epoch: int, first_step: int, images: Tensor, labels: T
                 index = order[i * batch:(i + 1) * batch]
                 views, targets = run.augmenter.training_batch(images.index_select(0, index),
                                                               labels.index_select(0, index), S, K)
-            sample_weight = run.members.batch_weights(index) if run.members is not None and not independent else None
-            run.step(to_model_layout(views, run.channels_last), targets, sample_weight=sample_weight)
+            weights = {} if run.members is None or independent else {"sample_weight": run.members.batch_weights(index)}
+            run.step(to_model_layout(views, run.channels_last), targets, **weights)
             bar.update(config.batch_size)
             iteration = epoch * steps + i + 1
             if run.members is not None and run.members.snapshot_due(iteration):
