@@ -131,6 +131,8 @@ class TrainStep:
         independent: S independent networks (``--method independent``): targets are per branch,
             ``[B, S]`` or ``[B, S, K]`` (branch s's view holds other images than branch t's), and
             the loss is Σ_s CE_s with no co-training term (``cot_weight`` is not read).
+        Calling the step with ``sample_weight`` [B] (``--method cbnn``) weighs each image's loss
+        (:meth:`loss`, the one place the weights enter).
         on_nonfinite: ``"stop"`` (apply and count non-finite steps; the caller stops) or
             ``"skip-step"`` (do not apply them: weights and optimiser state are restored
             on the device from a copy taken before the step; counted in the metrics).
