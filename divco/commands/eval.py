@@ -10,8 +10,8 @@ HELP = ("evaluate a checkpoint: per-branch and ensemble accuracy, NLL, ECE, adap
 
 def add_arguments(parser) -> None:
     parser.add_argument("checkpoint", metavar="CKPT",
-                        help="a checkpoint written by divco train, or a run folder (its best.pt; for a snapshot or cbnn "
-                             "run: every member checkpoint and their weighted ensemble)")
+                        help="a checkpoint written by divco train, or a run folder (its best.pt; for a snapshot or "
+                             "cbnn run: every member checkpoint and their weighted ensemble)")
     parser.add_argument("--data", default=None, help="data to test on (default: the checkpoint's training data)")
     parser.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's")
     parser.add_argument("--test-subset", type=int, default=None)

@@ -11,8 +11,9 @@ Everything random is drawn from generators whose state the checkpoint stores (to
 CPU/CUDA, numpy, python, the augmenter's), and the image order of an epoch is a pure
 function of (seed, epoch). ``--method snapshot|cbnn`` also take member checkpoints
 (divco.train.members: after a snapshot cycle's last step, after a cbnn interval's last epoch)
-and cbnn weighs each image's loss by its boosting weight. So a run resumed from any checkpoint - also one written by
-SIGINT/SIGTERM in the middle of an epoch - computes what the uninterrupted run computes.
+and cbnn weighs each image's loss by its boosting weight. So a run resumed from any
+checkpoint - also one written by SIGINT/SIGTERM in the middle of an epoch - computes what
+the uninterrupted run computes.
 """
 
 from __future__ import annotations

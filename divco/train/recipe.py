@@ -459,8 +459,8 @@ def resolve_run(config: Any, identified: Optional[str] = None) -> dict:
         "departures": _departures(config, resolved, table),
     }
     if getattr(config, "checkpoint_ensemble", False):
-        run["lr_schedule"], run["checkpoint_ensemble"] = _checkpoint_ensemble_plan(config, resolved.lr, run["lr_schedule"],
-                                                                                 total_steps)
+        run["lr_schedule"], run["checkpoint_ensemble"] = _checkpoint_ensemble_plan(
+            config, resolved.lr, run["lr_schedule"], total_steps)
     return json.loads(json.dumps(run))
 
 
