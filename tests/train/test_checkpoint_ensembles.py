@@ -20,7 +20,7 @@ from divco.train.evaluation import predict
 from divco.train.export import model_from_checkpoint
 from divco.train.members import MEMBERS_NAME, load_members, member_name
 from divco.train.runtime import epoch_order
-from divco.train.step import TrainStep, sample_weighted_cross_entropy
+from divco.train.step import TrainStep
 from divco.vocabulary import CHECKPOINT_ENSEMBLE_METHODS, TRAINING_METHODS
 
 TRAIN_IMAGES = 48
@@ -79,18 +79,27 @@ def test_distributed_runs_are_refused(tmp_path):
         assemble_run(members_config(tmp_path, "snapshot"), processes, torch.device("cpu"))
 
 
+def weighted_step(backend=None) -> TrainStep:
+    model = torch.nn.Linear(1, 1)
+    return TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), cot_weight=torch.tensor(0.0), branches=1,
+                     backend=backend)
+
+
 @pytest.mark.parametrize("soft", [False, True])
 def test_sample_weighted_loss_is_the_weighted_mean_of_cross_entropies(soft):
+    """TrainStep.loss with sample weights (CBNN's one call site) against a float64 reference."""
     g = torch.Generator().manual_seed(0)
     N, K = 7, 5
     logits = torch.randn(N, 1, K, generator=g, requires_grad=True)
     targets = torch.softmax(torch.randn(N, K, generator=g), -1) if soft else torch.randint(0, K, (N,), generator=g)
     weights = torch.rand(N, generator=g) * 2
-    out = sample_weighted_cross_entropy(logits, targets, weights)
+    step = weighted_step()
+    out = step.loss(logits, targets, weights)
     z = logits.detach().double().requires_grad_()
     rows = F.cross_entropy(z[:, 0], targets.double() if soft else targets, reduction="none")
     expected = (weights.double() * rows).mean()
     assert float(out.loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    assert float(out.ce[0]) == pytest.approx(float(expected.detach()), rel=1e-6)
     (grad,) = torch.autograd.grad(out.loss, logits)
     (expected_grad,) = torch.autograd.grad(expected, z)
     assert torch.allclose(grad.double(), expected_grad, atol=1e-6)
@@ -98,12 +107,11 @@ def test_sample_weighted_loss_is_the_weighted_mean_of_cross_entropies(soft):
     hits = int((logits[:, 0].argmax(-1) == labels).sum())
     assert out.correct.tolist() == [hits, hits] and float(out.cot) == 0.0
     # weights of 1 give the unweighted loss
-    plain = sample_weighted_cross_entropy(logits, targets, torch.ones(N))
-    assert float(plain.loss.detach()) == pytest.approx(float(F.cross_entropy(logits[:, 0], targets).detach()), rel=1e-6)
-    with pytest.raises(ValueError, match=r"sample_weight must have shape \[7\]"):
-        sample_weighted_cross_entropy(logits, targets, torch.ones(6))
-    with pytest.raises(ValueError, match=r"one branch"):
-        sample_weighted_cross_entropy(torch.randn(N, 2, K), targets, weights)
+    plain = step.loss(logits, targets, torch.ones(N))
+    assert float(plain.loss.detach()) == pytest.approx(float(F.cross_entropy(logits[:, 0], targets).detach()),
+                                                       rel=1e-6)
+    with pytest.raises(ValueError, match=r"sample_weight"):
+        step.loss(logits, targets, torch.ones(6))
 
 
 def test_snapshot_cycles_members_and_weights(tmp_path, monkeypatch):
