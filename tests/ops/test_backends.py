@@ -233,7 +233,7 @@ def test_out_of_range_class_in_the_kernel_gives_nan_loss(backend):
     target = torch.tensor([1, 600000, -3], device=device)
     weight = torch.tensor(0.5, device=device)
     op = schema.operator("cotrain_loss", backend)
-    loss, ce, cot, ensemble, correct, grad = op(logits, target, weight, "js", 1.0, True)
+    loss, ce, cot, ensemble, correct, grad = op(logits, target, weight, None, "js", 1.0, True)
     assert torch.isnan(loss) and torch.isnan(ce).all() and torch.isfinite(cot)
     assert torch.isfinite(grad[0]).all() and torch.isnan(grad[1:]).any()
     assert int(correct.sum()) <= 3  # only the valid row can be right
