@@ -212,6 +212,11 @@ def _backward_for(suffix: str):
             grad_logits = (grad.to(torch.float32) * grad_loss.to(torch.float32)).to(ctx.logits_dtype)
         if ctx.needs_input_grad[2]:
             grad_weight = grad_loss * cot
+        if ctx.needs_input_grad[3]:  # reachable only by calling the operator directly
+            raise RuntimeError(
+                f"divco::cotrain_loss_{suffix} does not differentiate sample_weight; "
+                "use divco.ops.cotrain_loss(..., backend='torch') for its gradient"
+            )
         return grad_logits, None, grad_weight, None, None, None, None
 
     return backward

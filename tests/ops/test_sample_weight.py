@@ -122,6 +122,17 @@ def test_fused_backends_refuse_weights_that_require_grad(backend):
         ops.cotrain_loss(logits.to(device), target.to(device), sample_weight=v, backend=backend)
 
 
+@pytest.mark.parametrize("backend", backend_params(*FUSED))
+def test_the_operators_never_return_a_silent_zero_gradient_for_the_weights(backend):
+    device = device_for(backend)
+    logits, target = problem()
+    op = schema.operator("cotrain_loss", backend)
+    v = torch.ones(5, device=device, requires_grad=True)
+    out = op(logits.to(device), target.to(device), torch.tensor(0.5, device=device), v, "js", 1.0, False)
+    with pytest.raises(RuntimeError, match=r"does not differentiate sample_weight.*backend='torch'"):
+        out[0].backward()
+
+
 @pytest.mark.parametrize(
     "sample_weight, message",
     [
