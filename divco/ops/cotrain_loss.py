@@ -30,7 +30,7 @@ Operator contract (both backends):
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -169,7 +169,7 @@ def _fake_for(suffix: str):
         logits: Tensor,
         target: Tensor,
         weight: Tensor,
-        sample_weight: Tensor | None,
+        sample_weight: Optional[Tensor],
         kind: str,
         temperature: float,
         compute_grad: bool,
@@ -242,7 +242,7 @@ if not triton_backend.TRITON_ERROR:
         logits: Tensor,
         target: Tensor,
         weight: Tensor,
-        sample_weight: Tensor | None,
+        sample_weight: Optional[Tensor],  # Optional[...]: what infer_schema reads on every torch
         kind: str,
         temperature: float,
         compute_grad: bool,
