@@ -205,3 +205,21 @@ def test_soft_targets_and_weights_on_the_reference_are_plain_products():
     out = ops.cotrain_loss(logits.double(), target.double(), sample_weight=v, backend="torch")
     per_row = -(target.double()[:, None, :] * F.log_softmax(logits.double(), -1)).sum(-1)  # [N, S]
     torch.testing.assert_close(out.ce, (v[:, None] * per_row).mean(0))
+
+
+@pytest.mark.parametrize("backend", backend_params("cpu"))
+def test_weighted_cpu_results_are_bit_identical_for_any_thread_count(backend):
+    """The weights scale per-row partials before the fixed-order sum: still thread-count free."""
+    logits, target = problem(N=300, S=4, K=10, seed=19)
+    v = torch.rand(300, generator=torch.Generator().manual_seed(2)) * 2
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out, grad = run(backend, logits, target, v, kind="kl", temperature=1.3)
+            results.append((*out, grad))
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
