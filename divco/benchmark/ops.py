@@ -117,7 +117,8 @@ def run(
 ) -> list[dict]:
     """Time every implementation on every case; one record per (case, implementation).
 
-    Records: op, N, S, K, dtype, kind, weighted, device, threads (CPU intra-op threads), impl, median_ms, speedup_vs_eager (eager
+    Records: op, N, S, K, dtype, kind, weighted, device, threads (CPU intra-op threads), impl, median_ms,
+    speedup_vs_eager (eager
     median / this median, both from this run), repeats, times_s (every repeat, seconds).
     ``repeats`` defaults to 30 on CUDA and to a count that keeps each CPU case near a second.
     """

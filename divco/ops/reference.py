@@ -115,7 +115,8 @@ def cross_entropy_per_branch(logits: Tensor, target: Tensor, sample_weight: Tens
 
 
 def js_divergence(logits: Tensor, temperature: float = 1.0, sample_weight: Tensor | None = None) -> Tensor:
-    """J = mean_n v_n [ H(p̄_n) - (1/S) Σ_s H(p_ns) ] = mean_n v_n (1/S) Σ_s KL(p_ns || p̄_n), p_s = softmax(z_s / T)."""
+    """J = mean_n v_n [ H(p̄_n) - (1/S) Σ_s H(p_ns) ] = mean_n v_n (1/S) Σ_s KL(p_ns || p̄_n),
+    p_s = softmax(z_s / T) (v_n = 1 without sample_weight)."""
     log_p = F.log_softmax(logits / temperature, dim=-1)  # [N, S, K]
     log_p_bar = log_mean_probability(log_p)[:, None, :]  # [N, 1, K]
     return batch_mean(kl_divergence(log_p, log_p_bar.expand_as(log_p)).mean(1), sample_weight)
@@ -172,8 +173,8 @@ def cotrain_loss(
     temperature: float = 1.0,
     sample_weight: Tensor | None = None,
 ):
-    """loss = Σ_s CE_s + weight · J (each a mean_n v_n · (...)_n with sample_weight v), plus the per-branch CE, J, the ensemble and hit counts,
-    as the op's :class:`divco.ops.CotrainLoss`.
+    """loss = Σ_s CE_s + weight · J (each a mean_n v_n · (...)_n with sample_weight v), plus the
+    per-branch CE, J, the ensemble and hit counts, as the op's :class:`divco.ops.CotrainLoss`.
 
     No input checks here (see :mod:`divco.ops.validation`); gradients come from autograd.
     """

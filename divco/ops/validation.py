@@ -155,7 +155,8 @@ def check_sample_weight(sample_weight: object, logits: Tensor) -> Tensor | None:
         bad = ~(torch.isfinite(sample_weight) & (sample_weight >= 0))
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"sample_weight must be finite and >= 0, got sample_weight[{i}] = {float(sample_weight[i])}")
+            value = float(sample_weight[i])
+            raise ValueError(f"sample_weight must be finite and >= 0, got sample_weight[{i}] = {value}")
     return sample_weight
 
 

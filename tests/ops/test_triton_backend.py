@@ -54,7 +54,8 @@ COMPILE_SCRIPT = textwrap.dedent(
         ("bf16", True, False, True, True, False, False, 80),
     ]:
         types = dict(ints, logits_ptr="*" + dtype, target_ptr="*fp32" if soft else "*i64", weight_ptr="*fp32",
-                     sample_weight_ptr="*fp32", ensemble_ptr="*" + dtype, grad_ptr="*fp32" if dtype == "fp16" else "*" + dtype, ce_rows_ptr="*fp32", cot_rows_ptr="*fp32",
+                     sample_weight_ptr="*fp32", ensemble_ptr="*" + dtype,
+                     grad_ptr="*fp32" if dtype == "fp16" else "*" + dtype, ce_rows_ptr="*fp32", cot_rows_ptr="*fp32",
                      hits_ptr="*i32", inv_t="fp32", cot_coef="fp32")
         compile_for(cotrain_loss_kernel, types, dict(SOFT_TARGET=soft, KIND_KL=kl, UNIT_TEMPERATURE=unit,
                     COMPUTE_GRAD=grad, HAS_SAMPLE_WEIGHT=weighted, SINGLE_TILE=single, BLOCK_S=4, BLOCK_K=1024), arch)
@@ -142,8 +143,8 @@ def test_every_launcher_enters_the_device_guard(monkeypatch):
     monkeypatch.setattr(triton_backend, "device_guard", recording_guard)
     device = torch.device("cpu" if triton_backend.KERNELS_INTERPRETED else "cuda")
     logits = torch.randn(2, 3, 4, device=device)
-    torch.ops.divco.cotrain_loss_triton(logits, torch.tensor([0, 1], device=device), torch.tensor(0.5, device=device), None,
-                                        "js", 1.0, False)
+    torch.ops.divco.cotrain_loss_triton(logits, torch.tensor([0, 1], device=device), torch.tensor(0.5, device=device),
+                                        None, "js", 1.0, False)
     torch.ops.divco.ensemble_triton(logits, "max")
     torch.ops.divco.ensemble_backward_triton(torch.randn(2, 4, device=device), logits, "max")
     assert guarded == [logits.device] * 3
