@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 from typing import Optional, Sequence
@@ -71,5 +72,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
 
 
+def entry() -> None:
+    """The ``divco`` command (and ``python -m divco``): :func:`main`, then the process exit.
+
+    A process of a torchrun job (WORLD_SIZE > 1) ends with ``os._exit`` once its output is
+    flushed. DistributedDataParallel keeps the process group alive after
+    destroy_process_group (its gloo/NCCL threads still run), so the interpreter's teardown and
+    the C++ static destructors race those threads: rarely, a finished run aborted there
+    ("terminate called without an active exception", exit -6) and torchrun failed the job
+    after every file was written. Nothing is left to do at that point: every file is closed.
+    """
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

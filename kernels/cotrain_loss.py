@@ -14,7 +14,9 @@ registers for all three steps. The gradient dloss/dlogits is written during the 
 pass (gradient-in-forward): backward only scales it by grad_output.
 
 Per-sample results (CE per branch, J, hits) go to small [N, ...] buffers that the host
-reduces with ordinary (deterministic) torch sums; no atomics.
+reduces with ordinary (deterministic) torch sums; no atomics. With per-sample weights
+(HAS_SAMPLE_WEIGHT) row n's CE and J are stored times v_n and its gradient is scaled by v_n
+in the store; without them nothing is multiplied (the same bits as before weights existed).
 Math (u = z/T, p_s = softmax(u_s), q_s = softmax(z_s), y the target distribution):
   dCE_s/dz_s       = (Σ_k y_k) q_s - y
   "js" dJ/du_s     = (1/S) p_s [ (log p_s - log p̄) - KL(p_s||p̄) ]
@@ -112,7 +114,8 @@ def _write_grad(
     y, y_sum, label, label_valid, ce_scale, cot_scale,
     SOFT_TARGET: tl.constexpr, KIND_KL: tl.constexpr, UNIT_TEMPERATURE: tl.constexpr,
 ):
-    """grad = (1/N) [ dCE/dz + w/T · dJ/du ] for one tile; ce_scale = 1/N, cot_scale = w·c/(N·T).
+    """grad = (v_n/N) [ dCE/dz + w/T · dJ/du ] for one tile; ce_scale = v_n/N, cot_scale = w·c·v_n/(N·T)
+    (v_n = 1 without per-sample weights).
 
     row_term: per branch, KL(p_s || p̄) ("js") or the masked mass m_s ("kl"), whole-row sums.
     Nothing is stored unless ``enabled``."""
@@ -140,6 +143,8 @@ def cotrain_loss_kernel(
     logits_ptr, stride_n, stride_s, stride_k,
     target_ptr, target_stride_n, target_stride_k,
     weight_ptr,
+    sample_weight_ptr,  # [N] float32 per-sample weights v_n (read only when HAS_SAMPLE_WEIGHT)
+    sample_weight_stride,
     ensemble_ptr,  # [N, K] contiguous, logits dtype
     grad_ptr,  # [N, S, K] contiguous, logits dtype (untouched unless COMPUTE_GRAD)
     ce_rows_ptr,  # [N, S] float32: per-sample cross-entropy of each branch
@@ -152,6 +157,7 @@ def cotrain_loss_kernel(
     KIND_KL: tl.constexpr,
     UNIT_TEMPERATURE: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
+    HAS_SAMPLE_WEIGHT: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -167,6 +173,11 @@ def cotrain_loss_kernel(
     inv_n = 1.0 / N
     ce_scale = inv_n
     cot_scale = tl.load(weight_ptr).to(tl.float32) * cot_coef * inv_t * inv_n
+    row_weight = 1.0
+    if HAS_SAMPLE_WEIGHT:  # v_n scales the row's loss terms and its gradient
+        row_weight = tl.load(sample_weight_ptr + n * sample_weight_stride).to(tl.float32)
+        ce_scale = ce_scale * row_weight
+        cot_scale = cot_scale * row_weight
 
     label = tl.zeros((), dtype=tl.int64)
     label_valid = True
@@ -257,8 +268,11 @@ def cotrain_loss_kernel(
         label_ptrs = row_ptr + offs_s.to(tl.int64) * stride_s + label * stride_k
         z_label = tl.load(label_ptrs, mask=s_mask & label_valid, other=0.0).to(tl.float32)
         ce = tl.where(label_valid, (m - z_label) + log_sum_z, float("nan"))
-    tl.store(ce_rows_ptr + n * S + offs_s, ce, mask=s_mask)
     cot_row = cot_coef * tl.sum(tl.where(s_mask, cot_partial, 0.0), axis=0)
+    if HAS_SAMPLE_WEIGHT:
+        ce = ce * row_weight
+        cot_row = cot_row * row_weight
+    tl.store(ce_rows_ptr + n * S + offs_s, ce, mask=s_mask)
     tl.store(cot_rows_ptr + n, cot_row)
 
     # ---- pass 3 (several tiles): the gradient needs KL(p_s || p̄) ("js") or m_s ("kl", rows with

@@ -101,7 +101,8 @@ def plan(quick: bool = False) -> list[Spec]:
     """Every kernel x dtype x constexpr specialisation worth compiling.
 
     - cotrain_loss_kernel: every combination of its five boolean constexprs in float32 at the
-      S=4, K=1000 tile; bfloat16/float16 on each load/store path (hard/soft target, with and
+      S=4, K=1000 tile, and with per-sample weights (HAS_SAMPLE_WEIGHT) every combination of the
+      four that change what is stored (target kind, "js"/"kl", gradient, tiles); bfloat16/float16 on each load/store path (hard/soft target, with and
       without gradient, one tile or several; also with a float32 gradient buffer); the
       heaviest flags ("js", T != 1, gradient) at every distinct tile shape.
     - ensemble kernels (forward, backward): every mode in float32 and a normalised and a plain
@@ -116,12 +117,18 @@ def plan(quick: bool = False) -> list[Spec]:
     flag_names = ("SOFT_TARGET", "KIND_KL", "UNIT_TEMPERATURE", "COMPUTE_GRAD", "SINGLE_TILE")
 
     def cotrain(dtype, flags: dict, block_s, block_k, warps, grad_dtype=None):
-        consts = tuple((n, flags[n]) for n in flag_names) + (("BLOCK_S", block_s), ("BLOCK_K", block_k))
+        flags = dict(flags, HAS_SAMPLE_WEIGHT=flags.get("HAS_SAMPLE_WEIGHT", False))
+        consts = tuple((n, flags[n]) for n in flag_names + ("HAS_SAMPLE_WEIGHT",))
+        consts += (("BLOCK_S", block_s), ("BLOCK_K", block_k))
         pointers = (("grad_ptr", TRITON_DTYPES[grad_dtype]),) if grad_dtype else ()
         specs.append(Spec("cotrain_loss_kernel", dtype, consts, warps, pointers))
 
     for values in itertools.product((False, True), repeat=len(flag_names)):
         cotrain("float32", dict(zip(flag_names, values)), base_s, base_k, base_warps)
+    for soft, kl, grad, single in itertools.product((False, True), repeat=4):  # per-sample weights
+        flags = dict(SOFT_TARGET=soft, KIND_KL=kl, UNIT_TEMPERATURE=False, COMPUTE_GRAD=grad, SINGLE_TILE=single,
+                     HAS_SAMPLE_WEIGHT=True)
+        cotrain("float32", flags, base_s, base_k, base_warps)
     for dtype in ("bfloat16", "float16"):
         # the dtype changes loads and stores only: each path that loads or stores once
         paths = ((False, True, False), (True, True, True), (False, False, True), (True, False, False))
@@ -132,6 +139,9 @@ def plan(quick: bool = False) -> list[Spec]:
         # a float32 gradient buffer for reduced-precision logits (issue 9, item 4)
         cotrain(dtype, dict(SOFT_TARGET=False, KIND_KL=False, UNIT_TEMPERATURE=False, COMPUTE_GRAD=True,
                             SINGLE_TILE=False), base_s, base_k, base_warps, grad_dtype="float32")
+        # per-sample weights: the weight load and the scaled stores in this dtype
+        cotrain(dtype, dict(SOFT_TARGET=True, KIND_KL=True, UNIT_TEMPERATURE=False, COMPUTE_GRAD=True,
+                            SINGLE_TILE=False, HAS_SAMPLE_WEIGHT=True), base_s, base_k, base_warps)
     if not quick:
         for S, K, block_s, block_k, warps in _tile_shapes(tile_shape):
             flags = dict(SOFT_TARGET=False, KIND_KL=False, UNIT_TEMPERATURE=False, COMPUTE_GRAD=True,
@@ -234,7 +244,7 @@ def _pointer_dtype(arg: str, spec: Spec) -> str:
         return logits if consts.get("SOFT_TARGET") else "i64"
     if arg == "hits_ptr":
         return "i32"
-    if arg in ("weight_ptr", "ce_rows_ptr", "cot_rows_ptr"):
+    if arg in ("weight_ptr", "sample_weight_ptr", "ce_rows_ptr", "cot_rows_ptr"):
         return "fp32"
     if spec.kernel.startswith("bn_"):
         return "fp32" if arg in BN_FLOAT32_POINTERS else logits

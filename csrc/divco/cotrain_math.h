@@ -214,6 +214,15 @@ DIVCO_INLINE float kl_grad_element_unmasked(float p, float pbar, float factor) {
 // dCE_s/dz_sk per row (before 1/N): (sum_k y_k) q_k - y_k.
 DIVCO_INLINE float ce_grad_element(float q, float target, float target_sum) { return target_sum * q - target; }
 
+// ---- per-sample weights ----------------------------------------------------------------
+
+// v_n, the weight of row n: scales the row's CE_s and J_n (before the batch mean) and its
+// gradient (inv_rows and cot_scale of loss_grad_element). 1 without weights: multiplying by
+// 1 keeps every bit, so the unweighted results are those of the kernels before weights.
+DIVCO_INLINE float row_weight(const float* sample_weight, int64_t stride, int64_t n) {
+  return sample_weight == nullptr ? 1.0f : sample_weight[n * stride];
+}
+
 // The whole per-element gradient of the loss, as every kernel writes it:
 // (1/N) dCE + w (1/N) (1/T) dJ; `cot_scale` = w / (N T).
 DIVCO_INLINE float loss_grad_element(float ce_grad, float cot_grad, float inv_rows, float cot_scale) {

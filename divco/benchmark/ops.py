@@ -29,22 +29,26 @@ from .measure import median, synchronize, time_cuda, time_interleaved
 
 @dataclass(frozen=True)
 class OpCase:
-    """One problem size: logits [N, S, K] of ``dtype``, class-index targets."""
+    """One problem size: logits [N, S, K] of ``dtype``, class-index targets; ``weighted``:
+    with per-sample weights (sample_weight [N], as CBNN trains)."""
 
     N: int
     S: int
     K: int
     dtype: torch.dtype = torch.float32
     kind: str = "js"
+    weighted: bool = False
 
     @property
     def label(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
-        return f"N{self.N}-S{self.S}-K{self.K}-{dtype}-{self.kind}"
+        return f"N{self.N}-S{self.S}-K{self.K}-{dtype}-{self.kind}" + ("-weighted" if self.weighted else "")
 
 
-#: The sizes of the issue: CIFAR-10/100-like heads, ImageNet-1k, a 32k vocabulary.
-CASES = (OpCase(256, 4, 10), OpCase(256, 4, 100), OpCase(256, 2, 1000), OpCase(64, 2, 32000))
+#: The sizes of the issue: CIFAR-10/100-like heads, ImageNet-1k, a 32k vocabulary; the
+#: CIFAR-100 head again with per-sample weights (their cost, next to the unweighted case).
+CASES = (OpCase(256, 4, 10), OpCase(256, 4, 100), OpCase(256, 4, 100, weighted=True), OpCase(256, 2, 1000),
+         OpCase(64, 2, 32000))
 
 
 def make_inputs(case: OpCase, device: torch.device | str, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -79,9 +83,12 @@ def make_step(
     ``case``); each call leaves dloss/dlogits in ``logits.grad``."""
     logits, target = inputs if inputs is not None else make_inputs(case, device)
     weight_tensor = torch.tensor(weight, device=logits.device)
+    sample_weight = None
+    if case.weighted:  # mean 1, as a boosting method gives them
+        sample_weight = (torch.rand(case.N, generator=torch.Generator().manual_seed(1)) * 2).to(logits.device)
 
     def reference(z: Tensor, y: Tensor, w: Tensor) -> Tensor:
-        return ops.cotrain_loss(z, y, weight=w, kind=case.kind, backend="torch").loss
+        return ops.cotrain_loss(z, y, weight=w, kind=case.kind, sample_weight=sample_weight, backend="torch").loss
 
     if impl == "eager":
         loss_fn = reference
@@ -90,7 +97,7 @@ def make_step(
     else:
 
         def loss_fn(z: Tensor, y: Tensor, w: Tensor) -> Tensor:
-            return ops.cotrain_loss(z, y, weight=w, kind=case.kind, backend=impl).loss
+            return ops.cotrain_loss(z, y, weight=w, kind=case.kind, sample_weight=sample_weight, backend=impl).loss
 
     def step() -> None:
         logits.grad = None
@@ -110,7 +117,8 @@ def run(
 ) -> list[dict]:
     """Time every implementation on every case; one record per (case, implementation).
 
-    Records: op, N, S, K, dtype, kind, device, threads (CPU intra-op threads), impl, median_ms, speedup_vs_eager (eager
+    Records: op, N, S, K, dtype, kind, weighted, device, threads (CPU intra-op threads), impl, median_ms,
+    speedup_vs_eager (eager
     median / this median, both from this run), repeats, times_s (every repeat, seconds).
     ``repeats`` defaults to 30 on CUDA and to a count that keeps each CPU case near a second.
     """
@@ -135,6 +143,7 @@ def run(
                     "K": case.K,
                     "dtype": str(case.dtype).removeprefix("torch."),
                     "kind": case.kind,
+                    "weighted": case.weighted,
                     "device": device.type,
                     "threads": torch.get_num_threads() if device.type == "cpu" else None,
                     "impl": impl,
@@ -164,7 +173,7 @@ def format_table(records: list[dict]) -> str:
     """A plain-text table of ``run``'s records."""
     lines = [f"{'case':<28} {'impl':<10} {'median ms':>10} {'vs eager':>9}"]
     for r in records:
-        case = f"N{r['N']} S{r['S']} K{r['K']} {r['dtype']} {r['kind']}"
+        case = f"N{r['N']} S{r['S']} K{r['K']} {r['dtype']} {r['kind']}" + (" weighted" if r["weighted"] else "")
         speedup = f"{r['speedup_vs_eager']:.2f}x" if r["speedup_vs_eager"] else "-"
         lines.append(f"{case:<28} {r['impl']:<10} {r['median_ms']:>10.3f} {speedup:>9}")
     return "\n".join(lines)

@@ -12,12 +12,16 @@ Operator contract (both backends):
     target       int64 [N] class indices, or floating [N, K] soft targets
     weight       0-dim float32 on the logits' device: the co-training weight, read by the
                  kernel (so a warm-up schedule changes no graph and needs no host sync)
+    sample_weight  None, or float32 [N] on the logits' device: per-sample weights v_n that
+                 scale row n's cross-entropies, co-training term and gradient (not
+                 differentiated)
     kind         "js" | "kl"
     temperature  > 0 (co-training term only; the cross-entropy uses no temperature)
     compute_grad write dloss/dlogits (for grad_output = 1) during the forward pass
   -> loss     0-dim float32        sum_s CE_s + weight * J
-     ce       [S] float32          CE_s, mean over the batch
-     cot      0-dim float32        J, the co-training term (unweighted)
+     ce       [S] float32          CE_s, mean over the batch (of v_n * CE_ns with sample_weight)
+     cot      0-dim float32        J, the co-training term (unweighted by `weight`;
+                                   mean of v_n * J_n with sample_weight)
      ensemble [N, K] logits dtype  mean of the branch logits
      correct  [S+1] int64          top-1 hits per branch, then of the ensemble
      grad     [N, S, K] contiguous, or shape [0] when compute_grad is false; logits dtype
@@ -26,18 +30,26 @@ Operator contract (both backends):
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from . import backends, reference, registration, triton_backend
 from .schema import declare, operator
-from .validation import check_kind, check_logits, check_target, check_temperature, check_weight
+from .validation import (
+    check_kind,
+    check_logits,
+    check_sample_weight,
+    check_target,
+    check_temperature,
+    check_weight,
+)
 
 SCHEMA = declare(
     "cotrain_loss",
-    "(Tensor logits, Tensor target, Tensor weight, str kind, float temperature, bool compute_grad)"
+    "(Tensor logits, Tensor target, Tensor weight, Tensor? sample_weight, str kind, float temperature,"
+    " bool compute_grad)"
     " -> (Tensor loss, Tensor ce, Tensor cot, Tensor ensemble, Tensor correct, Tensor grad)",
 )
 
@@ -46,8 +58,8 @@ class CotrainLoss(NamedTuple):
     """What :func:`cotrain_loss` returns.
 
     loss      differentiable 0-dim: Σ_s CE_s + weight · J
-    ce        [S] detached: each branch's cross-entropy, mean over the batch
-    cot       0-dim detached: the co-training term J (before the weight)
+    ce        [S] detached: each branch's cross-entropy, (sample-weighted) mean over the batch
+    cot       0-dim detached: the co-training term J (before the weight; sample-weighted)
     ensemble  [N, K] detached: mean of the branch logits
     correct   [S+1] int64: top-1 hits of each branch, then of the ensemble
     """
@@ -66,6 +78,7 @@ def cotrain_loss(
     weight: float | Tensor = 0.5,
     kind: str = "js",
     temperature: float = 1.0,
+    sample_weight: Tensor | None = None,
     backend: str | None = None,
 ) -> CotrainLoss:
     """The Divide-and-Co-training objective of S branches, fused into one pass over the logits.
@@ -83,6 +96,15 @@ def cotrain_loss(
     float32 (float64 for float64 logits); ``ce`` [S] and ``cot`` detached; ``ensemble`` [N, K]
     the detached mean of the logits; ``correct`` [S+1] int64 top-1 hits per branch and (last)
     of the ensemble (soft targets count against their argmax).
+
+    ``sample_weight`` (None or a floating tensor [N] on the logits' device, entries finite and
+    >= 0): per-sample weights v_n. Every mean over the batch above becomes mean_n v_n · (...)_n,
+    so ``ce`` and ``cot`` are the weighted terms and row n's gradient is scaled by v_n;
+    ``correct`` and ``ensemble`` do not change. The op does not normalise the weights (give
+    them mean 1 over the data set, as boosting does; within a batch the mean may differ from
+    1). The fused backends compute in float32 and do not differentiate the weights (a
+    sample_weight that requires grad is a ValueError there); backend="torch" does.
+    Entries are checked for CPU tensors only (reading a CUDA tensor would synchronise).
 
     ``weight`` may be a 0-dim tensor on the logits' device: the kernels read it from memory,
     so a warm-up schedule changes neither a compiled graph nor a captured CUDA graph.
@@ -103,14 +125,23 @@ def cotrain_loss(
     weight = check_weight(weight, logits)
     kind = check_kind(kind)
     temperature = check_temperature(temperature)
+    sample_weight = check_sample_weight(sample_weight, logits)
     backend = backends.resolve_backend(backend, logits.device, logits.dtype)
     if backend == "torch":
-        return reference.cotrain_loss(logits, target, weight, kind, temperature)
+        return reference.cotrain_loss(logits, target, weight, kind, temperature, sample_weight)
     if target.is_floating_point() and target.requires_grad and torch.is_grad_enabled():
         raise ValueError(
             f"backend {backend!r} does not differentiate the soft targets, which require grad; "
             "detach them or use backend='torch'"
         )
+    if sample_weight is not None:
+        if sample_weight.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                f"backend {backend!r} does not differentiate sample_weight, which requires grad; "
+                "detach it or use backend='torch'"
+            )
+        if sample_weight.dtype != torch.float32:
+            sample_weight = sample_weight.to(torch.float32)  # what the kernels read
     if isinstance(weight, Tensor):
         # Tensor.to costs microseconds even when it returns self: skip it where it would.
         weight_tensor = weight if weight.dtype == torch.float32 else weight.to(torch.float32)
@@ -119,7 +150,7 @@ def cotrain_loss(
         weight_tensor = torch.full((), weight, dtype=torch.float32, device=logits.device)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     loss, ce, cot, ensemble, correct, _ = operator("cotrain_loss", backend)(
-        logits, target, weight_tensor, kind, temperature, compute_grad
+        logits, target, weight_tensor, sample_weight, kind, temperature, compute_grad
     )
     return CotrainLoss(loss, ce.detach(), cot.detach(), ensemble.detach(), correct)
 
@@ -134,7 +165,15 @@ def stored_grad_dtype(logits_dtype: torch.dtype, suffix: str) -> torch.dtype:
 
 
 def _fake_for(suffix: str):
-    def fake(logits: Tensor, target: Tensor, weight: Tensor, kind: str, temperature: float, compute_grad: bool):
+    def fake(
+        logits: Tensor,
+        target: Tensor,
+        weight: Tensor,
+        sample_weight: Optional[Tensor],
+        kind: str,
+        temperature: float,
+        compute_grad: bool,
+    ):
         N, S, K = logits.shape
         f32 = dict(dtype=torch.float32, device=logits.device)
         return (
@@ -150,7 +189,7 @@ def _fake_for(suffix: str):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    logits, target, weight, kind, temperature, compute_grad = inputs
+    logits, target, weight, sample_weight, kind, temperature, compute_grad = inputs
     loss, ce, cot, ensemble, correct, grad = output
     ctx.compute_grad = compute_grad
     ctx.logits_dtype = logits.dtype
@@ -173,19 +212,40 @@ def _backward_for(suffix: str):
             grad_logits = (grad.to(torch.float32) * grad_loss.to(torch.float32)).to(ctx.logits_dtype)
         if ctx.needs_input_grad[2]:
             grad_weight = grad_loss * cot
-        return grad_logits, None, grad_weight, None, None, None
+        if ctx.needs_input_grad[3]:  # reachable only by calling the operator directly
+            raise RuntimeError(
+                f"divco::cotrain_loss_{suffix} does not differentiate sample_weight; "
+                "use divco.ops.cotrain_loss(..., backend='torch') for its gradient"
+            )
+        return grad_logits, None, grad_weight, None, None, None, None
 
     return backward
 
 
 # -- the Triton launcher -------------------------------------------------------------------
 
+
+def check_sample_weight_operand(sample_weight: Tensor, rows: int, device: torch.device) -> None:
+    """What the kernels read (the operators can be called directly): float32 [N] on the logits' device."""
+    if sample_weight.dtype != torch.float32 or tuple(sample_weight.shape) != (rows,) or sample_weight.device != device:
+        raise ValueError(
+            f"sample_weight must be a float32 tensor of shape [N] = [{rows}] on {device}, got "
+            f"{sample_weight.dtype} of shape {tuple(sample_weight.shape)} on {sample_weight.device}"
+        )
+
+
 if not triton_backend.TRITON_ERROR:
     from ..kernels.cotrain_loss import cotrain_loss_kernel
 
     @triton_backend.define("cotrain_loss")
     def cotrain_loss_triton(
-        logits: Tensor, target: Tensor, weight: Tensor, kind: str, temperature: float, compute_grad: bool
+        logits: Tensor,
+        target: Tensor,
+        weight: Tensor,
+        sample_weight: Optional[Tensor],  # Optional[...]: what infer_schema reads on every torch
+        kind: str,
+        temperature: float,
+        compute_grad: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         triton_backend.check_operands(logits)
         check_kind(kind)
@@ -206,11 +266,16 @@ if not triton_backend.TRITON_ERROR:
         else:
             cot_coef = 1.0 / S
         target_strides = (target.stride(0), target.stride(1)) if soft else (target.stride(0), 0)
+        has_sample_weight = sample_weight is not None
+        if has_sample_weight:
+            check_sample_weight_operand(sample_weight, N, device)
         with triton_backend.device_guard(device), triton_backend.quiet_interpreter():
             triton_backend.wrap_triton(cotrain_loss_kernel)[(N,)](
                 logits, logits.stride(0), logits.stride(1), logits.stride(2),
                 target, target_strides[0], target_strides[1],
                 weight,
+                sample_weight if has_sample_weight else weight,  # an unread stand-in without weights
+                sample_weight.stride(0) if has_sample_weight else 0,
                 ensemble, grad,
                 ce_rows, cot_rows, hits,
                 N, S, K,
@@ -219,6 +284,7 @@ if not triton_backend.TRITON_ERROR:
                 KIND_KL=kind == "kl",
                 UNIT_TEMPERATURE=temperature == 1.0,
                 COMPUTE_GRAD=compute_grad,
+                HAS_SAMPLE_WEIGHT=has_sample_weight,
                 SINGLE_TILE=K <= block_k,
                 BLOCK_S=block_s,
                 BLOCK_K=block_k,

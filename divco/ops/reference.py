@@ -20,6 +20,10 @@ Notation: logits z [N, S, K]; p_s = softmax(z_s / T); p̄ = (1/S) Σ_s p_s; H th
     "kl":  J = 1/(S-1) · mean_n Σ_s Σ_{t≠s} KL( stopgrad(p_nt) || p_ns )   (see pairwise_kl)
     loss = Σ_s CE_s + w · J                                       (S = 1: J = 0)
 
+With per-sample weights v [N] (sample_weight) every mean over the batch becomes
+mean_n v_n · (...)_n (not normalised by Σ v: the caller's weights have mean 1 over the data
+set); v = 0 keeps the literal product, so a NaN/inf row term stays NaN (0 · inf).
+
 Computation happens in float64 for float64 logits and in float32 otherwise.
 """
 
@@ -77,13 +81,21 @@ def mean_over_branches(x: Tensor) -> Tensor:
     return (x / x.shape[1]).sum(1)
 
 
+def batch_mean(per_sample: Tensor, sample_weight: Tensor | None = None) -> Tensor:
+    """mean_n x_n over dim 0, or mean_n v_n · x_n with per-sample weights v [N]."""
+    if sample_weight is None:
+        return per_sample.mean(0)
+    v = sample_weight.to(per_sample.dtype)
+    return (v.reshape((-1,) + (1,) * (per_sample.dim() - 1)) * per_sample).mean(0)
+
+
 def target_labels(target: Tensor) -> Tensor:
     """Class indices [N]: the target itself, or the argmax of soft targets (first max on ties)."""
     return target if not target.is_floating_point() else target.argmax(-1)
 
 
-def cross_entropy_per_branch(logits: Tensor, target: Tensor) -> Tensor:
-    """CE_s = mean_n ( -Σ_k y_nk log softmax(z_ns)_k ) -> [S].
+def cross_entropy_per_branch(logits: Tensor, target: Tensor, sample_weight: Tensor | None = None) -> Tensor:
+    """CE_s = mean_n v_n ( -Σ_k y_nk log softmax(z_ns)_k ) -> [S] (v_n = 1 without sample_weight).
 
     Hard targets pick the target class's log-probability (one-hot y). A class index
     outside [0, K) makes that sample's cross-entropy NaN (and so the loss).
@@ -99,18 +111,19 @@ def cross_entropy_per_branch(logits: Tensor, target: Tensor) -> Tensor:
         per_sample = -log_q.gather(-1, index).squeeze(-1)  # [N, S]
         nan_if_invalid = torch.where(valid, 1.0, math.nan).to(per_sample.dtype)
         per_sample = per_sample * nan_if_invalid[:, None]
-    return per_sample.mean(0)
+    return batch_mean(per_sample, sample_weight)
 
 
-def js_divergence(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """J = mean_n [ H(p̄_n) - (1/S) Σ_s H(p_ns) ] = mean_n (1/S) Σ_s KL(p_ns || p̄_n), p_s = softmax(z_s / T)."""
+def js_divergence(logits: Tensor, temperature: float = 1.0, sample_weight: Tensor | None = None) -> Tensor:
+    """J = mean_n v_n [ H(p̄_n) - (1/S) Σ_s H(p_ns) ] = mean_n v_n (1/S) Σ_s KL(p_ns || p̄_n),
+    p_s = softmax(z_s / T) (v_n = 1 without sample_weight)."""
     log_p = F.log_softmax(logits / temperature, dim=-1)  # [N, S, K]
     log_p_bar = log_mean_probability(log_p)[:, None, :]  # [N, 1, K]
-    return kl_divergence(log_p, log_p_bar.expand_as(log_p)).mean(1).mean()
+    return batch_mean(kl_divergence(log_p, log_p_bar.expand_as(log_p)).mean(1), sample_weight)
 
 
-def pairwise_kl(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """J = 1/(S-1) · mean_n Σ_s Σ_{t≠s} KL( stopgrad(p_nt) || p_ns ); 0 for S = 1.
+def pairwise_kl(logits: Tensor, temperature: float = 1.0, sample_weight: Tensor | None = None) -> Tensor:
+    """J = 1/(S-1) · mean_n v_n Σ_s Σ_{t≠s} KL( stopgrad(p_nt) || p_ns ); 0 for S = 1.
 
     Summed over the teachers t this is S/(S-1) · mean_n Σ_s Σ_k c_sk · log p_sk with
     c_s = stopgrad(p_s - p̄) (the teachers' p_t are constants, so only log p_s is
@@ -127,15 +140,17 @@ def pairwise_kl(logits: Tensor, temperature: float = 1.0) -> Tensor:
         coefficient = p - p.mean(1, keepdim=True)  # c_s = p_s - p̄, the teachers' side
         coefficient = torch.where(log_p == -math.inf, 0.0, coefficient)  # masked: adds 0
     per_sample = weighted_log(coefficient, log_p).sum((1, 2))  # [N]
-    return (per_sample * (S / (S - 1))).mean()
+    return batch_mean(per_sample * (S / (S - 1)), sample_weight)
 
 
-def cotraining_term(logits: Tensor, kind: str = "js", temperature: float = 1.0) -> Tensor:
-    """The co-training term J of the given kind ("js" or "kl")."""
+def cotraining_term(
+    logits: Tensor, kind: str = "js", temperature: float = 1.0, sample_weight: Tensor | None = None
+) -> Tensor:
+    """The co-training term J of the given kind ("js" or "kl"), optionally sample-weighted."""
     if kind == "js":
-        return js_divergence(logits, temperature)
+        return js_divergence(logits, temperature, sample_weight)
     if kind == "kl":
-        return pairwise_kl(logits, temperature)
+        return pairwise_kl(logits, temperature, sample_weight)
     raise ValueError(f"kind must be 'js' or 'kl', got {kind!r}")
 
 
@@ -156,17 +171,18 @@ def cotrain_loss(
     weight: float | Tensor = 0.5,
     kind: str = "js",
     temperature: float = 1.0,
+    sample_weight: Tensor | None = None,
 ):
-    """loss = Σ_s CE_s + weight · J, plus the per-branch CE, J, the ensemble and hit counts,
-    as the op's :class:`divco.ops.CotrainLoss`.
+    """loss = Σ_s CE_s + weight · J (each a mean_n v_n · (...)_n with sample_weight v), plus the
+    per-branch CE, J, the ensemble and hit counts, as the op's :class:`divco.ops.CotrainLoss`.
 
     No input checks here (see :mod:`divco.ops.validation`); gradients come from autograd.
     """
     from .cotrain_loss import CotrainLoss  # the op's result type (the op module imports this one)
 
     z = logits.to(compute_dtype(logits))
-    ce = cross_entropy_per_branch(z, target)
-    cot = cotraining_term(z, kind, temperature)
+    ce = cross_entropy_per_branch(z, target, sample_weight)
+    cot = cotraining_term(z, kind, temperature, sample_weight)
     if isinstance(weight, Tensor):
         weight = weight.to(z.dtype)
     loss = ce.sum() + weight * cot

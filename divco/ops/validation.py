@@ -125,6 +125,41 @@ def check_weight(weight: object, logits: Tensor) -> float | Tensor:
     raise ValueError(f"weight must be a number or a 0-dim tensor, got {type(weight).__name__}")
 
 
+def check_sample_weight(sample_weight: object, logits: Tensor) -> Tensor | None:
+    """None, or per-sample weights: a floating tensor [N] on the logits' device, entries finite
+    and >= 0 (any float dtype; the op casts it). Not normalised: the caller's scale is kept.
+
+    The values are read only for CPU tensors outside torch.compile: a CUDA tensor is not
+    inspected (reading it would synchronise with the host); there a NaN/inf weight gives a
+    NaN/inf loss and a negative one a loss that rewards that sample's errors."""
+    if sample_weight is None:
+        return None
+    N = logits.shape[0]
+    if not isinstance(sample_weight, Tensor):
+        raise ValueError(
+            f"sample_weight must be None or a floating tensor of shape [N] = [{N}], got {type(sample_weight).__name__}"
+        )
+    if not sample_weight.is_floating_point():
+        raise ValueError(f"sample_weight must be a floating-point tensor, got dtype {sample_weight.dtype}")
+    if tuple(sample_weight.shape) != (N,):
+        raise ValueError(
+            f"sample_weight must have shape [N] = [{N}] to match logits {tuple(logits.shape)}, "
+            f"got {tuple(sample_weight.shape)}"
+        )
+    if sample_weight.device != logits.device:
+        raise ValueError(
+            f"sample_weight is on {sample_weight.device} but logits are on {logits.device}; expected the same device "
+            "(the kernels read the weights from device memory)"
+        )
+    if sample_weight.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = ~(torch.isfinite(sample_weight) & (sample_weight >= 0))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            value = float(sample_weight[i])
+            raise ValueError(f"sample_weight must be finite and >= 0, got sample_weight[{i}] = {value}")
+    return sample_weight
+
+
 def check_temperature(temperature: object) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise ValueError(f"temperature must be a positive number, got {type(temperature).__name__}")

@@ -27,6 +27,21 @@ def test_implementations_never_time_the_interpreter():
         assert "triton" not in impls
 
 
+def test_weighted_cases_pass_the_same_weights_to_every_implementation():
+    case = bench_ops.OpCase(5, 2, 6, weighted=True)
+    grads = []
+    for impl in bench_ops.implementations("cpu", compiled=False):
+        logits, target = bench_ops.make_inputs(case, "cpu")
+        bench_ops.make_step(impl, case, "cpu", inputs=(logits, target))()
+        grads.append(logits.grad.clone())
+    unweighted, target = bench_ops.make_inputs(case, "cpu")
+    bench_ops.make_step("eager", bench_ops.OpCase(5, 2, 6), "cpu", inputs=(unweighted, target))()
+    assert not torch.allclose(grads[0], unweighted.grad)  # the weights reach the loss
+    for grad in grads[1:]:
+        torch.testing.assert_close(grad, grads[0])
+    assert case.label.endswith("-weighted")
+
+
 def test_every_step_computes_the_same_gradient():
     case = bench_ops.OpCase(4, 2, 6, kind="kl")
     grads = []

@@ -52,3 +52,24 @@ def test_module_names_with_underscores_are_commands_with_dashes(tmp_path, capsys
         assert done.code == 2
     else:
         raise AssertionError("the module name is not a command")
+
+
+ENTRY_PROBE = """
+import atexit, os, sys
+os.environ["WORLD_SIZE"] = %r
+atexit.register(lambda: print("interpreter teardown ran"))
+sys.argv = ["divco", "models", "--family", "cifar"]
+from divco.cli import entry
+entry()
+"""
+
+
+def test_a_torchrun_process_skips_the_interpreter_teardown():
+    # under torchrun the process group outlives destroy_process_group (DDP holds it) and its threads
+    # race the teardown: a process of a torchrun job ends with os._exit after flushing its output
+    for world_size, teardown in (("2", False), ("1", True)):
+        done = subprocess.run([sys.executable, "-c", ENTRY_PROBE % world_size], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "wide_resnet16_8" in done.stdout  # flushed before the exit
+        assert ("interpreter teardown ran" in done.stdout) is teardown

@@ -51,6 +51,10 @@ def test_plan_covers_every_kernel_dtype_and_flag():
     flag_sets = {tuple(dict(s.constexprs)[f] for f in COTRAIN_FLAGS)
                  for s in specs if s.kernel == "cotrain_loss_kernel" and s.dtype == "float32"}
     assert flag_sets == set(itertools.product((False, True), repeat=len(COTRAIN_FLAGS)))
+    weighted = {tuple(dict(s.constexprs)[f] for f in ("SOFT_TARGET", "KIND_KL", "COMPUTE_GRAD", "SINGLE_TILE"))
+                for s in specs if s.kernel == "cotrain_loss_kernel" and s.dtype == "float32"
+                and dict(s.constexprs)["HAS_SAMPLE_WEIGHT"]}
+    assert weighted == set(itertools.product((False, True), repeat=4))  # per-sample weights on every store path
     from divco.kernels.ensemble import MODE_IDS
 
     for kernel in ("ensemble_kernel", "ensemble_backward_kernel"):

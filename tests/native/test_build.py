@@ -185,7 +185,7 @@ def test_cmake_builds_from_the_same_build_config(tmp_path):
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
         "print(m.build_info()['cpu_kernels'])\n"
         "out = torch.ops.divco.cotrain_loss_native(\n"
-        "    torch.randn(4, 2, 5), torch.arange(4), torch.tensor(0.5), 'js', 1.0, True)\n"
+        "    torch.randn(4, 2, 5), torch.arange(4), torch.tensor(0.5), None, 'js', 1.0, True)\n"
         "assert torch.isfinite(out[0])\n"
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)

@@ -13,7 +13,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 def cotrain(ops, logits, target, weight=0.5, kind="js", temperature=1.0, compute_grad=True):
     w = torch.tensor(float(weight), dtype=torch.float32)
-    return ops.cotrain_loss_native(logits, target, w, kind, temperature, compute_grad)
+    return ops.cotrain_loss_native(logits, target, w, None, kind, temperature, compute_grad)
 
 
 def assert_outputs_equal(a, b):
@@ -229,7 +229,7 @@ BAD_COTRAIN_INPUTS = [
 def test_cotrain_input_errors_name_expected_and_received(ops, logits, target, weight, kind, temperature, message):
     weight = torch.tensor(0.5) if weight is None else weight
     with pytest.raises(ValueError, match=message):
-        ops.cotrain_loss_native(logits, target, weight, kind, temperature, True)
+        ops.cotrain_loss_native(logits, target, weight, None, kind, temperature, True)
 
 
 def test_ensemble_input_errors(ops):

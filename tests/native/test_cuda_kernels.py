@@ -14,7 +14,7 @@ TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 def run(ops, logits, target, weight=0.5, kind="js", temperature=1.0, compute_grad=True):
     w = torch.tensor(float(weight), dtype=torch.float32, device=logits.device)
-    return ops.cotrain_loss_native(logits, target, w, kind, temperature, compute_grad)
+    return ops.cotrain_loss_native(logits, target, w, None, kind, temperature, compute_grad)
 
 
 def assert_matches_cpu(out, expected, dtype):
@@ -90,15 +90,15 @@ def test_captured_in_a_cuda_graph(ops):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        ops.cotrain_loss_native(logits, target, weight, "js", 1.0, True)  # warm-up
+        ops.cotrain_loss_native(logits, target, weight, None, "js", 1.0, True)  # warm-up
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = ops.cotrain_loss_native(logits, target, weight, "js", 1.0, True)
+        captured = ops.cotrain_loss_native(logits, target, weight, None, "js", 1.0, True)
     for value in (0.5, 2.0):
         weight.fill_(value)
         graph.replay()
-        eager = ops.cotrain_loss_native(logits, target, weight, "js", 1.0, True)
+        eager = ops.cotrain_loss_native(logits, target, weight, None, "js", 1.0, True)
         for a, b in zip(captured, eager):
             assert torch.equal(a, b)
 

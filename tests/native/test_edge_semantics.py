@@ -29,7 +29,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 def cotrain(ops, logits, target, weight=0.5, kind="js", temperature=1.0):
     w = torch.tensor(float(weight), dtype=torch.float32)
-    return ops.cotrain_loss_native(logits, target, w, kind, temperature, True)
+    return ops.cotrain_loss_native(logits, target, w, None, kind, temperature, True)
 
 
 def masked_log_softmax(z):

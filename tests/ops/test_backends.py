@@ -76,7 +76,19 @@ def problems(draw, max_rows):
         temperature=draw(st.sampled_from([1.0, 0.5, 2.0, 3.7])),
         weight=draw(st.floats(0.0, 2.0)),
         weight_as_tensor=draw(st.booleans()),
+        sample_weight=draw(st.sampled_from([None, None, "with_zeros", "positive"])),
+        sample_weight_dtype=draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16])),
     )
+
+
+def make_sample_weight(p, g: torch.Generator) -> torch.Tensor | None:
+    """None, or weights in [0, 3) (mean ~1.5, not normalised) with about a quarter exactly 0."""
+    if p.get("sample_weight") is None:
+        return None
+    v = torch.rand(p["N"], generator=g) * 3
+    if p["sample_weight"] == "with_zeros":
+        v = torch.where(torch.rand(p["N"], generator=g) < 0.25, 0.0, v)
+    return v.to(p["sample_weight_dtype"])
 
 
 def build(p, device):
@@ -88,11 +100,13 @@ def build(p, device):
     return logits, target, weight
 
 
-def reference_of(logits, target, weight, kind, temperature):
+def reference_of(logits, target, weight, kind, temperature, sample_weight=None):
     z = logits.detach().cpu().double().requires_grad_()
     target = target.cpu().double() if target.is_floating_point() else target.cpu()
     weight = weight.item() if isinstance(weight, torch.Tensor) else weight
-    out = R.cotrain_loss(z, target, weight, kind, temperature)
+    # the fused kernels read float32 weights: the reference gets the same values, in float64
+    v = None if sample_weight is None else sample_weight.cpu().to(torch.float32).double()
+    out = R.cotrain_loss(z, target, weight, kind, temperature, v)
     (grad,) = torch.autograd.grad(out.loss, z)
     return out, grad, z.detach()
 
@@ -107,8 +121,8 @@ def ambiguous_ensemble_rows(z64: torch.Tensor, dtype: torch.dtype) -> int:
     return int((gap <= 1e-5 * (1 + top2[:, 0].abs())).sum())
 
 
-def assert_matches_reference(out, grad, logits, target, weight, kind, temperature):
-    ref, ref_grad, z64 = reference_of(logits, target, weight, kind, temperature)
+def assert_matches_reference(out, grad, logits, target, weight, kind, temperature, sample_weight=None):
+    ref, ref_grad, z64 = reference_of(logits, target, weight, kind, temperature, sample_weight)
     dtype = logits.dtype
     scalars = dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.loss.detach().cpu().double(), ref.loss.detach(), **scalars)
@@ -127,7 +141,9 @@ def assert_matches_reference(out, grad, logits, target, weight, kind, temperatur
     grad_tol = (2e-5 if dtype == torch.float32 else 4 * eps) + 5e-9 * logits.shape[-1]
     # Each gradient entry is (p - y) / N (+ the co-training part) with p, y in [0, 1], computed in
     # float32: when p ≈ y it cancels, and its absolute error stays a few float32 ulps of 1 / N.
-    cancellation = 8 * EPS[torch.float32] / logits.shape[0]
+    # (Row n is scaled by its sample weight v_n.)
+    largest_weight = 1.0 if sample_weight is None else max(1.0, float(sample_weight.float().max()))
+    cancellation = 8 * EPS[torch.float32] * largest_weight / logits.shape[0]
     torch.testing.assert_close(
         grad.cpu().double(), ref_grad, rtol=grad_tol, atol=grad_tol * float(ref_grad.abs().max()) + cancellation
     )
@@ -143,12 +159,18 @@ def test_cotrain_loss_matches_reference(backend):
     @given(p=problems(MAX_ROWS[backend]))
     def check(p):
         logits, target, weight = build(p, device_for(backend))
+        sample_weight = make_sample_weight(p, torch.Generator().manual_seed(p["seed"] + 1))
+        if sample_weight is not None:
+            sample_weight = sample_weight.to(logits.device)
         out = ops.cotrain_loss(
-            logits, target, weight=weight, kind=p["kind"], temperature=p["temperature"], backend=backend
+            logits, target, weight=weight, kind=p["kind"], temperature=p["temperature"],
+            sample_weight=sample_weight, backend=backend,
         )
         out.loss.backward()
         assert logits.grad.shape == logits.shape
-        assert_matches_reference(out, logits.grad, logits, target, weight, p["kind"], p["temperature"])
+        assert_matches_reference(
+            out, logits.grad, logits, target, weight, p["kind"], p["temperature"], sample_weight
+        )
 
     check()
 
@@ -233,7 +255,7 @@ def test_out_of_range_class_in_the_kernel_gives_nan_loss(backend):
     target = torch.tensor([1, 600000, -3], device=device)
     weight = torch.tensor(0.5, device=device)
     op = schema.operator("cotrain_loss", backend)
-    loss, ce, cot, ensemble, correct, grad = op(logits, target, weight, "js", 1.0, True)
+    loss, ce, cot, ensemble, correct, grad = op(logits, target, weight, None, "js", 1.0, True)
     assert torch.isnan(loss) and torch.isnan(ce).all() and torch.isfinite(cot)
     assert torch.isfinite(grad[0]).all() and torch.isnan(grad[1:]).any()
     assert int(correct.sum()) <= 3  # only the valid row can be right

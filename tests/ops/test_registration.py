@@ -19,11 +19,16 @@ def cotrain_cases(device):
     soft = torch.softmax(torch.randn(3, 9, generator=g), -1).to(device)
     weight = torch.tensor(0.5, device=device)
     strided = torch.randn(3, 9, 3, generator=g).to(device).transpose(1, 2)
+    sample_weight = torch.tensor([2.0, 0.0, 0.75], device=device)
+    strided_sample_weight = torch.rand(6, generator=g).to(device)[::2]
     return [
-        (logits.clone().requires_grad_(), labels, weight, "js", 1.0, True),
-        (logits.clone().requires_grad_(), soft, weight, "kl", 2.0, True),
-        (strided.to(torch.bfloat16).requires_grad_(), labels, weight, "js", 0.5, True),
-        (logits, labels, weight, "js", 1.0, False),
+        (logits.clone().requires_grad_(), labels, weight, None, "js", 1.0, True),
+        (logits.clone().requires_grad_(), soft, weight, None, "kl", 2.0, True),
+        (strided.to(torch.bfloat16).requires_grad_(), labels, weight, None, "js", 0.5, True),
+        (logits, labels, weight, None, "js", 1.0, False),
+        (logits.clone().requires_grad_(), labels, weight, sample_weight, "js", 1.0, True),
+        (logits.clone().requires_grad_(), soft, weight, strided_sample_weight, "kl", 2.0, True),
+        (logits, labels, weight, sample_weight, "kl", 1.0, False),
     ]
 
 
@@ -89,11 +94,11 @@ def test_backward_scales_the_stored_gradient(backend):
     logits = torch.randn(4, 2, 6, device=device, requires_grad=True)
     target = torch.tensor([0, 1, 2, 3], device=device)
     op = schema.operator("cotrain_loss", backend)
-    loss, ce, cot, ensemble, correct, grad = op(logits, target, torch.tensor(0.5, device=device), "js", 1.0, True)
+    loss, ce, cot, ensemble, correct, grad = op(logits, target, torch.tensor(0.5, device=device), None, "js", 1.0, True)
     (3.0 * loss).backward()
     torch.testing.assert_close(logits.grad, 3.0 * grad)
     with pytest.raises(RuntimeError, match="compute_grad=False"):
-        out = op(logits, target, torch.tensor(0.5, device=device), "js", 1.0, False)
+        out = op(logits, target, torch.tensor(0.5, device=device), None, "js", 1.0, False)
         out[0].backward()
 
 

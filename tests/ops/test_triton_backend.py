@@ -45,19 +45,20 @@ COMPILE_SCRIPT = textwrap.dedent(
         triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
 
     ints = dict.fromkeys(["stride_n", "stride_s", "stride_k", "target_stride_n", "target_stride_k",
-                          "N", "S", "K"], "i32")
+                          "sample_weight_stride", "N", "S", "K"], "i32")
     # Together these variants take every constexpr branch of the kernels at least once.
-    for dtype, soft, kl, unit, grad, single, arch in [
-        ("bf16", False, False, True, True, True, 90),
-        ("fp32", True, True, False, True, False, 90),
-        ("fp16", False, False, False, False, False, 90),
-        ("bf16", True, False, True, True, False, 80),
+    for dtype, soft, kl, unit, grad, single, weighted, arch in [
+        ("bf16", False, False, True, True, True, False, 90),
+        ("fp32", True, True, False, True, False, True, 90),
+        ("fp16", False, False, False, False, False, True, 90),
+        ("bf16", True, False, True, True, False, False, 80),
     ]:
         types = dict(ints, logits_ptr="*" + dtype, target_ptr="*fp32" if soft else "*i64", weight_ptr="*fp32",
-                     ensemble_ptr="*" + dtype, grad_ptr="*fp32" if dtype == "fp16" else "*" + dtype, ce_rows_ptr="*fp32", cot_rows_ptr="*fp32",
+                     sample_weight_ptr="*fp32", ensemble_ptr="*" + dtype,
+                     grad_ptr="*fp32" if dtype == "fp16" else "*" + dtype, ce_rows_ptr="*fp32", cot_rows_ptr="*fp32",
                      hits_ptr="*i32", inv_t="fp32", cot_coef="fp32")
         compile_for(cotrain_loss_kernel, types, dict(SOFT_TARGET=soft, KIND_KL=kl, UNIT_TEMPERATURE=unit,
-                    COMPUTE_GRAD=grad, SINGLE_TILE=single, BLOCK_S=4, BLOCK_K=1024), arch)
+                    COMPUTE_GRAD=grad, HAS_SAMPLE_WEIGHT=weighted, SINGLE_TILE=single, BLOCK_S=4, BLOCK_K=1024), arch)
     for kernel, mode, types in [
         (ensemble_kernel, "mean_probs", dict(ints, logits_ptr="*bf16", out_ptr="*bf16")),
         (ensemble_kernel, "max", dict(ints, logits_ptr="*fp32", out_ptr="*fp32")),
@@ -143,7 +144,7 @@ def test_every_launcher_enters_the_device_guard(monkeypatch):
     device = torch.device("cpu" if triton_backend.KERNELS_INTERPRETED else "cuda")
     logits = torch.randn(2, 3, 4, device=device)
     torch.ops.divco.cotrain_loss_triton(logits, torch.tensor([0, 1], device=device), torch.tensor(0.5, device=device),
-                                        "js", 1.0, False)
+                                        None, "js", 1.0, False)
     torch.ops.divco.ensemble_triton(logits, "max")
     torch.ops.divco.ensemble_backward_triton(torch.randn(2, 4, device=device), logits, "max")
     assert guarded == [logits.device] * 3
@@ -175,10 +176,10 @@ def test_the_gradient_has_its_own_buffer_without_compute_grad(monkeypatch):
     logits = torch.randn(2, 3, 4, device=device)
     for compute_grad in (False, True):
         out = torch.ops.divco.cotrain_loss_triton(
-            logits, torch.tensor([0, 1], device=device), torch.tensor(0.5, device=device), "js", 1.0, compute_grad
+            logits, torch.tensor([0, 1], device=device), torch.tensor(0.5, device=device), None, "js", 1.0, compute_grad
         )
         args = launched[-1]
-        ensemble_arg, grad_arg = args[8], args[9]
+        ensemble_arg, grad_arg = args[10], args[11]
         assert grad_arg is not ensemble_arg and grad_arg.data_ptr() != ensemble_arg.data_ptr()
         assert grad_arg.shape == ((2, 3, 4) if compute_grad else (0,)) and out[5].shape == grad_arg.shape
 

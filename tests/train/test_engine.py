@@ -195,7 +195,7 @@ def test_distributed_gloo_two_processes(tmp_path):
                "--crop-padding", "1", "--train-subset", "64", "--test-subset", "32", "--epochs", "2",
                "--batch-size", "16", "--out", str(out), "--device", "cpu", "--no-progress"]
     done = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-2000:]}\nstderr:\n{done.stderr[-4000:]}"
     records = read_metrics(out)
     assert [r["epoch"] for r in records] == [1, 2]  # rank 0 alone writes the log
     assert all(r["train_images"] == 64 for r in records)  # both shards counted

@@ -55,6 +55,10 @@ struct CotrainArgs {
   int64_t target_soft_stride_row;
   int64_t target_soft_stride_class;
   const float* weight;  // 0-dim, on the logits' device: read by the kernel, never by the host
+  // Per-sample weights v_n, float32 [N] (strided) on the logits' device, or nullptr: row n's
+  // cross-entropies, co-training term and gradient are scaled by v_n (math::row_weight).
+  const float* sample_weight;
+  int64_t sample_weight_stride;
   CotrainKind kind;
   float inv_temperature;
   // Per-row partial results, reduced in a fixed order afterwards (deterministic):

@@ -68,7 +68,7 @@ EnsembleMode parse_mode(std::string_view mode, const char* op) {
 }  // namespace
 
 CotrainCall prepare_cotrain(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
-                            std::string_view kind, double temperature, bool compute_grad,
+                            const std::optional<at::Tensor>& sample_weight, std::string_view kind, double temperature, bool compute_grad,
                             c10::DeviceType expected_device) {
   constexpr const char* op = "cotrain_loss_native";
   CotrainCall call{};
@@ -111,6 +111,19 @@ CotrainCall prepare_cotrain(const at::Tensor& logits, const at::Tensor& target, 
                     weight.defined() ? " with shape " + shape_string(weight) : std::string());
   check_same_device(weight, logits, op, "weight");
   a.weight = weight.data_ptr<float>();
+
+  // Per-sample weights: float32 [N], read by the kernels (the values are checked in Python
+  // for CPU tensors; reading a CUDA tensor here would synchronise).
+  if (sample_weight.has_value() && sample_weight->defined()) {
+    const at::Tensor& v = *sample_weight;
+    TORCH_CHECK_VALUE(v.scalar_type() == at::kFloat && v.dim() == 1 && v.size(0) == N, op,
+                      ": sample_weight must be a float32 tensor of shape [N] = [", N, "]; got ", v.scalar_type(),
+                      " with shape ", shape_string(v));
+    check_same_device(v, logits, op, "sample_weight");
+    call.sample_weight = v;
+    a.sample_weight = v.data_ptr<float>();
+    a.sample_weight_stride = v.stride(0);
+  }
 
   const auto f32 = logits.options().dtype(at::kFloat);
   call.loss = at::empty({}, f32);

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <optional>
 #include <string_view>
 
 #include <tuple>
@@ -20,6 +21,7 @@ struct CotrainCall {
   at::Tensor loss, ce, cot, ensemble, correct, grad;  // the op's outputs
   at::Tensor row_ce, row_cot, row_hits;              // per-row partials
   at::Tensor target;                                  // kept alive (float32 copy of soft targets)
+  at::Tensor sample_weight;                           // kept alive (undefined without weights)
 
   CotrainResult outputs() const { return {loss, ce, cot, ensemble, correct, grad}; }
 };
@@ -27,7 +29,7 @@ struct CotrainCall {
 // Validates the inputs (TORCH_CHECK_VALUE: a ValueError in Python that names what was
 // expected and what came) and allocates outputs and partials on the logits' device.
 CotrainCall prepare_cotrain(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
-                            std::string_view kind, double temperature, bool compute_grad,
+                            const std::optional<at::Tensor>& sample_weight, std::string_view kind, double temperature, bool compute_grad,
                             c10::DeviceType expected_device);
 
 struct EnsembleCall {

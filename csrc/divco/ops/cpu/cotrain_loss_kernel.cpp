@@ -6,6 +6,7 @@
 //   2. probabilities         pbar = mean_s p_s (log pbar for js)
 //   3. co-training partials  cross-entropies, J_n, per-branch KL / masked mass
 //   4. gradient write        dloss/dz
+// Per-sample weights v_n (math::row_weight) scale row n's cross-entropies, J_n and gradient.
 // Per-row partials are reduced afterwards in row order, in double, so the result is
 // bit-identical for any thread count.
 #include <ATen/Parallel.h>
@@ -172,18 +173,20 @@ DIVCO_CPU_INLINE void mean_probabilities(const CotrainArgs& a, RowWorkspace& w) 
 // Per-row cross-entropy of each branch and the row's co-training term J_n; keeps the
 // per-branch KL(p_s || pbar) (js) or masked mass (kl) that the gradient needs.
 DIVCO_CPU_INLINE void cross_entropy_partials(const CotrainArgs& a, int64_t n, const RowTarget& target,
-                                             RowWorkspace& w) {
+                                             float row_weight, RowWorkspace& w) {
   const int64_t S = a.logits.branches, K = a.logits.classes;
   float* row_ce = a.row_ce + n * S;
   for (int64_t s = 0; s < S; ++s) {
     const float* z = w.z + s * K;
+    float ce;
     if (!target.soft) {
-      row_ce[s] = target.valid ? w.lse_z[s] - z[target.label] : math::quiet_nan();
+      ce = target.valid ? w.lse_z[s] - z[target.label] : math::quiet_nan();
     } else {
       const float* y = w.y;
       const float y_dot_z = lane_sum(K, [&](int64_t k) { return math::soft_target_term(y[k], z[k]); });
-      row_ce[s] = target.sum * w.lse_z[s] - y_dot_z;
+      ce = target.sum * w.lse_z[s] - y_dot_z;
     }
+    row_ce[s] = ce * row_weight;
   }
 }
 
@@ -266,11 +269,13 @@ DIVCO_CPU_INLINE void write_grad_branch(const GradRow& r, int64_t K, int64_t tar
 }
 
 template <typename scalar_t>
-DIVCO_CPU_INLINE void write_gradient(const CotrainArgs& a, int64_t n, const RowTarget& target, const RowWorkspace& w) {
+DIVCO_CPU_INLINE void write_gradient(const CotrainArgs& a, int64_t n, const RowTarget& target, float row_weight,
+                    const RowWorkspace& w) {
   const int64_t S = a.logits.branches, K = a.logits.classes;
   const float inv_t = a.inv_temperature;
-  const float inv_rows = 1.0f / static_cast<float>(a.logits.rows);
-  const float cot_scale = S > 1 ? a.weight[0] * inv_t * inv_rows : 0.0f;
+  const float inv_batch = 1.0f / static_cast<float>(a.logits.rows);
+  const float inv_rows = inv_batch * row_weight;  // v_n / N
+  const float cot_scale = S > 1 ? a.weight[0] * inv_t * inv_batch * row_weight : 0.0f;
   const float kl_factor = S > 1 ? static_cast<float>(S) / static_cast<float>(S - 1) : 0.0f;
   const CotGrad kind = S == 1 ? CotGrad::kNone
                               : (a.kind == CotrainKind::kJensenShannon ? CotGrad::kJensenShannon : CotGrad::kPairwiseKL);
@@ -311,15 +316,16 @@ DIVCO_CPU_INLINE void write_gradient(const CotrainArgs& a, int64_t n, const RowT
 template <typename scalar_t>
 DIVCO_CPU_INLINE void cotrain_row(const CotrainArgs& a, int64_t n, RowWorkspace& w) {
   const RowTarget target = load_target(a, n, a.logits.classes, w.y);
+  const float row_weight = math::row_weight(a.sample_weight, a.sample_weight_stride, n);
   softmax_statistics<scalar_t>(a, n, target, w);
-  cross_entropy_partials(a, n, target, w);
+  cross_entropy_partials(a, n, target, row_weight, w);
   float cot = 0.0f;
   if (a.logits.branches > 1) {
     mean_probabilities(a, w);
     cot = cotrain_partials(a, w);
   }
-  a.row_cot[n] = cot;
-  if (a.grad != nullptr) write_gradient<scalar_t>(a, n, target, w);
+  a.row_cot[n] = cot * row_weight;
+  if (a.grad != nullptr) write_gradient<scalar_t>(a, n, target, row_weight, w);
 }
 
 template <typename scalar_t>
@@ -366,8 +372,9 @@ void run_cotrain_loss(const CotrainArgs& a) {
 }  // namespace cpu
 
 CotrainResult cotrain_loss_cpu(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
-                               std::string_view kind, double temperature, bool compute_grad) {
-  CotrainCall call = prepare_cotrain(logits, target, weight, kind, temperature, compute_grad, c10::DeviceType::CPU);
+                               const std::optional<at::Tensor>& sample_weight, std::string_view kind,
+                               double temperature, bool compute_grad) {
+  CotrainCall call = prepare_cotrain(logits, target, weight, sample_weight, kind, temperature, compute_grad, c10::DeviceType::CPU);
   cpu::run_cotrain_loss(call.args);
   return call.outputs();
 }

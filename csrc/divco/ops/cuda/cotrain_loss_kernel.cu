@@ -8,6 +8,7 @@
 //   4. gradient write         dloss/dlogits (only when the gradient is wanted)
 // Per-row partials go to global buffers that a second one-block kernel reduces in a fixed
 // order, so results are deterministic. No host synchronisation: the weight is read here.
+// Per-sample weights v_n (math::row_weight) scale row n's cross-entropies, J_n and gradient.
 // The per-element formulas are those of ../../cotrain_math.h, shared with the CPU kernel.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -194,8 +195,8 @@ __device__ __forceinline__ RowTarget row_target(const CotrainArgs& a, int64_t n,
 // ---- stage 1 (row): every branch's softmax statistics into st; cross-entropy and hits -----
 template <typename scalar_t, int kBranches>
 __device__ __forceinline__ void softmax_statistics_stage(const CotrainArgs& a, int64_t n, int64_t row, int S, int K,
-                                                         RowTarget& target, RowStats<kBranches>& st,
-                                                         BranchPartial* scratch) {
+                                                         RowTarget& target, float row_weight,
+                                                         RowStats<kBranches>& st, BranchPartial* scratch) {
   const LogitsView& v = a.logits;
   const float inv_t = a.inv_temperature;
   for (int s = 0; s < S; ++s) {
@@ -218,7 +219,7 @@ __device__ __forceinline__ void softmax_statistics_stage(const CotrainArgs& a, i
       } else {
         ce = target.valid ? lse_z - load<scalar_t>(v.data, branch + target.index * v.stride_class) : m::quiet_nan();
       }
-      a.row_ce[n * S + s] = ce;
+      a.row_ce[n * S + s] = ce * row_weight;
       a.row_hits[n * (S + 1) + s] = first_index_if_empty(total.best_index, K) == target.label ? 1 : 0;
     }
   }
@@ -270,14 +271,16 @@ __device__ __forceinline__ ArgMax cotrain_partials_stage(const CotrainArgs& a, i
 // ---- stage 4 (row): gradient (1/N) dCE + w/(N T) dJ, written contiguous [N, S, K] ---------
 template <typename scalar_t, int kBranches>
 __device__ __forceinline__ void gradient_stage(const CotrainArgs& a, int64_t n, int64_t row, int S, int K,
-                                               const RowTarget& target, const RowStats<kBranches>& st, bool js) {
+                                               const RowTarget& target, float row_weight,
+                                               const RowStats<kBranches>& st, bool js) {
   const LogitsView& v = a.logits;
   const float inv_t = a.inv_temperature;
   const float inv_branches = 1.0f / static_cast<float>(S);
   const float log_branches = m::log_f32(static_cast<float>(S));
   const float kl_factor = S > 1 ? static_cast<float>(S) / static_cast<float>(S - 1) : 0.0f;
-  const float inv_rows = 1.0f / static_cast<float>(v.rows);
-  const float cot_scale = S > 1 ? a.weight[0] * inv_t * inv_rows : 0.0f;
+  const float inv_batch = 1.0f / static_cast<float>(v.rows);
+  const float inv_rows = inv_batch * row_weight;  // v_n / N
+  const float cot_scale = S > 1 ? a.weight[0] * inv_t * inv_batch * row_weight : 0.0f;
   for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
     float z[kBranches], p[kBranches];
     const float psum = class_probabilities<scalar_t, kBranches>(a, row, k, S, st, z, p);
@@ -318,7 +321,8 @@ __global__ void __launch_bounds__(max_threads_for_branches(kBranches)) cotrain_r
   __shared__ RowStats<kBranches> st;
 
   RowTarget target = row_target(a, n, K);
-  softmax_statistics_stage<scalar_t, kBranches>(a, n, row, S, K, target, st, partial_scratch);
+  const float row_weight = m::row_weight(a.sample_weight, a.sample_weight_stride, n);
+  softmax_statistics_stage<scalar_t, kBranches>(a, n, row, S, K, target, row_weight, st, partial_scratch);
   __syncthreads();  // st visible to every thread
 
   float branch_acc[kBranches];
@@ -345,12 +349,12 @@ __global__ void __launch_bounds__(max_threads_for_branches(kBranches)) cotrain_r
     cot = js ? kl_sum * inv_branches : block_sum(kl_value, float_scratch) * kl_factor;
   }
   if (threadIdx.x == 0) {
-    a.row_cot[n] = cot;
+    a.row_cot[n] = cot * row_weight;
     a.row_hits[n * (S + 1) + S] = first_index_if_empty(ens_total.index, K) == target.label ? 1 : 0;
   }
   if (a.grad == nullptr) return;
   __syncthreads();  // st.branch_cot visible
-  gradient_stage<scalar_t, kBranches>(a, n, row, S, K, target, st, js);
+  gradient_stage<scalar_t, kBranches>(a, n, row, S, K, target, row_weight, st, js);
 }
 
 // Reduces the per-row partials in a fixed order (one block; double accumulation).

@@ -32,8 +32,9 @@ void check_ensemble_branches(const LogitsView& v, EnsembleMode mode, const char*
 }  // namespace
 
 CotrainResult cotrain_loss_cuda(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
-                                std::string_view kind, double temperature, bool compute_grad) {
-  CotrainCall call = prepare_cotrain(logits, target, weight, kind, temperature, compute_grad, c10::DeviceType::CUDA);
+                                const std::optional<at::Tensor>& sample_weight, std::string_view kind,
+                                double temperature, bool compute_grad) {
+  CotrainCall call = prepare_cotrain(logits, target, weight, sample_weight, kind, temperature, compute_grad, c10::DeviceType::CUDA);
   check_cuda_limits(call.args.logits, "cotrain_loss_native");
   TORCH_CHECK_VALUE(call.args.logits.branches <= cuda::kMaxBranches,
                     "cotrain_loss_native: the CUDA kernel takes at most ", cuda::kMaxBranches,
