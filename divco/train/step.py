@@ -182,14 +182,13 @@ class TrainStep:
         return self.loss(logits, targets, sample_weight)
 
     def loss(self, logits: Tensor, targets: Tensor, sample_weight: Optional[Tensor] = None) -> ops.CotrainLoss:
-        """The co-training loss of a batch; ``sample_weight`` [B] weighs each image's loss terms (CBNN).
+        """The co-training loss of a batch; ``sample_weight`` [B] (CBNN) weighs each image's loss terms:
+        each becomes mean_n w_n loss_n (the weights have mean 1 over the training set).
 
         The one place where the per-sample weights enter the loss.
         """
-        if sample_weight is None:
-            return ops.cotrain_loss(logits, targets, weight=self.cot_weight, kind=self.cot_kind,
-                                    temperature=self.temperature, backend=self.backend)
-        return sample_weighted_cross_entropy(logits, targets, sample_weight)
+        return ops.cotrain_loss(logits, targets, weight=self.cot_weight, kind=self.cot_kind,
+                                temperature=self.temperature, sample_weight=sample_weight, backend=self.backend)
 
     def independent_loss(self, logits: Tensor, targets: Tensor) -> ops.CotrainLoss:
         """Σ_s CE_s of logits ``[B, S, K]`` against per-branch targets ``[B, S]`` / ``[B, S, K]``.
@@ -260,30 +259,6 @@ class TrainStep:
             for now, then in restore:
                 now.copy_(torch.where(bad, then, now))
         return bad
-
-
-def sample_weighted_cross_entropy(logits: Tensor, targets: Tensor, sample_weight: Tensor) -> ops.CotrainLoss:
-    """The loss of one branch (S = 1, no co-training term) with per-sample weights: mean_n w_n CE_n.
-
-    What ``divco.ops.cotrain_loss(..., sample_weight=)`` computes for S = 1, in PyTorch, until that
-    op argument lands (issue 13 item 1); the fields are those of the op (``ce`` weighted,
-    ``correct`` unweighted hits).
-    """
-    N, S, K = logits.shape
-    if S != 1:
-        raise ValueError(f"sample-weighted training takes one branch (logits [N, 1, K]), got {tuple(logits.shape)}")
-    if sample_weight.shape != (N,):
-        raise ValueError(f"sample_weight must have shape [{N}] (one weight per image), got "
-                         f"{tuple(sample_weight.shape)}")
-    log_probs = torch.log_softmax(logits[:, 0].float(), dim=-1)
-    if targets.is_floating_point():  # soft targets [N, K] (mixup, label smoothing)
-        ce_rows, labels = -(targets.float() * log_probs).sum(-1), targets.argmax(-1)
-    else:
-        ce_rows, labels = -log_probs.gather(1, targets[:, None]).squeeze(1), targets
-    ce = (sample_weight.to(ce_rows.dtype) * ce_rows).mean()
-    hits = (logits[:, 0].detach().argmax(-1) == labels).sum()
-    return ops.CotrainLoss(loss=ce, ce=ce.detach().reshape(1), cot=torch.zeros((), device=logits.device),
-                           ensemble=logits.detach().mean(1), correct=torch.stack([hits, hits]))
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
