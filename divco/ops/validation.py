@@ -170,7 +170,7 @@ def check_ensemble_weights(weights: object, logits: Tensor, mode: str) -> Tensor
     values = list(weights)
     if len(values) != S:
         raise ValueError(
-            f"weights must have one entry per branch, [S] = [{S}] for logits {tuple(logits.shape)}, "
+            f"weights must have one entry per branch, shape [{S}] for logits {tuple(logits.shape)}, "
             f"got {len(values)} entries"
         )
     if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values):
@@ -205,7 +205,7 @@ def check_weights_tensor(weights: Tensor, logits: Tensor, mode: str) -> None:
         raise ValueError(f"weights must be a floating-point tensor [S] = [{S}], got dtype {weights.dtype}")
     if tuple(weights.shape) != (S,):
         raise ValueError(
-            f"weights must have one entry per branch, shape [S] = [{S}] for logits {tuple(logits.shape)}, "
+            f"weights must have one entry per branch, shape [{S}] for logits {tuple(logits.shape)}, "
             f"got {tuple(weights.shape)}"
         )
     if weights.device != logits.device:
