@@ -239,25 +239,17 @@ DIVCO_INLINE float softmax_backward_element(float p, float g, float g_dot_p, flo
 }
 
 // ---- weighted ensembles ---------------------------------------------------------------
-// Per-branch weights w [S] (float32, >= 0, positive sum) are normalised as w_s / total with
-// total = weight_total(w, S), summed in branch order in float: the same bits on CPU and GPU.
+// Per-branch weights w [S] arrive normalised (op_common.cpp: w / w.sum(), on the device).
 // A branch of weight 0 takes no part: it adds exactly 0 (also where its logits are +-inf or
 // NaN, where 0 * x would be NaN) and gets gradient 0.
-DIVCO_INLINE float weight_total(const float* w, int64_t S) {
-  float total = 0.0f;
-  for (int64_t s = 0; s < S; ++s) total += w[s];
-  return total;
-}
-
 // w * x, exactly 0 where w == 0 (whatever x is).
 DIVCO_INLINE float weighted_term(float w, float x) { return w == 0.0f ? 0.0f : w * x; }
 
-// The weighted mean of logits, accumulated in double like mean_logit_add (no overflow when
-// the mean fits in float32), rounded once with weighted_logit_finish.
-DIVCO_INLINE double weighted_logit_add(double sum, float w, float z) {
-  return w == 0.0f ? sum : sum + static_cast<double>(w) * static_cast<double>(z);
-}
-DIVCO_INLINE float weighted_logit_finish(double sum) { return static_cast<float>(sum); }
+// One term of the weighted mean of logits Σ_s w_s z_s, accumulated in float: with weights
+// summing to 1 no partial sum exceeds max_s |z_s|, so it cannot overflow (the unweighted mean
+// needs its double accumulator because it sums before it divides; a double here made the CUDA
+// geo_mean backward spill registers).
+DIVCO_INLINE float weighted_logit_add(float sum, float w, float z) { return w == 0.0f ? sum : sum + w * z; }
 
 // One term y_k · z_k of a soft target's dot product, with 0 · (-inf) := 0: a class the
 // target gives no mass adds nothing, even where its logit is masked (-inf).

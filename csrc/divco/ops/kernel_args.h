@@ -78,7 +78,7 @@ struct CotrainArgs {
 struct EnsembleArgs {
   LogitsView logits;
   EnsembleMode mode;
-  // Per-branch weights [S] float32 (contiguous), normalised by the kernels (math::weight_total);
+  // Per-branch weights [S] float32 (contiguous), normalised to sum 1 (prepare_ensemble);
   // nullptr: equal weights, the unweighted formulas.
   const float* weights;
   void* out;  // [N, K] contiguous, logits dtype

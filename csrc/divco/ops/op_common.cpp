@@ -66,8 +66,8 @@ EnsembleMode parse_mode(std::string_view mode, const char* op) {
 }
 
 // Per-branch ensemble weights: float32 [S] on the logits' device, for a mode that takes them.
-// Only metadata is checked (the values stay on the device: no host synchronisation); a
-// non-contiguous tensor is copied. Returns the tensor to keep alive (undefined: no weights).
+// Only metadata is checked (the values stay on the device: no host synchronisation). Returns
+// the weights normalised to sum 1, to keep alive for the kernels (undefined: no weights).
 at::Tensor check_ensemble_weights(const std::optional<at::Tensor>& weights, const at::Tensor& logits,
                                   EnsembleMode mode, const char* op) {
   if (!weights.has_value() || !weights->defined()) return at::Tensor();
@@ -78,7 +78,10 @@ at::Tensor check_ensemble_weights(const std::optional<at::Tensor>& weights, cons
   TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == logits.size(1), op, ": weights must have shape [S] = [",
                     logits.size(1), "] for logits of shape ", shape_string(logits), "; got ", shape_string(w));
   check_same_device(w, logits, op, "weights");
-  return w.contiguous();
+  // Normalised here, on the device (two small ATen ops, no host synchronisation): the kernels
+  // then hold no per-row total, which cost the CUDA backward kernel register spills.
+  const at::Tensor contiguous = w.contiguous();
+  return contiguous.div(contiguous.sum());
 }
 
 }  // namespace

@@ -41,22 +41,18 @@ struct EnsembleWorkspace {
     scratch = z + S * K;
     out = scratch + K;
     if (weights != nullptr) {
-      const float total = math::weight_total(weights, S);
-      weight.resize(static_cast<size_t>(S));
-      for (int64_t s = 0; s < S; ++s) weight[s] = weights[s] / total;
+      weight.assign(weights, weights + S);  // normalised by prepare_ensemble
     }
   }
   bool weighted() const { return !weight.empty(); }
 };
 
-// Σ_s w_s z_s over branches (double accumulator; a branch of weight 0 adds nothing).
-DIVCO_CPU_INLINE void weighted_mean_over_branches(const float* z, const float* w, int64_t S, int64_t K, double* sum,
-                                                  float* out) {
-  for (int64_t k = 0; k < K; ++k) sum[k] = 0.0;
+// Σ_s w_s z_s over branches into out (math::weighted_logit_add; a branch of weight 0 adds nothing).
+DIVCO_CPU_INLINE void weighted_mean_over_branches(const float* z, const float* w, int64_t S, int64_t K, float* out) {
+  for (int64_t k = 0; k < K; ++k) out[k] = 0.0f;
   for (int64_t s = 0; s < S; ++s) {
-    for (int64_t k = 0; k < K; ++k) sum[k] = math::weighted_logit_add(sum[k], w[s], z[s * K + k]);
+    for (int64_t k = 0; k < K; ++k) out[k] = math::weighted_logit_add(out[k], w[s], z[s * K + k]);
   }
-  for (int64_t k = 0; k < K; ++k) out[k] = math::weighted_logit_finish(sum[k]);
 }
 
 // The top-1 class of one branch's logits x[0..K) (torch.argmax: NaN first, then the first max).
@@ -112,7 +108,7 @@ DIVCO_CPU_INLINE void load_branches(const LogitsView& v, int64_t n, float* z) {
 // The (weighted) mean of the logits over branches into out.
 DIVCO_CPU_INLINE void branch_mean(const EnsembleWorkspace& w, int64_t S, int64_t K, double* sum, float* out) {
   if (w.weighted()) {
-    weighted_mean_over_branches(w.z, w.weight.data(), S, K, sum, out);
+    weighted_mean_over_branches(w.z, w.weight.data(), S, K, out);
   } else {
     mean_over_branches(w.z, S, K, sum, out);
   }

@@ -2,7 +2,7 @@
 // row, online softmax over K (block reductions), fp32 arithmetic, up to
 // kMaxEnsembleBranches branches (mean_probs / max_probs keep two floats per branch in
 // shared memory, vote one int; the other modes take any S). Per-branch weights (optional)
-// are normalised by every thread alike (math::weight_total: S broadcast loads).
+// arrive normalised (prepare_ensemble); each thread reads them (S broadcast loads).
 // Formulas from ../../cotrain_math.h, shared with the CPU kernels.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -46,24 +46,23 @@ __device__ __forceinline__ float mean_logit(const LogitsView& v, int64_t row, in
   return m::mean_logit_finish(sum, v.inv_branches);
 }
 
-// Σ_s w_s z_s for class k (normalised weights w_s = weights[s] / total; double accumulator,
-// see math::weighted_logit_add).
+// Σ_s w_s z_s for class k (normalised weights; see math::weighted_logit_add).
 template <typename scalar_t>
-__device__ __forceinline__ float weighted_mean_logit(const LogitsView& v, int64_t row, int64_t k, const float* weights,
-                                                     float total) {
-  double sum = 0.0;
+__device__ __forceinline__ float weighted_mean_logit(const LogitsView& v, int64_t row, int64_t k,
+                                                     const float* weights) {
+  float sum = 0.0f;
   for (int s = 0; s < static_cast<int>(v.branches); ++s) {
     const float z = load<scalar_t>(v.data, row + s * v.stride_branch + k * v.stride_class);
-    sum = m::weighted_logit_add(sum, weights[s] / total, z);
+    sum = m::weighted_logit_add(sum, weights[s], z);
   }
-  return m::weighted_logit_finish(sum);
+  return sum;
 }
 
 // The (weighted) mean logit of class k: weights == nullptr is the unweighted mean.
 template <typename scalar_t>
-__device__ __forceinline__ float branch_mean_logit(const LogitsView& v, int64_t row, int64_t k, const float* weights,
-                                                   float total) {
-  return weights != nullptr ? weighted_mean_logit<scalar_t>(v, row, k, weights, total) : mean_logit<scalar_t>(v, row, k);
+__device__ __forceinline__ float branch_mean_logit(const LogitsView& v, int64_t row, int64_t k,
+                                                   const float* weights) {
+  return weights != nullptr ? weighted_mean_logit<scalar_t>(v, row, k, weights) : mean_logit<scalar_t>(v, row, k);
 }
 
 // A branch's top-1 candidate: the value and class index (torch.argmax: NaN first, then the
@@ -146,11 +145,11 @@ __device__ void all_branch_stats(const LogitsView& v, int64_t row, float* s_max,
 
 // Softmax statistics of the mean logits of the row.
 template <typename scalar_t>
-__device__ m::SoftmaxStats mean_logit_stats(const LogitsView& v, int64_t row, const float* weights, float total,
+__device__ m::SoftmaxStats mean_logit_stats(const LogitsView& v, int64_t row, const float* weights,
                                             m::SoftmaxStats* scratch) {
   m::SoftmaxStats stats = m::softmax_stats_empty();
   for (int64_t k = threadIdx.x; k < v.classes; k += blockDim.x) {
-    stats = m::softmax_stats_add(stats, branch_mean_logit<scalar_t>(v, row, k, weights, total), 1.0f);
+    stats = m::softmax_stats_add(stats, branch_mean_logit<scalar_t>(v, row, k, weights), 1.0f);
   }
   return block_allreduce(stats, ShuffleStats{}, MergeStats{}, scratch);
 }
@@ -169,11 +168,11 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) ensemble_kernel(const Ens
   const int64_t row = n * v.stride_row;
   const int64_t out_row = n * K;
   const float* weights = a.weights;
-  const float total = weights != nullptr ? m::weight_total(weights, S) : 1.0f;
+  const float inv_branches = 1.0f / static_cast<float>(S);
   switch (a.mode) {
     case EnsembleMode::kMeanLogits:
       for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-        store<scalar_t>(a.out, out_row + k, branch_mean_logit<scalar_t>(v, row, k, weights, total));
+        store<scalar_t>(a.out, out_row + k, branch_mean_logit<scalar_t>(v, row, k, weights));
       }
       break;
     case EnsembleMode::kVote: {
@@ -186,9 +185,9 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) ensemble_kernel(const Ens
       for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
         float share = 0.0f;  // weighted: Σ_s w_s [top1_s = k]; else the count of votes, / S below
         for (int s = 0; s < S; ++s) {
-          if (top1[s] == k) share += weights != nullptr ? weights[s] / total : 1.0f;
+          if (top1[s] == k) share += weights != nullptr ? weights[s] : 1.0f;
         }
-        store<scalar_t>(a.out, out_row + k, weights != nullptr ? share : share / static_cast<float>(S));
+        store<scalar_t>(a.out, out_row + k, weights != nullptr ? share : share * inv_branches);
       }
       break;
     }
@@ -210,7 +209,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) ensemble_kernel(const Ens
         float acc = mean ? 0.0f : branch_probability<scalar_t>(v, row, 0, k, s_max, s_inv_sum);
         for (int s = mean ? 0 : 1; s < S; ++s) {
           if (weighted) {
-            const float w = weights[s] / total;
+            const float w = weights[s];
             if (w != 0.0f) acc += w * branch_probability<scalar_t>(v, row, s, k, s_max, s_inv_sum);
             continue;
           }
@@ -223,10 +222,10 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) ensemble_kernel(const Ens
     }
     case EnsembleMode::kGeoMean: {
       // softmax(Σ_s w_s log_softmax(z_s)) = softmax(Σ_s w_s z_s).
-      const m::SoftmaxStats stats = mean_logit_stats<scalar_t>(v, row, weights, total, stats_scratch);
+      const m::SoftmaxStats stats = mean_logit_stats<scalar_t>(v, row, weights, stats_scratch);
       const float inv_sum = 1.0f / stats.sum;
       for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-        const float mean = branch_mean_logit<scalar_t>(v, row, k, weights, total);
+        const float mean = branch_mean_logit<scalar_t>(v, row, k, weights);
         store<scalar_t>(a.out, out_row + k, m::exp_f32(mean - stats.max) * inv_sum);
       }
       break;
@@ -235,7 +234,9 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) ensemble_kernel(const Ens
 }
 
 // Dynamic shared memory: 2 * S floats (per-branch max and 1/sum) for max_probs.
-template <typename scalar_t>
+// kWeighted: compiled apart, so that the unweighted kernel keeps its registers (the weights
+// pointer, live through the mean_probs loop, made ptxas spill in a single kernel).
+template <typename scalar_t, bool kWeighted>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock) ensemble_backward_kernel(const EnsembleBackwardArgs a) {
   extern __shared__ float branch_stats_smem[];
   __shared__ m::SoftmaxStats stats_scratch[32];
@@ -247,22 +248,22 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) ensemble_backward_kernel(
   const int64_t row = n * v.stride_row;
   const int64_t g_row = n * a.grad_out_stride_row;
   const float inv_branches = 1.0f / static_cast<float>(S);
-  const float* weights = a.weights;
-  const float total = weights != nullptr ? m::weight_total(weights, S) : 1.0f;
+  const float* weights = kWeighted ? a.weights : nullptr;
   auto grad_out = [&](int64_t k) { return load<scalar_t>(a.grad_out, g_row + k * a.grad_out_stride_class); };
   auto out_offset = [&](int s, int64_t k) { return (n * S + s) * static_cast<int64_t>(K) + k; };
   switch (a.mode) {
-    case EnsembleMode::kMeanLogits:
-      for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+    case EnsembleMode::kMeanLogits: {
+          for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
         if (weights != nullptr) {
           const float g = grad_out(k);
-          for (int s = 0; s < S; ++s) store<scalar_t>(a.grad_logits, out_offset(s, k), m::weighted_term(weights[s] / total, g));
+          for (int s = 0; s < S; ++s) store<scalar_t>(a.grad_logits, out_offset(s, k), m::weighted_term(weights[s], g));
           continue;
         }
         const float g = grad_out(k) / static_cast<float>(S);
         for (int s = 0; s < S; ++s) store<scalar_t>(a.grad_logits, out_offset(s, k), g);
       }
       break;
+    }
     case EnsembleMode::kVote:  // piecewise constant
       for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
         for (int s = 0; s < S; ++s) store<scalar_t>(a.grad_logits, out_offset(s, k), 0.0f);
@@ -296,13 +297,9 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) ensemble_backward_kernel(
       }
       break;
     }
-    case EnsembleMode::kMeanProbs:
-      for (int s = 0; s < S; ++s) {
-        const float factor = weights != nullptr ? weights[s] / total : inv_branches;
-        if (factor == 0.0f) {  // weight 0: no part, no gradient (its logits may be NaN)
-          for (int64_t k = threadIdx.x; k < K; k += blockDim.x) store<scalar_t>(a.grad_logits, out_offset(s, k), 0.0f);
-          continue;
-        }
+    case EnsembleMode::kMeanProbs: {
+          for (int s = 0; s < S; ++s) {
+        // weight 0: no part, no gradient (its logits may be NaN): weighted_term below
         const int64_t branch = row + s * v.stride_branch;
         const m::SoftmaxStats stats = branch_stats<scalar_t>(v, branch, stats_scratch);
         const float inv_sum = 1.0f / stats.sum;
@@ -311,25 +308,28 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) ensemble_backward_kernel(
           dot += grad_out(k) * (m::exp_f32(load<scalar_t>(v.data, branch + k * v.stride_class) - stats.max) * inv_sum);
         }
         dot = block_sum(dot, float_scratch);
+        const float factor = weights != nullptr ? weights[s] : inv_branches;
         for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
           const float p = m::exp_f32(load<scalar_t>(v.data, branch + k * v.stride_class) - stats.max) * inv_sum;
-          store<scalar_t>(a.grad_logits, out_offset(s, k), m::softmax_backward_element(p, grad_out(k), dot, factor));
+          const float grad = factor == 0.0f ? 0.0f : m::softmax_backward_element(p, grad_out(k), dot, factor);
+          store<scalar_t>(a.grad_logits, out_offset(s, k), grad);
         }
       }
       break;
+    }
     case EnsembleMode::kGeoMean: {
-      const m::SoftmaxStats stats = mean_logit_stats<scalar_t>(v, row, weights, total, stats_scratch);
+      const m::SoftmaxStats stats = mean_logit_stats<scalar_t>(v, row, weights, stats_scratch);
       const float inv_sum = 1.0f / stats.sum;
       float dot = 0.0f;
       for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-        dot += grad_out(k) * (m::exp_f32(branch_mean_logit<scalar_t>(v, row, k, weights, total) - stats.max) * inv_sum);
+        dot += grad_out(k) * (m::exp_f32(branch_mean_logit<scalar_t>(v, row, k, weights) - stats.max) * inv_sum);
       }
       dot = block_sum(dot, float_scratch);
       for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-        const float e = m::exp_f32(branch_mean_logit<scalar_t>(v, row, k, weights, total) - stats.max) * inv_sum;
+        const float e = m::exp_f32(branch_mean_logit<scalar_t>(v, row, k, weights) - stats.max) * inv_sum;
         if (weights != nullptr) {  // w_s e_k (g_k - <g, e>)
           const float g = m::softmax_backward_element(e, grad_out(k), dot, 1.0f);
-          for (int s = 0; s < S; ++s) store<scalar_t>(a.grad_logits, out_offset(s, k), m::weighted_term(weights[s] / total, g));
+          for (int s = 0; s < S; ++s) store<scalar_t>(a.grad_logits, out_offset(s, k), m::weighted_term(weights[s], g));
           continue;
         }
         const float g = m::softmax_backward_element(e, grad_out(k), dot, inv_branches);
@@ -363,9 +363,14 @@ cudaError_t launch_ensemble(const EnsembleArgs& a, cudaStream_t stream) {
 cudaError_t launch_ensemble_backward(const EnsembleBackwardArgs& a, cudaStream_t stream) {
   if (a.logits.rows == 0) return cudaSuccess;
   dispatch_logits_dtype(a.logits.dtype, [&](auto dtype) {
-    ensemble_backward_kernel<decltype(dtype)><<<static_cast<unsigned>(a.logits.rows),
-                                                threads_for_classes(a.logits.classes),
-                                                branch_stats_bytes(a.mode, a.logits.branches, false), stream>>>(a);
+    const unsigned rows = static_cast<unsigned>(a.logits.rows);
+    const int threads = threads_for_classes(a.logits.classes);
+    const size_t smem = branch_stats_bytes(a.mode, a.logits.branches, false);
+    if (a.weights != nullptr) {
+      ensemble_backward_kernel<decltype(dtype), true><<<rows, threads, smem, stream>>>(a);
+    } else {
+      ensemble_backward_kernel<decltype(dtype), false><<<rows, threads, smem, stream>>>(a);
+    }
   });
   return cudaGetLastError();
 }
