@@ -78,10 +78,11 @@ def _branch_mean(z, s_mask, inv_s, w, HAS_WEIGHTS: tl.constexpr):
 
 @triton.jit
 def _branch_weights(weights_ptr, offs_s, s_mask, HAS_WEIGHTS: tl.constexpr, BLOCK_S: tl.constexpr):
-    """[BLOCK_S] float32 w_s · (1 / Σ_t w_t) (0 on padded branches); a placeholder without weights."""
+    """[BLOCK_S] float32 w_s · (1 / Σ_t w_t) (0 on padded branches); a placeholder without weights.
+    (The native operators normalise on the device before their kernels: op_common.cpp.)"""
     if HAS_WEIGHTS:
         w = tl.load(weights_ptr + offs_s, mask=s_mask, other=0.0).to(tl.float32)
-        return w * (1.0 / tl.sum(w, axis=0))  # as the C++ kernels: math::normalised_weight
+        return w * (1.0 / tl.sum(w, axis=0))
     else:
         return tl.zeros((BLOCK_S,), tl.float32)
 
