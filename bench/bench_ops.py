@@ -36,3 +36,40 @@ def test_cotrain_loss_forward_backward(benchmark, case, impl):
         _sync()
 
     benchmark(timed)
+
+
+ENSEMBLE_SHAPE = (256, 4, 1000)  # N, S, K: a batch of ImageNet-sized heads
+ENSEMBLE_WEIGHTS = (0.4, 0.3, 0.2, 0.1)
+
+
+def _ensemble_backends():
+    """The torch reference and every fused backend worth timing here (not the interpreter)."""
+    from divco.ops import backends
+    from divco.ops.triton_backend import kernels_interpreted
+
+    return [b for b in backends.available_backends(DEVICE) if not (b == "triton" and kernels_interpreted())] + (
+        [] if "torch" in backends.available_backends(DEVICE) else ["torch"])
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["equal", "weighted"])
+@pytest.mark.parametrize("mode", ["mean_logits", "mean_probs", "geo_mean", "vote"])
+@pytest.mark.parametrize("backend", _ensemble_backends())
+def test_ensemble_forward_backward(benchmark, backend, mode, weighted):
+    """divco.ops.ensemble forward + backward, with and without per-branch weights (issue 13):
+    the cost of weights is the ratio of the two rows of one group."""
+    from divco.ops import ensemble
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(*ENSEMBLE_SHAPE, generator=g).to(DEVICE).requires_grad_()
+    weights = torch.tensor(ENSEMBLE_WEIGHTS, device=DEVICE) if weighted else None
+    grad_out = torch.randn(ENSEMBLE_SHAPE[0], ENSEMBLE_SHAPE[2], generator=g).to(DEVICE)
+
+    def timed():
+        ensemble(logits, mode, weights, backend=backend).backward(grad_out)
+        _sync()
+
+    for _ in range(3):
+        timed()
+    benchmark.group = f"ensemble {mode} N{ENSEMBLE_SHAPE[0]} S{ENSEMBLE_SHAPE[1]} K{ENSEMBLE_SHAPE[2]}"
+    benchmark.extra_info.update(backend=backend, weighted=weighted, device=DEVICE.type)
+    benchmark(timed)

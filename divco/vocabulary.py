@@ -32,11 +32,20 @@ DEFAULT_TRAINING_METHOD = "cotrain"
 #:   geo_mean     normalised geometric mean of the probabilities
 #:   max          per-class max of the logits (the official code's max ensemble)
 #:   max_probs    per-class max of the probabilities (the official code's max ensemble after softmax)
-ENSEMBLE_MODES: tuple[str, ...] = ("mean_logits", "mean_probs", "geo_mean", "max", "max_probs")
+#:   vote         each branch's top-1 class gets the branch's weight (SAMME's weighted majority):
+#:                the shares of the vote, a distribution with gradient zero
+ENSEMBLE_MODES: tuple[str, ...] = ("mean_logits", "mean_probs", "geo_mean", "max", "max_probs", "vote")
+
+#: The ensemble modes that take per-branch weights (divco.ops.ensemble(..., weights=)); the max
+#: modes take none (a weighted max has no meaning).
+WEIGHTED_ENSEMBLE_MODES: tuple[str, ...] = ("mean_logits", "mean_probs", "geo_mean", "vote")
 
 #: The ensemble modes whose output is a probability distribution (or a per-class max of
-#: probabilities); the others return logits.
-PROBABILITY_MODES: frozenset[str] = frozenset({"mean_probs", "geo_mean", "max_probs"})
+#: probabilities); the others return logits. "vote" is one: its shares sum to 1, and a softmax
+#: of them would be meaningless. Its shares are exactly 0 for the classes no branch picked, so
+#: its NLL is -log(smallest float64) ≈ 708 for each image whose true class got no vote
+#: (divco.calibration clamps): a vote is a top-1 rule, not a calibrated forecast.
+PROBABILITY_MODES: frozenset[str] = frozenset({"mean_probs", "geo_mean", "max_probs", "vote"})
 
 #: The ensemble mode used for "the ensemble's" accuracy unless a caller asks for another.
 DEFAULT_ENSEMBLE_MODE = "mean_logits"

@@ -105,12 +105,13 @@ def plan(quick: bool = False) -> list[Spec]:
       four that change what is stored (target kind, "js"/"kl", gradient, tiles); bfloat16/float16 on each load/store path (hard/soft target, with and
       without gradient, one tile or several; also with a float32 gradient buffer); the
       heaviest flags ("js", T != 1, gradient) at every distinct tile shape.
-    - ensemble kernels (forward, backward): every mode in float32 and a normalised and a plain
-      mode in bfloat16/float16 at the S=4, K=1000 tile; mean_probs (per-branch online softmax,
+    - ensemble kernels (forward, backward): every mode in float32, every weighted mode with
+      weights, and a normalised and a plain mode in bfloat16/float16 at the S=4, K=1000 tile; mean_probs (per-branch online softmax,
       the most registers) at every distinct tile shape.
     ``quick`` keeps only the first two groups of each (for a smoke run)."""
     from divco.kernels import ensemble as ensemble_module
     from divco.ops.triton_backend import tile_shape
+    from divco.vocabulary import WEIGHTED_ENSEMBLE_MODES
 
     specs: list[Spec] = []
     base_s, base_k, base_warps = tile_shape(4, 1000)
@@ -149,15 +150,17 @@ def plan(quick: bool = False) -> list[Spec]:
             cotrain("float32", flags, block_s, block_k, warps)
 
     modes = dict(ensemble_module.MODE_IDS)
-    normalised = {"mean_probs", "geo_mean", "max_probs"}
+    normalised = ensemble_module.NORMALISED_MODES
     for kernel in ("ensemble_kernel", "ensemble_backward_kernel"):
-        def ensemble(dtype, mode, block_s, block_k, warps):
-            consts = (("MODE", modes[mode]), ("NORMALISED", mode in normalised),
+        def ensemble(dtype, mode, block_s, block_k, warps, weighted=False):
+            consts = (("MODE", modes[mode]), ("NORMALISED", mode in normalised), ("HAS_WEIGHTS", weighted),
                       ("BLOCK_S", block_s), ("BLOCK_K", block_k))
             specs.append(Spec(kernel, dtype, consts, warps))
 
         for mode in modes:
             ensemble("float32", mode, base_s, base_k, base_warps)
+        for mode in WEIGHTED_ENSEMBLE_MODES:  # per-branch weights (the max modes take none)
+            ensemble("float32", mode, base_s, base_k, base_warps, weighted=True)
         for dtype in ("bfloat16", "float16"):  # loads/stores: a normalised mode and a plain one
             for mode in ("mean_probs", "max"):
                 ensemble(dtype, mode, base_s, base_k, base_warps)
@@ -244,7 +247,7 @@ def _pointer_dtype(arg: str, spec: Spec) -> str:
         return logits if consts.get("SOFT_TARGET") else "i64"
     if arg == "hits_ptr":
         return "i32"
-    if arg in ("weight_ptr", "sample_weight_ptr", "ce_rows_ptr", "cot_rows_ptr"):
+    if arg in ("weight_ptr", "sample_weight_ptr", "weights_ptr", "ce_rows_ptr", "cot_rows_ptr"):
         return "fp32"
     if spec.kernel.startswith("bn_"):
         return "fp32" if arg in BN_FLOAT32_POINTERS else logits

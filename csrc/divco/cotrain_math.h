@@ -247,6 +247,19 @@ DIVCO_INLINE float softmax_backward_element(float p, float g, float g_dot_p, flo
   return inv_branches * p * (g - g_dot_p);
 }
 
+// ---- weighted ensembles ---------------------------------------------------------------
+// Per-branch weights w [S] arrive normalised (op_common.cpp: w / w.sum(), on the device).
+// A branch of weight 0 takes no part: it adds exactly 0 (also where its logits are +-inf or
+// NaN, where 0 * x would be NaN) and gets gradient 0.
+// w * x, exactly 0 where w == 0 (whatever x is).
+DIVCO_INLINE float weighted_term(float w, float x) { return w == 0.0f ? 0.0f : w * x; }
+
+// One term of the weighted mean of logits Σ_s w_s z_s, accumulated in float: with weights
+// summing to 1 no partial sum exceeds max_s |z_s|, so it cannot overflow (the unweighted mean
+// needs its double accumulator because it sums before it divides; a double here made the CUDA
+// geo_mean backward spill registers).
+DIVCO_INLINE float weighted_logit_add(float sum, float w, float z) { return w == 0.0f ? sum : sum + w * z; }
+
 // One term y_k · z_k of a soft target's dot product, with 0 · (-inf) := 0: a class the
 // target gives no mass adds nothing, even where its logit is masked (-inf).
 DIVCO_INLINE float soft_target_term(float y, float z) { return y == 0.0f ? 0.0f : y * z; }

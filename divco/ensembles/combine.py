@@ -1,7 +1,7 @@
-"""Weighted ensembles of S members' logits, in plain PyTorch: the readable reference.
+"""Weighted ensembles of S members' logits: a convenience layer over :func:`divco.ops.ensemble`.
 
 ``logits`` are [N, S, K] (S members side by side, as a branch-batched model returns them) and
-``weights`` [S] are non-negative with a positive sum (normalised here; None = equal weights).
+``weights`` [S] are non-negative with a positive sum (normalised by the op; None = equal weights).
 
     mean_logits  sum_s w_s z_s                                  -> logits [N, K]
     mean_probs   sum_s w_s softmax(z_s)                         -> probabilities [N, K]
@@ -12,7 +12,11 @@
                  weighted majority, ties going to the lowest class index (torch.argmax's rule,
                  also used for each member's own top-1).
 
-Exact in float64 (the fused kernels are checked against this); differentiable except "vote".
+One implementation: :func:`weighted_ensemble` is ``divco.ops.ensemble`` (float64 logits run on
+its float64 reference, divco.ops.reference.ensemble, exactly; float32 / bfloat16 / float16 on the
+fused kernels of the logits' device). Differentiable except "vote"; to differentiate the
+weights of low-precision logits, pass ``backend="torch"`` (the fused kernels refuse weights
+that require grad).
 """
 
 from __future__ import annotations
@@ -23,14 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..vocabulary import check_choice
+from .. import ops
+from ..vocabulary import PROBABILITY_MODES, WEIGHTED_ENSEMBLE_MODES, check_choice
 
-#: The modes this reference combines with per-member weights. "vote" is new with issue 13
-#: (to move into divco.vocabulary.ENSEMBLE_MODES when the fused ops learn it).
-WEIGHTED_ENSEMBLE_MODES: tuple[str, ...] = ("mean_logits", "mean_probs", "geo_mean", "vote")
+# WEIGHTED_ENSEMBLE_MODES (the modes that combine members with weights) is divco.vocabulary's.
+__all__ = ["WEIGHTED_ENSEMBLE_MODES", "LOGIT_OUTPUT_MODES", "normalized_weights", "weighted_ensemble",
+           "ensemble_prediction", "ensemble_probabilities"]
 
 #: The modes above whose output is a logit vector rather than a distribution.
-LOGIT_OUTPUT_MODES: frozenset[str] = frozenset({"mean_logits"})
+LOGIT_OUTPUT_MODES: frozenset[str] = frozenset(m for m in WEIGHTED_ENSEMBLE_MODES if m not in PROBABILITY_MODES)
 
 WeightsLike = Union[Tensor, Sequence[float], None]
 
@@ -51,24 +56,18 @@ def normalized_weights(weights: WeightsLike, members: int, *, dtype: torch.dtype
     return (w / w.sum()).to(dtype=dtype, device=device)
 
 
-def weighted_ensemble(logits: Tensor, mode: str = "mean_logits", weights: WeightsLike = None) -> Tensor:
-    """The weighted ensemble [N, K] of member logits [N, S, K] (see the module docstring)."""
+def weighted_ensemble(logits: Tensor, mode: str = "mean_logits", weights: WeightsLike = None,
+                      backend: Optional[str] = None) -> Tensor:
+    """The weighted ensemble [N, K] of member logits [N, S, K] (see the module docstring):
+    ``divco.ops.ensemble(logits, mode, weights, backend)``. Weights on the CPU for logits on
+    another device are checked there and moved."""
     check_choice("mode", mode, WEIGHTED_ENSEMBLE_MODES)
     if not isinstance(logits, Tensor) or logits.dim() != 3 or not logits.is_floating_point():
         raise ValueError(f"logits must be a floating-point tensor [N, S, K], got "
                          f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}")
-    N, S, K = logits.shape
-    if S < 1 or K < 1:
-        raise ValueError(f"logits need at least one member and one class, got shape {tuple(logits.shape)}")
-    w = normalized_weights(weights, S, dtype=logits.dtype, device=logits.device)[None, :, None]  # [1, S, 1]
-    if mode == "mean_logits":
-        return (w * logits).sum(dim=1)
-    if mode == "mean_probs":
-        return (w * F.softmax(logits, dim=-1)).sum(dim=1)
-    if mode == "geo_mean":
-        return F.softmax((w * F.log_softmax(logits, dim=-1)).sum(dim=1), dim=-1)
-    top1 = F.one_hot(logits.argmax(dim=-1), K).to(logits.dtype)  # [N, S, K]
-    return (w * top1).sum(dim=1)
+    if isinstance(weights, Tensor) and weights.device != logits.device and weights.device.type == "cpu":
+        weights = weights.detach().to(torch.float64).tolist() if weights.dim() == 1 else weights
+    return ops.ensemble(logits, mode, weights=weights, backend=backend)
 
 
 def ensemble_prediction(logits: Tensor, mode: str = "mean_logits", weights: WeightsLike = None) -> Tensor:

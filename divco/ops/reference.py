@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..vocabulary import ENSEMBLE_MODES
+from ..vocabulary import ENSEMBLE_MODES, WEIGHTED_ENSEMBLE_MODES
 
 
 def compute_dtype(logits: Tensor) -> torch.dtype:
@@ -192,19 +192,33 @@ def cotrain_loss(
     return CotrainLoss(loss, ce.detach(), cot.detach(), ensemble, correct)
 
 
-def ensemble(logits: Tensor, mode: str = "mean_logits") -> Tensor:
-    """Combine branch outputs [N, S, K] into [N, K].
+def ensemble(logits: Tensor, mode: str = "mean_logits", weights: Tensor | None = None) -> Tensor:
+    """Combine branch outputs [N, S, K] into [N, K], with per-branch weights w [S] (normalised
+    here to sum 1; None: w_s = 1/S).
 
-    mean_logits  (1/S) Σ_s z_s
-    mean_probs   (1/S) Σ_s softmax(z_s)
-    geo_mean     softmax( (1/S) Σ_s log softmax(z_s) )  (normalised geometric mean)
-    max          max_s z_s
-    max_probs    max_s softmax(z_s)  (the official code's max after softmax; not renormalised)
+    mean_logits  Σ_s w_s z_s
+    mean_probs   Σ_s w_s softmax(z_s)
+    geo_mean     softmax( Σ_s w_s log softmax(z_s) )  (weighted normalised geometric mean)
+    max          max_s z_s                            (no weights)
+    max_probs    max_s softmax(z_s)  (the official code's max after softmax; not renormalised; no weights)
+    vote         Σ_s w_s [argmax_k z_s = k]  (SAMME's weighted majority: the shares of the vote)
 
     The max modes follow torch.max: a NaN is the maximum, and the gradient goes to the first
-    branch holding NaN if any, else to the first maximal branch.
+    branch holding NaN if any, else to the first maximal branch. A branch's vote follows
+    torch.argmax: the first NaN class if any, else the first maximal class. The vote is
+    piecewise constant: its gradient is exactly zero (w.r.t. the logits; the weights get theirs).
+
+    A branch with weight 0 takes no part: its non-finite logits (±inf, NaN) are read as 0, so
+    they cannot turn 0 · x into NaN, and it gets gradient 0. weights=None keeps the unweighted
+    formulas (means divide by S before they sum), bit for bit what they were before weights.
     """
     z = logits.to(compute_dtype(logits))
+    if mode not in ENSEMBLE_MODES:
+        raise ValueError(f"mode must be one of {', '.join(ENSEMBLE_MODES)}; got {mode!r}")
+    if weights is not None:
+        if mode not in WEIGHTED_ENSEMBLE_MODES:
+            raise ValueError(f"mode {mode!r} takes no weights; the modes that do: {', '.join(WEIGHTED_ENSEMBLE_MODES)}")
+        return _weighted_ensemble(z, mode, weights).to(logits.dtype)
     if mode == "mean_logits":
         out = mean_over_branches(z)
     elif mode == "mean_probs":
@@ -215,9 +229,35 @@ def ensemble(logits: Tensor, mode: str = "mean_logits") -> Tensor:
         out = z.max(dim=1).values
     elif mode == "max_probs":
         out = F.softmax(z, dim=-1).max(dim=1).values
-    else:
-        raise ValueError(f"mode must be one of {', '.join(ENSEMBLE_MODES)}; got {mode!r}")
+    else:  # vote
+        out = mean_over_branches(top1_votes(z)) + zero_gradient(z)
     return out.to(logits.dtype)
+
+
+def top1_votes(z: Tensor) -> Tensor:
+    """[N, S, K] one-hot of each branch's top-1 class (torch.argmax: NaN first, then the first maximum)."""
+    return F.one_hot(z.argmax(dim=-1), z.shape[-1]).to(z.dtype)
+
+
+def zero_gradient(z: Tensor) -> Tensor:
+    """Exact zeros [N, K] whose gradient w.r.t. z is exactly zero (also where z is ±inf or NaN,
+    where z · 0 would give NaN): what connects a piecewise-constant output to the graph."""
+    return torch.where(torch.zeros_like(z, dtype=torch.bool), z, 0.0).sum(1)
+
+
+def _weighted_ensemble(z: Tensor, mode: str, weights: Tensor) -> Tensor:
+    w = weights.to(device=z.device, dtype=z.dtype)
+    w = w / w.sum()
+    absent = (w == 0)[None, :, None]
+    z = torch.where(absent & ~torch.isfinite(z), 0.0, z)  # a branch of weight 0 reads no inf / NaN
+    w = w[None, :, None]  # [1, S, 1]
+    if mode == "mean_logits":
+        return (w * z).sum(1)
+    if mode == "mean_probs":
+        return (w * F.softmax(z, dim=-1)).sum(1)
+    if mode == "geo_mean":
+        return F.softmax(weighted_log(w, F.log_softmax(z, dim=-1)).sum(1), dim=-1)  # 0 · -inf := 0
+    return (w * top1_votes(z)).sum(1) + zero_gradient(z)  # vote
 
 
 def batch_norm(

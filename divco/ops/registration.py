@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from . import backends, triton_backend
-from .schema import qualified_name
+from .schema import full_schema, qualified_name, signature
 
 
 def defined_suffixes() -> tuple[str, ...]:
@@ -43,6 +43,13 @@ def register(base: str, suffix: str, *, fake: Callable | None = None,
             f"divco._C is out of date: it registers no {name} (built from older sources); "
             "rebuild it with `pip install -e .` in the checkout"
         )
+    if suffix == "native":
+        registered = str(getattr(torch.ops.divco, name.split("::")[1]).default._schema)
+        if signature(registered) != signature(full_schema(base, suffix)):
+            raise ImportError(
+                f"divco._C is out of date: it registers {registered}, divco expects {full_schema(base, suffix)} "
+                "(built from older sources); rebuild it with `pip install -e .` in the checkout"
+            )
     if fake is not None and needs_fake(suffix):
         torch.library.register_fake(name, fake)
     if backward is not None:

@@ -15,7 +15,7 @@ import os
 import torch
 from torch import Tensor
 
-from ..vocabulary import COTRAIN_KINDS, ENSEMBLE_MODES, FUSED_DTYPE_NAMES
+from ..vocabulary import COTRAIN_KINDS, ENSEMBLE_MODES, FUSED_DTYPE_NAMES, WEIGHTED_ENSEMBLE_MODES
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: Logit dtypes the fused kernels take (divco.vocabulary.FUSED_DTYPE_NAMES); float64 runs on the reference.
@@ -179,3 +179,72 @@ def check_mode(mode: object) -> str:
     if mode not in ENSEMBLE_MODES:
         raise ValueError(f"mode must be one of {ENSEMBLE_MODES}, got {mode!r}")
     return mode
+
+
+def check_ensemble_weights(weights: object, logits: Tensor, mode: str) -> Tensor | None:
+    """Per-branch weights [S] of an ensemble: None, a sequence of numbers or a floating tensor on
+    the logits' device; finite, >= 0, with a positive sum. Returns None or a tensor [S] on the
+    logits' device (numbers: float64, divided by their max so that float32 cannot overflow).
+
+    Numbers and CPU tensors are checked; a CUDA tensor is not read (that would synchronise with
+    the host), and neither is any tensor under torch.compile: there, bad weights give NaN or
+    wrong values, never an error."""
+    if weights is None:
+        return None
+    if isinstance(weights, Tensor):
+        check_weights_tensor(weights, logits, mode)
+        if weights.device.type == "cpu" and not torch.compiler.is_compiling():
+            _check_weight_values(weights.detach().to(torch.float64).tolist())
+        return weights
+    check_weighted_mode(mode)
+    S = logits.shape[1]
+    if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
+        raise ValueError(
+            f"weights must be None, a sequence of {S} numbers or a floating tensor [S], got {type(weights).__name__}"
+        )
+    values = list(weights)
+    if len(values) != S:
+        raise ValueError(
+            f"weights must have one entry per branch, shape [{S}] for logits {tuple(logits.shape)}, "
+            f"got {len(values)} entries"
+        )
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"weights must be numbers, got {[type(v).__name__ for v in values]}")
+    values = [float(v) for v in values]
+    _check_weight_values(values)
+    largest = max(values)
+    return torch.tensor([v / largest for v in values], dtype=torch.float64, device=logits.device)
+
+
+def _check_weight_values(values: list[float]) -> None:
+    if not all(math.isfinite(v) for v in values) or any(v < 0 for v in values):
+        raise ValueError(f"weights must be finite and non-negative, got {values}")
+    if not sum(values) > 0:
+        raise ValueError(f"weights must have a positive sum, got {values}")
+
+
+def check_weighted_mode(mode: str) -> None:
+    if mode not in WEIGHTED_ENSEMBLE_MODES:
+        raise ValueError(
+            f"mode {mode!r} takes no weights (a weighted max has no meaning); "
+            f"the modes that take weights: {', '.join(WEIGHTED_ENSEMBLE_MODES)}"
+        )
+
+
+def check_weights_tensor(weights: Tensor, logits: Tensor, mode: str) -> None:
+    """The metadata of ensemble weights: a mode that takes them, a floating tensor [S] on the
+    logits' device (what the operators check; they never read the values on the host)."""
+    check_weighted_mode(mode)
+    S = logits.shape[1]
+    if not weights.is_floating_point():
+        raise ValueError(f"weights must be a floating-point tensor [S] = [{S}], got dtype {weights.dtype}")
+    if tuple(weights.shape) != (S,):
+        raise ValueError(
+            f"weights must have one entry per branch, shape [{S}] for logits {tuple(logits.shape)}, "
+            f"got {tuple(weights.shape)}"
+        )
+    if weights.device != logits.device:
+        raise ValueError(
+            f"weights are on {weights.device} but logits are on {logits.device}; expected the same device "
+            "(the kernels read the weights from device memory)"
+        )

@@ -62,11 +62,11 @@ def test_expanded_branches_share_memory(ops):
 def test_ensemble_strides_give_bit_identical_results(ops, mode):
     logits = torch.randn(4, 3, 29)
     grad_out = torch.randn(4, 29)
-    expected = ops.ensemble_native(logits, mode)
-    expected_grad = ops.ensemble_backward_native(grad_out, logits, mode)
+    expected = ops.ensemble_native(logits, mode, None)
+    expected_grad = ops.ensemble_backward_native(grad_out, logits, mode, None)
     for name, view in layouts(logits):
-        assert torch.equal(ops.ensemble_native(view, mode), expected), name
-        assert torch.equal(ops.ensemble_backward_native(grad_out.t().contiguous().t(), view, mode), expected_grad), name
+        assert torch.equal(ops.ensemble_native(view, mode, None), expected), name
+        assert torch.equal(ops.ensemble_backward_native(grad_out.t().contiguous().t(), view, mode, None), expected_grad), name
 
 
 @pytest.mark.parametrize("kind", ["js", "kl"])
@@ -99,8 +99,8 @@ def test_bit_identical_for_any_thread_count(ops, shape):
                 (
                     cotrain(ops, logits, target, kind="js", temperature=1.3),
                     cotrain(ops, logits.bfloat16(), target, kind="kl"),
-                    ops.ensemble_native(logits, "mean_probs"),
-                    ops.ensemble_backward_native(logits[:, 0], logits, "geo_mean"),
+                    ops.ensemble_native(logits, "mean_probs", None),
+                    ops.ensemble_backward_native(logits[:, 0], logits, "geo_mean", None),
                 )
             )
     finally:
@@ -186,18 +186,18 @@ def test_max_ensemble_follows_torch_max(ops):
     """Ties go to the first branch, a NaN wins, like torch.max(dim=1)."""
     logits = torch.tensor([[[1.0, 2.0, 0.0], [1.0, 5.0, float("nan")], [0.5, 5.0, 3.0]]])
     values, indices = logits.max(dim=1)
-    out = ops.ensemble_native(logits, "max")
+    out = ops.ensemble_native(logits, "max", None)
     assert torch.equal(out.nan_to_num(), values.nan_to_num()) and out[0, 2].isnan()
     grad_out = torch.tensor([[1.0, 2.0, 3.0]])
     expected = torch.zeros_like(logits).scatter_(1, indices[:, None], grad_out[:, None])
-    assert torch.equal(ops.ensemble_backward_native(grad_out, logits, "max"), expected)
+    assert torch.equal(ops.ensemble_backward_native(grad_out, logits, "max", None), expected)
 
 
 def test_empty_batch(ops):
     out = cotrain(ops, torch.randn(0, 2, 5), torch.zeros(0, dtype=torch.long))
     assert out[0].isnan() and out[3].shape == (0, 5) and out[5].shape == (0, 2, 5)
     assert torch.equal(out[4], torch.zeros(3, dtype=torch.long))
-    assert ops.ensemble_native(torch.randn(0, 2, 5), "mean_probs").shape == (0, 5)
+    assert ops.ensemble_native(torch.randn(0, 2, 5), "mean_probs", None).shape == (0, 5)
 
 
 BAD_COTRAIN_INPUTS = [
@@ -235,8 +235,8 @@ def test_cotrain_input_errors_name_expected_and_received(ops, logits, target, we
 def test_ensemble_input_errors(ops):
     logits = torch.randn(3, 2, 4)
     with pytest.raises(ValueError, match='mode must be one of "mean_logits"'):
-        ops.ensemble_native(logits, "median")
+        ops.ensemble_native(logits, "median", None)
     with pytest.raises(ValueError, match=r"grad_out must have shape \[N, K\] = \[3, 4\]"):
-        ops.ensemble_backward_native(torch.randn(3, 5), logits, "mean_probs")
+        ops.ensemble_backward_native(torch.randn(3, 5), logits, "mean_probs", None)
     with pytest.raises(ValueError, match="3 dims"):
-        ops.ensemble_native(torch.randn(3, 4), "max")
+        ops.ensemble_native(torch.randn(3, 4), "max", None)

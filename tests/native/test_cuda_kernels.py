@@ -111,14 +111,14 @@ def test_ensemble_cuda_matches_cpu(ops, mode, dtype, S, K):
     grad_out = torch.randn(9, K).to(dtype)
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(
-        ops.ensemble_native(logits.cuda(), mode).cpu().float(),
-        ops.ensemble_native(logits, mode).float(),
+        ops.ensemble_native(logits.cuda(), mode, None).cpu().float(),
+        ops.ensemble_native(logits, mode, None).float(),
         rtol=tol,
         atol=tol,
     )
     torch.testing.assert_close(
-        ops.ensemble_backward_native(grad_out.cuda(), logits.cuda(), mode).cpu().float(),
-        ops.ensemble_backward_native(grad_out, logits, mode).float(),
+        ops.ensemble_backward_native(grad_out.cuda(), logits.cuda(), mode, None).cpu().float(),
+        ops.ensemble_backward_native(grad_out, logits, mode, None).float(),
         rtol=tol,
         atol=tol,
     )
@@ -149,10 +149,10 @@ def test_max_ensembles_route_nan_like_cpu(ops, mode):
     logits[1, 1:, 7] = logits[1, 0, 7]  # ties: the first branch
     grad_out = torch.randn(4, 33)
     torch.testing.assert_close(
-        ops.ensemble_native(logits.cuda(), mode).cpu(), ops.ensemble_native(logits, mode), equal_nan=True
+        ops.ensemble_native(logits.cuda(), mode, None).cpu(), ops.ensemble_native(logits, mode, None), equal_nan=True
     )
-    got = ops.ensemble_backward_native(grad_out.cuda(), logits.cuda(), mode).cpu()
-    want = ops.ensemble_backward_native(grad_out, logits, mode)
+    got = ops.ensemble_backward_native(grad_out.cuda(), logits.cuda(), mode, None).cpu()
+    want = ops.ensemble_backward_native(grad_out, logits, mode, None)
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5, equal_nan=True)
 
 
@@ -161,10 +161,10 @@ def test_ensemble_branch_limit_accounts_for_static_shared_memory(native, ops, mo
     """S = 6113..6144 used to fail at launch (the static scratch was not counted)."""
     limit = native.build_info()["cuda_max_ensemble_branches"]
     logits = torch.randn(2, limit, 3, device="cuda")
-    out = ops.ensemble_native(logits, mode)
-    grad = ops.ensemble_backward_native(torch.ones(2, 3, device="cuda"), logits, mode)
+    out = ops.ensemble_native(logits, mode, None)
+    grad = ops.ensemble_backward_native(torch.ones(2, 3, device="cuda"), logits, mode, None)
     torch.cuda.synchronize()
-    torch.testing.assert_close(out.cpu(), ops.ensemble_native(logits.cpu(), mode), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.cpu(), ops.ensemble_native(logits.cpu(), mode, None), rtol=1e-5, atol=1e-6)
     assert grad.shape == logits.shape
     with pytest.raises(ValueError, match=f"at most {limit} branches"):
-        ops.ensemble_native(torch.randn(2, limit + 1, 3, device="cuda"), mode)
+        ops.ensemble_native(torch.randn(2, limit + 1, 3, device="cuda"), mode, None)

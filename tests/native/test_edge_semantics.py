@@ -153,8 +153,8 @@ def test_logits_near_float32_max_stay_finite(ops, kind):
 def test_mean_of_logits_ensembles_do_not_overflow(ops):
     logits = torch.full((2, 4, 3), 3e38)
     logits[1, :, 1] = -3e38
-    assert torch.equal(ops.ensemble_native(logits, "mean_logits"), logits[:, 0])
-    geo = ops.ensemble_native(logits, "geo_mean")
+    assert torch.equal(ops.ensemble_native(logits, "mean_logits", None), logits[:, 0])
+    geo = ops.ensemble_native(logits, "geo_mean", None)
     assert torch.isfinite(geo).all()
     torch.testing.assert_close(geo, torch.softmax(logits.double().mean(1), -1).float())
 
@@ -163,7 +163,7 @@ def test_mean_of_logits_is_the_correctly_rounded_mean(ops):
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(64, 3, 50, generator=g) * 10
     expected = logits.double().mean(1).float()
-    assert torch.equal(ops.ensemble_native(logits, "mean_logits"), expected)
+    assert torch.equal(ops.ensemble_native(logits, "mean_logits", None), expected)
     assert torch.equal(cotrain(ops, logits, torch.zeros(64, dtype=torch.long))[3], expected)
 
 
@@ -193,13 +193,13 @@ def test_max_probs_matches_float64_reference(native, dtype, rows, branches, clas
     if ties:
         logits[:, -1] = logits[:, 0]  # equal probabilities: the first branch takes the gradient
     grad_out = torch.randn(rows, classes, generator=g).to(dtype)
-    out = ops.ensemble_native(logits, "max_probs")
+    out = ops.ensemble_native(logits, "max_probs", None)
     z = logits.double().requires_grad_()
     expected = reference_ensemble(z, "max_probs")
     (expected * grad_out.double()).sum().backward()
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(out.double(), expected.detach(), rtol=tol, atol=tol)
-    got = ops.ensemble_backward_native(grad_out, logits, "max_probs")
+    got = ops.ensemble_backward_native(grad_out, logits, "max_probs", None)
     assert got.dtype == dtype and got.shape == logits.shape
     torch.testing.assert_close(got.double(), z.grad, rtol=tol, atol=tol)
 
@@ -214,8 +214,8 @@ def test_max_gradients_go_to_the_first_nan_branch(ops, mode):
     z = logits.double().requires_grad_()
     expected = reference_ensemble(z, mode)
     (expected * grad_out.double()).sum().backward()
-    torch.testing.assert_close(ops.ensemble_native(logits, mode).double(), expected.detach(), equal_nan=True)
-    got = ops.ensemble_backward_native(grad_out, logits, mode)
+    torch.testing.assert_close(ops.ensemble_native(logits, mode, None).double(), expected.detach(), equal_nan=True)
+    got = ops.ensemble_backward_native(grad_out, logits, mode, None)
     picked = (torch.softmax(logits.double(), -1) if mode == "max_probs" else logits.double()).max(dim=1).indices
     if mode == "max":
         assert picked[0].tolist() == [2, 1, 1, 2]  # class 1: NaN in branches 1, 2 and 3 -> branch 1
@@ -226,8 +226,8 @@ def test_max_gradients_go_to_the_first_nan_branch(ops, mode):
 
 
 def test_max_probs_mode_error_lists_every_mode(ops):
-    with pytest.raises(ValueError, match='"max_probs"; got "median"'):
-        ops.ensemble_native(torch.randn(2, 2, 3), "median")
+    with pytest.raises(ValueError, match='"max_probs", "vote"; got "median"'):
+        ops.ensemble_native(torch.randn(2, 2, 3), "median", None)
 
 
 def test_build_config_default_arch_list_embeds_ptx():

@@ -141,6 +141,8 @@ def test_ensemble_definitions(mode):
         "max": z.amax(1),
         # the official code: torch.max(F.softmax(torch.stack(outputs), -1), 0), not renormalised
         "max_probs": torch.softmax(z, -1).amax(1),
+        # each branch's top-1 class gets 1/S
+        "vote": F.one_hot(z.argmax(-1), z.shape[-1]).to(z.dtype).mean(1),
     }[mode]
     torch.testing.assert_close(R.ensemble(z, mode), expected)
 

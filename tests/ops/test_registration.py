@@ -45,8 +45,8 @@ def test_opcheck_ensemble(backend, mode):
     forward = schema.operator("ensemble", backend)
     backward = schema.operator("ensemble_backward", backend)
     logits = torch.randn(2, 3, 6, device=device)
-    torch.library.opcheck(forward, (logits.clone().requires_grad_(), mode))
-    torch.library.opcheck(backward, (torch.randn(2, 6, device=device), logits, mode))
+    torch.library.opcheck(forward, (logits.clone().requires_grad_(), mode, None))
+    torch.library.opcheck(backward, (torch.randn(2, 6, device=device), logits, mode, None))
 
 
 @pytest.mark.parametrize("base", ["cotrain_loss", "ensemble", "ensemble_backward"])

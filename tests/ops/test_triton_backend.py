@@ -59,16 +59,25 @@ COMPILE_SCRIPT = textwrap.dedent(
                      hits_ptr="*i32", inv_t="fp32", cot_coef="fp32")
         compile_for(cotrain_loss_kernel, types, dict(SOFT_TARGET=soft, KIND_KL=kl, UNIT_TEMPERATURE=unit,
                     COMPUTE_GRAD=grad, HAS_SAMPLE_WEIGHT=weighted, SINGLE_TILE=single, BLOCK_S=4, BLOCK_K=1024), arch)
-    for kernel, mode, types in [
-        (ensemble_kernel, "mean_probs", dict(ints, logits_ptr="*bf16", out_ptr="*bf16")),
-        (ensemble_kernel, "max", dict(ints, logits_ptr="*fp32", out_ptr="*fp32")),
-        (ensemble_backward_kernel, "geo_mean", dict(ints, grad_out_ptr="*bf16", logits_ptr="*bf16", grad_ptr="*bf16")),
-        (ensemble_backward_kernel, "max", dict(ints, grad_out_ptr="*fp32", logits_ptr="*fp32", grad_ptr="*fp32")),
-        (ensemble_kernel, "max_probs", dict(ints, logits_ptr="*fp16", out_ptr="*fp16")),
-        (ensemble_backward_kernel, "max_probs", dict(ints, grad_out_ptr="*fp16", logits_ptr="*fp16", grad_ptr="*fp16")),
-        (ensemble_backward_kernel, "mean_probs", dict(ints, grad_out_ptr="*fp32", logits_ptr="*fp32", grad_ptr="*fp32")),
+    ints["weights_ptr"] = "*fp32"
+    for kernel, mode, weighted, types in [
+        (ensemble_kernel, "mean_probs", False, dict(ints, logits_ptr="*bf16", out_ptr="*bf16")),
+        (ensemble_kernel, "max", False, dict(ints, logits_ptr="*fp32", out_ptr="*fp32")),
+        (ensemble_backward_kernel, "geo_mean", False, dict(ints, grad_out_ptr="*bf16", logits_ptr="*bf16", grad_ptr="*bf16")),
+        (ensemble_backward_kernel, "max", False, dict(ints, grad_out_ptr="*fp32", logits_ptr="*fp32", grad_ptr="*fp32")),
+        (ensemble_kernel, "max_probs", False, dict(ints, logits_ptr="*fp16", out_ptr="*fp16")),
+        (ensemble_backward_kernel, "max_probs", False, dict(ints, grad_out_ptr="*fp16", logits_ptr="*fp16", grad_ptr="*fp16")),
+        (ensemble_backward_kernel, "mean_probs", False, dict(ints, grad_out_ptr="*fp32", logits_ptr="*fp32", grad_ptr="*fp32")),
+        (ensemble_kernel, "vote", False, dict(ints, logits_ptr="*bf16", out_ptr="*bf16")),
+        (ensemble_backward_kernel, "vote", False, dict(ints, grad_out_ptr="*fp32", logits_ptr="*fp32", grad_ptr="*fp32")),
+    ] + [  # the weighted path of every weighted mode, forward and backward
+        (kernel, mode, True, dict(ints, grad_out_ptr="*fp32", logits_ptr="*fp32", out_ptr="*fp32", grad_ptr="*fp32"))
+        for kernel in (ensemble_kernel, ensemble_backward_kernel)
+        for mode in ("mean_logits", "mean_probs", "geo_mean", "vote")
     ]:
-        constexprs = dict(MODE=MODE_IDS[mode], NORMALISED=mode in NORMALISED_MODES, BLOCK_S=8, BLOCK_K=512)
+        constexprs = dict(MODE=MODE_IDS[mode], NORMALISED=mode in NORMALISED_MODES, HAS_WEIGHTS=weighted,
+                          BLOCK_S=8, BLOCK_K=512)
+        types = {name: t for name, t in types.items() if name in kernel.arg_names}
         compile_for(kernel, types, constexprs, 90)
     print("compiled")
     """
@@ -145,8 +154,8 @@ def test_every_launcher_enters_the_device_guard(monkeypatch):
     logits = torch.randn(2, 3, 4, device=device)
     torch.ops.divco.cotrain_loss_triton(logits, torch.tensor([0, 1], device=device), torch.tensor(0.5, device=device),
                                         None, "js", 1.0, False)
-    torch.ops.divco.ensemble_triton(logits, "max")
-    torch.ops.divco.ensemble_backward_triton(torch.randn(2, 4, device=device), logits, "max")
+    torch.ops.divco.ensemble_triton(logits, "max", None)
+    torch.ops.divco.ensemble_backward_triton(torch.randn(2, 4, device=device), logits, "max", None)
     assert guarded == [logits.device] * 3
 
 

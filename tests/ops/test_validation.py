@@ -84,7 +84,7 @@ def test_negative_weights_are_allowed(backend):
 
 def test_bad_ensemble_mode_and_logits():
     logits, _ = good()
-    with pytest.raises(ValueError, match=r"mode must be one of \('mean_logits', 'mean_probs', 'geo_mean', 'max', 'max_probs'\)"):
+    with pytest.raises(ValueError, match=r"mode must be one of \('mean_logits', 'mean_probs', 'geo_mean', 'max', 'max_probs', 'vote'\)"):
         ops.ensemble(logits, "median")
     with pytest.raises(ValueError, match=r"\[N, S, K\]"):
         ops.ensemble(logits[0], "max")

@@ -12,7 +12,7 @@ enum class LogitsDtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 enum class CotrainKind : int { kJensenShannon = 0, kPairwiseKL = 1 };
 
-enum class EnsembleMode : int { kMeanLogits = 0, kMeanProbs = 1, kGeoMean = 2, kMax = 3, kMaxProbs = 4 };
+enum class EnsembleMode : int { kMeanLogits = 0, kMeanProbs = 1, kGeoMean = 2, kMax = 3, kMaxProbs = 4, kVote = 5 };
 
 // The mode strings of the ops (divco/vocabulary.py spells the same), in the order
 // build_info()["ensemble_modes"] lists them.
@@ -23,8 +23,13 @@ struct EnsembleModeName {
 inline constexpr EnsembleModeName kEnsembleModes[] = {
     {"mean_logits", EnsembleMode::kMeanLogits}, {"mean_probs", EnsembleMode::kMeanProbs},
     {"geo_mean", EnsembleMode::kGeoMean},       {"max", EnsembleMode::kMax},
-    {"max_probs", EnsembleMode::kMaxProbs},
+    {"max_probs", EnsembleMode::kMaxProbs},     {"vote", EnsembleMode::kVote},
 };
+
+// The modes that take per-branch weights (divco/vocabulary.py WEIGHTED_ENSEMBLE_MODES).
+inline constexpr bool takes_weights(EnsembleMode mode) {
+  return mode != EnsembleMode::kMax && mode != EnsembleMode::kMaxProbs;
+}
 
 // Version of the edge-value semantics the kernels implement (build_info()["semantics_version"]):
 // 2 = -inf logits have probability 0 and contribute 0 (gradient 0) to every entropy and KL
@@ -77,12 +82,16 @@ struct CotrainArgs {
 struct EnsembleArgs {
   LogitsView logits;
   EnsembleMode mode;
+  // Per-branch weights [S] float32 (contiguous), normalised to sum 1 (prepare_ensemble);
+  // nullptr: equal weights, the unweighted formulas.
+  const float* weights;
   void* out;  // [N, K] contiguous, logits dtype
 };
 
 struct EnsembleBackwardArgs {
   LogitsView logits;
   EnsembleMode mode;
+  const float* weights;  // as EnsembleArgs::weights
   // grad_out [N, K] in the logits dtype, arbitrary strides.
   const void* grad_out;
   int64_t grad_out_stride_row;

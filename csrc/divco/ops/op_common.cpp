@@ -65,6 +65,25 @@ EnsembleMode parse_mode(std::string_view mode, const char* op) {
   TORCH_CHECK_VALUE(false, op, ": mode must be one of ", expected, "; got \"", std::string(mode), "\"");
 }
 
+// Per-branch ensemble weights: float32 [S] on the logits' device, for a mode that takes them.
+// Only metadata is checked (the values stay on the device: no host synchronisation). Returns
+// the weights normalised to sum 1, to keep alive for the kernels (undefined: no weights).
+at::Tensor check_ensemble_weights(const std::optional<at::Tensor>& weights, const at::Tensor& logits,
+                                  EnsembleMode mode, const char* op) {
+  if (!weights.has_value() || !weights->defined()) return at::Tensor();
+  const at::Tensor& w = *weights;
+  TORCH_CHECK_VALUE(takes_weights(mode), op,
+                    ": the max ensembles take no weights; the modes that do: mean_logits, mean_probs, geo_mean, vote");
+  TORCH_CHECK_VALUE(w.scalar_type() == at::kFloat, op, ": weights must be float32; got ", w.scalar_type());
+  TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == logits.size(1), op, ": weights must have shape [S] = [",
+                    logits.size(1), "] for logits of shape ", shape_string(logits), "; got ", shape_string(w));
+  check_same_device(w, logits, op, "weights");
+  // Normalised here, on the device (two small ATen ops, no host synchronisation): the kernels
+  // then hold no per-row total, which cost the CUDA backward kernel register spills.
+  const at::Tensor contiguous = w.contiguous();
+  return contiguous.div(contiguous.sum());
+}
+
 }  // namespace
 
 CotrainCall prepare_cotrain(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
@@ -148,23 +167,29 @@ CotrainCall prepare_cotrain(const at::Tensor& logits, const at::Tensor& target, 
   return call;
 }
 
-EnsembleCall prepare_ensemble(const at::Tensor& logits, std::string_view mode, c10::DeviceType expected_device) {
+EnsembleCall prepare_ensemble(const at::Tensor& logits, std::string_view mode,
+                              const std::optional<at::Tensor>& weights, c10::DeviceType expected_device) {
   constexpr const char* op = "ensemble_native";
   EnsembleCall call{};
   call.args.logits = check_logits(logits, op, expected_device);
   call.args.mode = parse_mode(mode, op);
+  call.weights = check_ensemble_weights(weights, logits, call.args.mode, op);
+  call.args.weights = call.weights.defined() ? call.weights.data_ptr<float>() : nullptr;
   call.out = at::empty({logits.size(0), logits.size(2)}, logits.options());
   call.args.out = call.out.data_ptr();
   return call;
 }
 
 EnsembleBackwardCall prepare_ensemble_backward(const at::Tensor& grad_out, const at::Tensor& logits,
-                                               std::string_view mode, c10::DeviceType expected_device) {
+                                               std::string_view mode, const std::optional<at::Tensor>& weights,
+                                               c10::DeviceType expected_device) {
   constexpr const char* op = "ensemble_backward_native";
   EnsembleBackwardCall call{};
   EnsembleBackwardArgs& a = call.args;
   a.logits = check_logits(logits, op, expected_device);
   a.mode = parse_mode(mode, op);
+  call.weights = check_ensemble_weights(weights, logits, a.mode, op);
+  a.weights = call.weights.defined() ? call.weights.data_ptr<float>() : nullptr;
   TORCH_CHECK_VALUE(grad_out.defined() && grad_out.dim() == 2 && grad_out.size(0) == logits.size(0) &&
                         grad_out.size(1) == logits.size(2),
                     op, ": grad_out must have shape [N, K] = [", logits.size(0), ", ", logits.size(2),

@@ -34,19 +34,23 @@ CotrainCall prepare_cotrain(const at::Tensor& logits, const at::Tensor& target, 
 
 struct EnsembleCall {
   EnsembleArgs args;
+  at::Tensor weights;  // kept alive (contiguous), undefined without weights
   at::Tensor out;
 };
 
-EnsembleCall prepare_ensemble(const at::Tensor& logits, std::string_view mode, c10::DeviceType expected_device);
+EnsembleCall prepare_ensemble(const at::Tensor& logits, std::string_view mode,
+                              const std::optional<at::Tensor>& weights, c10::DeviceType expected_device);
 
 struct EnsembleBackwardCall {
   EnsembleBackwardArgs args;
   at::Tensor grad_out;  // kept alive (converted to the logits dtype when it differs)
+  at::Tensor weights;   // kept alive (contiguous), undefined without weights
   at::Tensor grad_logits;
 };
 
 EnsembleBackwardCall prepare_ensemble_backward(const at::Tensor& grad_out, const at::Tensor& logits,
-                                               std::string_view mode, c10::DeviceType expected_device);
+                                               std::string_view mode, const std::optional<at::Tensor>& weights,
+                                               c10::DeviceType expected_device);
 
 }  // namespace ops
 }  // namespace divco

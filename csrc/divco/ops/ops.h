@@ -13,14 +13,16 @@ namespace ops {
 
 CotrainResult cotrain_loss_cpu(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
                                const std::optional<at::Tensor>& sample_weight, std::string_view kind, double temperature, bool compute_grad);
-at::Tensor ensemble_cpu(const at::Tensor& logits, std::string_view mode);
-at::Tensor ensemble_backward_cpu(const at::Tensor& grad_out, const at::Tensor& logits, std::string_view mode);
+at::Tensor ensemble_cpu(const at::Tensor& logits, std::string_view mode, const std::optional<at::Tensor>& weights);
+at::Tensor ensemble_backward_cpu(const at::Tensor& grad_out, const at::Tensor& logits, std::string_view mode,
+                                 const std::optional<at::Tensor>& weights);
 
 #if defined(DIVCO_WITH_CUDA)
 CotrainResult cotrain_loss_cuda(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& sample_weight, std::string_view kind, double temperature, bool compute_grad);
-at::Tensor ensemble_cuda(const at::Tensor& logits, std::string_view mode);
-at::Tensor ensemble_backward_cuda(const at::Tensor& grad_out, const at::Tensor& logits, std::string_view mode);
+at::Tensor ensemble_cuda(const at::Tensor& logits, std::string_view mode, const std::optional<at::Tensor>& weights);
+at::Tensor ensemble_backward_cuda(const at::Tensor& grad_out, const at::Tensor& logits, std::string_view mode,
+                                  const std::optional<at::Tensor>& weights);
 #endif
 
 namespace cpu {

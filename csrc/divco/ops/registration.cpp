@@ -9,8 +9,8 @@ TORCH_LIBRARY(divco, m) {
   m.def(
       "cotrain_loss_native(Tensor logits, Tensor target, Tensor weight, Tensor? sample_weight, str kind, "
       "float temperature, bool compute_grad) -> (Tensor loss, Tensor ce, Tensor cot, Tensor ensemble, Tensor correct, Tensor grad)");
-  m.def("ensemble_native(Tensor logits, str mode) -> Tensor");
-  m.def("ensemble_backward_native(Tensor grad_out, Tensor logits, str mode) -> Tensor");
+  m.def("ensemble_native(Tensor logits, str mode, Tensor? weights) -> Tensor");
+  m.def("ensemble_backward_native(Tensor grad_out, Tensor logits, str mode, Tensor? weights) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(divco, CPU, m) {

@@ -30,17 +30,39 @@ struct EnsembleWorkspace {
   std::vector<float> storage;
   std::vector<double> sum;           // [K] mean_over_branches' accumulator
   std::vector<int32_t> best_branch;  // [K] max_probs backward: the branch holding the max
+  std::vector<float> weight;         // [S] normalised weights (empty: equal weights)
   float* z;                          // [S, K] logits as float (max_probs: their softmax)
   float* scratch;                    // [K]
   float* out;                        // [K]
 
-  EnsembleWorkspace(int64_t S, int64_t K)
+  EnsembleWorkspace(int64_t S, int64_t K, const float* weights)
       : storage(static_cast<size_t>((S + 2) * K)), sum(static_cast<size_t>(K)), best_branch(static_cast<size_t>(K)) {
     z = storage.data();
     scratch = z + S * K;
     out = scratch + K;
+    if (weights != nullptr) {
+      weight.assign(weights, weights + S);  // normalised by prepare_ensemble
+    }
   }
+  bool weighted() const { return !weight.empty(); }
 };
+
+// Σ_s w_s z_s over branches into out (math::weighted_logit_add; a branch of weight 0 adds nothing).
+DIVCO_CPU_INLINE void weighted_mean_over_branches(const float* z, const float* w, int64_t S, int64_t K, float* out) {
+  for (int64_t k = 0; k < K; ++k) out[k] = 0.0f;
+  for (int64_t s = 0; s < S; ++s) {
+    for (int64_t k = 0; k < K; ++k) out[k] = math::weighted_logit_add(out[k], w[s], z[s * K + k]);
+  }
+}
+
+// The top-1 class of one branch's logits x[0..K) (torch.argmax: NaN first, then the first max).
+DIVCO_CPU_INLINE int64_t row_argmax(const float* x, int64_t K) {
+  int64_t best = 0;
+  for (int64_t k = 1; k < K; ++k) {
+    if (math::argmax_prefers(x[k], k, x[best], best)) best = k;
+  }
+  return best;
+}
 
 // mean over branches of the logits (branch order fixed; double accumulator, see
 // math::mean_logit_add).
@@ -83,29 +105,58 @@ DIVCO_CPU_INLINE void load_branches(const LogitsView& v, int64_t n, float* z) {
   for (int64_t s = 0; s < v.branches; ++s) load_row(logits + s * v.stride_branch, v.stride_class, v.classes, z + s * v.classes);
 }
 
+// The (weighted) mean of the logits over branches into out.
+DIVCO_CPU_INLINE void branch_mean(const EnsembleWorkspace& w, int64_t S, int64_t K, double* sum, float* out) {
+  if (w.weighted()) {
+    weighted_mean_over_branches(w.z, w.weight.data(), S, K, out);
+  } else {
+    mean_over_branches(w.z, S, K, sum, out);
+  }
+}
+
 // Forward: row n of the ensemble into w.out (float), from w.z [S, K].
 DIVCO_CPU_INLINE void ensemble_row(EnsembleMode mode, int64_t S, int64_t K, EnsembleWorkspace& w) {
   switch (mode) {
     case EnsembleMode::kMeanLogits:
-      mean_over_branches(w.z, S, K, w.sum.data(), w.out);
+      branch_mean(w, S, K, w.sum.data(), w.out);
       break;
     case EnsembleMode::kMeanProbs: {
       float* out = w.out;
       for (int64_t k = 0; k < K; ++k) out[k] = 0.0f;
       for (int64_t s = 0; s < S; ++s) {
-        softmax_row(w.z + s * K, K, w.scratch);
-        for (int64_t k = 0; k < K; ++k) out[k] += w.scratch[k];
+        if (w.weighted()) {
+          const float ws = w.weight[s];
+          if (ws == 0.0f) continue;  // no part in the ensemble (its logits may be NaN)
+          softmax_row(w.z + s * K, K, w.scratch);
+          for (int64_t k = 0; k < K; ++k) out[k] += ws * w.scratch[k];
+        } else {
+          softmax_row(w.z + s * K, K, w.scratch);
+          for (int64_t k = 0; k < K; ++k) out[k] += w.scratch[k];
+        }
       }
-      const float branches = static_cast<float>(S);
-      for (int64_t k = 0; k < K; ++k) out[k] = out[k] / branches;
+      if (!w.weighted()) {
+        const float branches = static_cast<float>(S);
+        for (int64_t k = 0; k < K; ++k) out[k] = out[k] / branches;
+      }
       break;
     }
     case EnsembleMode::kGeoMean:
-      // softmax(mean_s log_softmax(z_s)) = softmax(mean_s z_s): the log-normalisers only
+      // softmax(Σ_s w_s log_softmax(z_s)) = softmax(Σ_s w_s z_s): the log-normalisers only
       // shift every class by the same amount.
-      mean_over_branches(w.z, S, K, w.sum.data(), w.scratch);
+      branch_mean(w, S, K, w.sum.data(), w.scratch);
       softmax_row(w.scratch, K, w.out);
       break;
+    case EnsembleMode::kVote: {
+      // out_k = Σ_s w_s [top1_s = k]; unweighted: the count of votes / S (one rounding).
+      float* out = w.out;
+      for (int64_t k = 0; k < K; ++k) out[k] = 0.0f;
+      for (int64_t s = 0; s < S; ++s) out[row_argmax(w.z + s * K, K)] += w.weighted() ? w.weight[s] : 1.0f;
+      if (!w.weighted()) {
+        const float branches = static_cast<float>(S);
+        for (int64_t k = 0; k < K; ++k) out[k] = out[k] / branches;
+      }
+      break;
+    }
     case EnsembleMode::kMax:
       max_over_branches(w.z, S, K, w.out);
       break;
@@ -119,7 +170,7 @@ DIVCO_CPU_INLINE void ensemble_row(EnsembleMode mode, int64_t S, int64_t K, Ense
 template <typename scalar_t>
 DIVCO_CPU_INLINE void ensemble_rows(const EnsembleArgs& a, int64_t begin, int64_t end) {
   const int64_t S = a.logits.branches, K = a.logits.classes;
-  EnsembleWorkspace w(S, K);
+  EnsembleWorkspace w(S, K, a.weights);
   for (int64_t n = begin; n < end; ++n) {
     load_branches<scalar_t>(a.logits, n, w.z);
     ensemble_row(a.mode, S, K, w);
@@ -131,7 +182,8 @@ DIVCO_CPU_INLINE void ensemble_rows(const EnsembleArgs& a, int64_t begin, int64_
 template <typename scalar_t>
 DIVCO_CPU_INLINE void ensemble_backward_rows(const EnsembleBackwardArgs& a, int64_t begin, int64_t end) {
   const int64_t S = a.logits.branches, K = a.logits.classes;
-  EnsembleWorkspace w(S, K);
+  EnsembleWorkspace w(S, K, a.weights);
+  const float* weight = w.weighted() ? w.weight.data() : nullptr;
   float* z = w.z;
   float* g = w.out;
   float* p = w.scratch;
@@ -144,23 +196,43 @@ DIVCO_CPU_INLINE void ensemble_backward_rows(const EnsembleBackwardArgs& a, int6
       case EnsembleMode::kMeanLogits: {
         const float branches = static_cast<float>(S);
         for (int64_t s = 0; s < S; ++s) {
-          for (int64_t k = 0; k < K; ++k) dst[s * K + k] = from_float<scalar_t>(g[k] / branches);
+          if (weight != nullptr) {
+            for (int64_t k = 0; k < K; ++k) dst[s * K + k] = from_float<scalar_t>(math::weighted_term(weight[s], g[k]));
+          } else {
+            for (int64_t k = 0; k < K; ++k) dst[s * K + k] = from_float<scalar_t>(g[k] / branches);
+          }
         }
         break;
       }
+      case EnsembleMode::kVote:  // piecewise constant
+        for (int64_t i = 0; i < S * K; ++i) dst[i] = from_float<scalar_t>(0.0f);
+        break;
       case EnsembleMode::kMeanProbs:
         for (int64_t s = 0; s < S; ++s) {
+          if (weight != nullptr && weight[s] == 0.0f) {  // no part, no gradient (its logits may be NaN)
+            for (int64_t k = 0; k < K; ++k) dst[s * K + k] = from_float<scalar_t>(0.0f);
+            continue;
+          }
+          const float factor = weight != nullptr ? weight[s] : inv_branches;
           softmax_row(z + s * K, K, p);
           const float g_dot_p = lane_sum(K, [&](int64_t k) { return g[k] * p[k]; });
           for (int64_t k = 0; k < K; ++k)
-            dst[s * K + k] = from_float<scalar_t>(math::softmax_backward_element(p[k], g[k], g_dot_p, inv_branches));
+            dst[s * K + k] = from_float<scalar_t>(math::softmax_backward_element(p[k], g[k], g_dot_p, factor));
         }
         break;
       case EnsembleMode::kGeoMean: {
         float* mean = z;  // z is no longer needed after the mean: reuse its first plane
-        mean_over_branches(z, S, K, w.sum.data(), p);
+        branch_mean(w, S, K, w.sum.data(), p);
         softmax_row(p, K, mean);
         const float g_dot_e = lane_sum(K, [&](int64_t k) { return g[k] * mean[k]; });
+        if (weight != nullptr) {
+          // dL/dz_sk = w_s e_k (g_k - <g, e>)
+          for (int64_t k = 0; k < K; ++k) p[k] = math::softmax_backward_element(mean[k], g[k], g_dot_e, 1.0f);
+          for (int64_t s = 0; s < S; ++s) {
+            for (int64_t k = 0; k < K; ++k) dst[s * K + k] = from_float<scalar_t>(math::weighted_term(weight[s], p[k]));
+          }
+          break;
+        }
         for (int64_t k = 0; k < K; ++k) p[k] = math::softmax_backward_element(mean[k], g[k], g_dot_e, inv_branches);
         for (int64_t s = 0; s < S; ++s) {
           for (int64_t k = 0; k < K; ++k) dst[s * K + k] = from_float<scalar_t>(p[k]);
@@ -216,14 +288,15 @@ void run_ensemble_backward(const EnsembleBackwardArgs& a) {
 
 }  // namespace cpu
 
-at::Tensor ensemble_cpu(const at::Tensor& logits, std::string_view mode) {
-  EnsembleCall call = prepare_ensemble(logits, mode, c10::DeviceType::CPU);
+at::Tensor ensemble_cpu(const at::Tensor& logits, std::string_view mode, const std::optional<at::Tensor>& weights) {
+  EnsembleCall call = prepare_ensemble(logits, mode, weights, c10::DeviceType::CPU);
   cpu::run_ensemble(call.args);
   return call.out;
 }
 
-at::Tensor ensemble_backward_cpu(const at::Tensor& grad_out, const at::Tensor& logits, std::string_view mode) {
-  EnsembleBackwardCall call = prepare_ensemble_backward(grad_out, logits, mode, c10::DeviceType::CPU);
+at::Tensor ensemble_backward_cpu(const at::Tensor& grad_out, const at::Tensor& logits, std::string_view mode,
+                                 const std::optional<at::Tensor>& weights) {
+  EnsembleBackwardCall call = prepare_ensemble_backward(grad_out, logits, mode, weights, c10::DeviceType::CPU);
   cpu::run_ensemble_backward(call.args);
   return call.grad_logits;
 }

@@ -1,7 +1,8 @@
 // CUDA kernels of divco::ensemble_native and divco::ensemble_backward_native: one block per
 // row, online softmax over K (block reductions), fp32 arithmetic, up to
 // kMaxEnsembleBranches branches (mean_probs / max_probs keep two floats per branch in
-// shared memory; the other modes take any S).
+// shared memory, vote one int; the other modes take any S). Per-branch weights (optional)
+// arrive normalised (prepare_ensemble); each thread reads them (S broadcast loads).
 // Formulas from ../../cotrain_math.h, shared with the CPU kernels.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -43,6 +44,51 @@ __device__ __forceinline__ float mean_logit(const LogitsView& v, int64_t row, in
     sum = s == 0 ? static_cast<double>(z) : m::mean_logit_add(sum, z);
   }
   return m::mean_logit_finish(sum, v.inv_branches);
+}
+
+// Σ_s w_s z_s for class k (normalised weights; see math::weighted_logit_add).
+template <typename scalar_t>
+__device__ __forceinline__ float weighted_mean_logit(const LogitsView& v, int64_t row, int64_t k,
+                                                     const float* weights) {
+  float sum = 0.0f;
+  for (int s = 0; s < static_cast<int>(v.branches); ++s) {
+    const float z = load<scalar_t>(v.data, row + s * v.stride_branch + k * v.stride_class);
+    sum = m::weighted_logit_add(sum, weights[s], z);
+  }
+  return sum;
+}
+
+// The (weighted) mean logit of class k: weights == nullptr is the unweighted mean.
+template <typename scalar_t>
+__device__ __forceinline__ float branch_mean_logit(const LogitsView& v, int64_t row, int64_t k,
+                                                   const float* weights) {
+  return weights != nullptr ? weighted_mean_logit<scalar_t>(v, row, k, weights) : mean_logit<scalar_t>(v, row, k);
+}
+
+// A branch's top-1 candidate: the value and class index (torch.argmax: NaN first, then the
+// first maximum; the index sentinel loses every tie).
+struct Top1 {
+  float value;
+  int index;
+};
+struct ShuffleTop1 {
+  __device__ Top1 operator()(Top1 v, int o) const { return {shfl_down(v.value, o), shfl_down(v.index, o)}; }
+};
+struct MergeTop1 {
+  __device__ Top1 operator()(Top1 a, const Top1& b) const {
+    return m::argmax_prefers(b.value, b.index, a.value, a.index) ? b : a;
+  }
+};
+
+// The top-1 class of one branch (all threads get it).
+template <typename scalar_t>
+__device__ int branch_top1(const LogitsView& v, int64_t branch, Top1* scratch) {
+  Top1 best{-m::positive_infinity(), 2147483647};
+  for (int64_t k = threadIdx.x; k < v.classes; k += blockDim.x) {
+    const float z = load<scalar_t>(v.data, branch + k * v.stride_class);
+    if (m::argmax_prefers(z, k, best.value, best.index)) best = {z, static_cast<int>(k)};
+  }
+  return block_allreduce(best, ShuffleTop1{}, MergeTop1{}, scratch).index;
 }
 
 // p_sk from the branch statistics in shared memory (max, 1 / sum).
@@ -99,29 +145,52 @@ __device__ void all_branch_stats(const LogitsView& v, int64_t row, float* s_max,
 
 // Softmax statistics of the mean logits of the row.
 template <typename scalar_t>
-__device__ m::SoftmaxStats mean_logit_stats(const LogitsView& v, int64_t row, m::SoftmaxStats* scratch) {
+__device__ m::SoftmaxStats mean_logit_stats(const LogitsView& v, int64_t row, const float* weights,
+                                            m::SoftmaxStats* scratch) {
   m::SoftmaxStats stats = m::softmax_stats_empty();
   for (int64_t k = threadIdx.x; k < v.classes; k += blockDim.x) {
-    stats = m::softmax_stats_add(stats, mean_logit<scalar_t>(v, row, k), 1.0f);
+    stats = m::softmax_stats_add(stats, branch_mean_logit<scalar_t>(v, row, k, weights), 1.0f);
   }
   return block_allreduce(stats, ShuffleStats{}, MergeStats{}, scratch);
 }
 
-// Dynamic shared memory: 2 * S floats (per-branch max and 1/sum) for mean_probs and max_probs.
+// Dynamic shared memory: 2 * S floats (per-branch max and 1/sum) for mean_probs and max_probs,
+// S ints (each branch's top-1 class) for vote.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock) ensemble_kernel(const EnsembleArgs a) {
   extern __shared__ float branch_stats_smem[];
   __shared__ m::SoftmaxStats stats_scratch[32];
+  __shared__ Top1 top1_scratch[32];
   const LogitsView& v = a.logits;
   const int64_t n = blockIdx.x;
   const int S = static_cast<int>(v.branches);
   const int K = static_cast<int>(v.classes);
   const int64_t row = n * v.stride_row;
   const int64_t out_row = n * K;
+  const float* weights = a.weights;
+  const float inv_branches = 1.0f / static_cast<float>(S);
   switch (a.mode) {
     case EnsembleMode::kMeanLogits:
-      for (int64_t k = threadIdx.x; k < K; k += blockDim.x) store<scalar_t>(a.out, out_row + k, mean_logit<scalar_t>(v, row, k));
+      for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+        store<scalar_t>(a.out, out_row + k, branch_mean_logit<scalar_t>(v, row, k, weights));
+      }
       break;
+    case EnsembleMode::kVote: {
+      int* top1 = reinterpret_cast<int*>(branch_stats_smem);
+      for (int s = 0; s < S; ++s) {
+        const int best = branch_top1<scalar_t>(v, row + s * v.stride_branch, top1_scratch);
+        if (threadIdx.x == 0) top1[s] = best;
+      }
+      __syncthreads();
+      for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+        float share = 0.0f;  // weighted: Σ_s w_s [top1_s = k]; else the count of votes, / S below
+        for (int s = 0; s < S; ++s) {
+          if (top1[s] == k) share += weights != nullptr ? weights[s] : 1.0f;
+        }
+        store<scalar_t>(a.out, out_row + k, weights != nullptr ? share : share * inv_branches);
+      }
+      break;
+    }
     case EnsembleMode::kMax:
       for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
         float best = load<scalar_t>(v.data, row + k * v.stride_class);
@@ -135,22 +204,29 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) ensemble_kernel(const Ens
       float* s_inv_sum = branch_stats_smem + S;
       all_branch_stats<scalar_t>(v, row, s_max, s_inv_sum, stats_scratch);
       const bool mean = a.mode == EnsembleMode::kMeanProbs;
+      const bool weighted = mean && weights != nullptr;
       for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
         float acc = mean ? 0.0f : branch_probability<scalar_t>(v, row, 0, k, s_max, s_inv_sum);
         for (int s = mean ? 0 : 1; s < S; ++s) {
+          if (weighted) {
+            const float w = weights[s];
+            if (w != 0.0f) acc += w * branch_probability<scalar_t>(v, row, s, k, s_max, s_inv_sum);
+            continue;
+          }
           const float p = branch_probability<scalar_t>(v, row, s, k, s_max, s_inv_sum);
           acc = mean ? acc + p : m::max_nan(acc, p);
         }
-        store<scalar_t>(a.out, out_row + k, mean ? acc / static_cast<float>(S) : acc);
+        store<scalar_t>(a.out, out_row + k, !mean || weighted ? acc : acc / static_cast<float>(S));
       }
       break;
     }
     case EnsembleMode::kGeoMean: {
-      // softmax(mean_s log_softmax(z_s)) = softmax(mean_s z_s).
-      const m::SoftmaxStats stats = mean_logit_stats<scalar_t>(v, row, stats_scratch);
+      // softmax(Σ_s w_s log_softmax(z_s)) = softmax(Σ_s w_s z_s).
+      const m::SoftmaxStats stats = mean_logit_stats<scalar_t>(v, row, weights, stats_scratch);
       const float inv_sum = 1.0f / stats.sum;
       for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-        store<scalar_t>(a.out, out_row + k, m::exp_f32(mean_logit<scalar_t>(v, row, k) - stats.max) * inv_sum);
+        const float mean = branch_mean_logit<scalar_t>(v, row, k, weights);
+        store<scalar_t>(a.out, out_row + k, m::exp_f32(mean - stats.max) * inv_sum);
       }
       break;
     }
@@ -158,7 +234,9 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) ensemble_kernel(const Ens
 }
 
 // Dynamic shared memory: 2 * S floats (per-branch max and 1/sum) for max_probs.
-template <typename scalar_t>
+// kWeighted: compiled apart, so that the unweighted kernel keeps its registers (the weights
+// pointer, live through the mean_probs loop, made ptxas spill in a single kernel).
+template <typename scalar_t, bool kWeighted>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock) ensemble_backward_kernel(const EnsembleBackwardArgs a) {
   extern __shared__ float branch_stats_smem[];
   __shared__ m::SoftmaxStats stats_scratch[32];
@@ -170,13 +248,25 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) ensemble_backward_kernel(
   const int64_t row = n * v.stride_row;
   const int64_t g_row = n * a.grad_out_stride_row;
   const float inv_branches = 1.0f / static_cast<float>(S);
+  const float* weights = kWeighted ? a.weights : nullptr;
   auto grad_out = [&](int64_t k) { return load<scalar_t>(a.grad_out, g_row + k * a.grad_out_stride_class); };
   auto out_offset = [&](int s, int64_t k) { return (n * S + s) * static_cast<int64_t>(K) + k; };
   switch (a.mode) {
-    case EnsembleMode::kMeanLogits:
-      for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+    case EnsembleMode::kMeanLogits: {
+          for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+        if (weights != nullptr) {
+          const float g = grad_out(k);
+          for (int s = 0; s < S; ++s) store<scalar_t>(a.grad_logits, out_offset(s, k), m::weighted_term(weights[s], g));
+          continue;
+        }
         const float g = grad_out(k) / static_cast<float>(S);
         for (int s = 0; s < S; ++s) store<scalar_t>(a.grad_logits, out_offset(s, k), g);
+      }
+      break;
+    }
+    case EnsembleMode::kVote:  // piecewise constant
+      for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+        for (int s = 0; s < S; ++s) store<scalar_t>(a.grad_logits, out_offset(s, k), 0.0f);
       }
       break;
     case EnsembleMode::kMax:
@@ -207,8 +297,9 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) ensemble_backward_kernel(
       }
       break;
     }
-    case EnsembleMode::kMeanProbs:
-      for (int s = 0; s < S; ++s) {
+    case EnsembleMode::kMeanProbs: {
+          for (int s = 0; s < S; ++s) {
+        // weight 0: no part, no gradient (its logits may be NaN): weighted_term below
         const int64_t branch = row + s * v.stride_branch;
         const m::SoftmaxStats stats = branch_stats<scalar_t>(v, branch, stats_scratch);
         const float inv_sum = 1.0f / stats.sum;
@@ -217,22 +308,30 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) ensemble_backward_kernel(
           dot += grad_out(k) * (m::exp_f32(load<scalar_t>(v.data, branch + k * v.stride_class) - stats.max) * inv_sum);
         }
         dot = block_sum(dot, float_scratch);
+        const float factor = weights != nullptr ? weights[s] : inv_branches;
         for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
           const float p = m::exp_f32(load<scalar_t>(v.data, branch + k * v.stride_class) - stats.max) * inv_sum;
-          store<scalar_t>(a.grad_logits, out_offset(s, k), m::softmax_backward_element(p, grad_out(k), dot, inv_branches));
+          const float grad = factor == 0.0f ? 0.0f : m::softmax_backward_element(p, grad_out(k), dot, factor);
+          store<scalar_t>(a.grad_logits, out_offset(s, k), grad);
         }
       }
       break;
+    }
     case EnsembleMode::kGeoMean: {
-      const m::SoftmaxStats stats = mean_logit_stats<scalar_t>(v, row, stats_scratch);
+      const m::SoftmaxStats stats = mean_logit_stats<scalar_t>(v, row, weights, stats_scratch);
       const float inv_sum = 1.0f / stats.sum;
       float dot = 0.0f;
       for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-        dot += grad_out(k) * (m::exp_f32(mean_logit<scalar_t>(v, row, k) - stats.max) * inv_sum);
+        dot += grad_out(k) * (m::exp_f32(branch_mean_logit<scalar_t>(v, row, k, weights) - stats.max) * inv_sum);
       }
       dot = block_sum(dot, float_scratch);
       for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-        const float e = m::exp_f32(mean_logit<scalar_t>(v, row, k) - stats.max) * inv_sum;
+        const float e = m::exp_f32(branch_mean_logit<scalar_t>(v, row, k, weights) - stats.max) * inv_sum;
+        if (weights != nullptr) {  // w_s e_k (g_k - <g, e>)
+          const float g = m::softmax_backward_element(e, grad_out(k), dot, 1.0f);
+          for (int s = 0; s < S; ++s) store<scalar_t>(a.grad_logits, out_offset(s, k), m::weighted_term(weights[s], g));
+          continue;
+        }
         const float g = m::softmax_backward_element(e, grad_out(k), dot, inv_branches);
         for (int s = 0; s < S; ++s) store<scalar_t>(a.grad_logits, out_offset(s, k), g);
       }
@@ -241,10 +340,13 @@ __global__ void __launch_bounds__(kMaxThreadsPerBlock) ensemble_backward_kernel(
   }
 }
 
-// Dynamic shared memory of the modes that keep per-branch statistics (two floats per branch).
-size_t branch_stats_bytes(EnsembleMode mode, int64_t branches) {
-  const bool keeps_stats = mode == EnsembleMode::kMeanProbs || mode == EnsembleMode::kMaxProbs;
-  return keeps_stats ? 2 * sizeof(float) * static_cast<size_t>(branches) : 0;
+// Dynamic shared memory of the modes that keep per-branch values: two floats per branch
+// (softmax statistics), or one int (vote: the top-1 class; forward only).
+size_t branch_stats_bytes(EnsembleMode mode, int64_t branches, bool forward) {
+  if (mode == EnsembleMode::kMeanProbs || mode == EnsembleMode::kMaxProbs) {
+    return 2 * sizeof(float) * static_cast<size_t>(branches);
+  }
+  return mode == EnsembleMode::kVote && forward ? sizeof(int) * static_cast<size_t>(branches) : 0;
 }
 
 }  // namespace
@@ -253,7 +355,7 @@ cudaError_t launch_ensemble(const EnsembleArgs& a, cudaStream_t stream) {
   if (a.logits.rows == 0) return cudaSuccess;
   dispatch_logits_dtype(a.logits.dtype, [&](auto dtype) {
     ensemble_kernel<decltype(dtype)><<<static_cast<unsigned>(a.logits.rows), threads_for_classes(a.logits.classes),
-                                       branch_stats_bytes(a.mode, a.logits.branches), stream>>>(a);
+                                       branch_stats_bytes(a.mode, a.logits.branches, true), stream>>>(a);
   });
   return cudaGetLastError();
 }
@@ -261,9 +363,14 @@ cudaError_t launch_ensemble(const EnsembleArgs& a, cudaStream_t stream) {
 cudaError_t launch_ensemble_backward(const EnsembleBackwardArgs& a, cudaStream_t stream) {
   if (a.logits.rows == 0) return cudaSuccess;
   dispatch_logits_dtype(a.logits.dtype, [&](auto dtype) {
-    ensemble_backward_kernel<decltype(dtype)><<<static_cast<unsigned>(a.logits.rows),
-                                                threads_for_classes(a.logits.classes),
-                                                branch_stats_bytes(a.mode, a.logits.branches), stream>>>(a);
+    const unsigned rows = static_cast<unsigned>(a.logits.rows);
+    const int threads = threads_for_classes(a.logits.classes);
+    const size_t smem = branch_stats_bytes(a.mode, a.logits.branches, false);
+    if (a.weights != nullptr) {
+      ensemble_backward_kernel<decltype(dtype), true><<<rows, threads, smem, stream>>>(a);
+    } else {
+      ensemble_backward_kernel<decltype(dtype), false><<<rows, threads, smem, stream>>>(a);
+    }
   });
   return cudaGetLastError();
 }

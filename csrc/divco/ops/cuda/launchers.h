@@ -22,7 +22,8 @@ constexpr int kDefaultSharedMemoryBytes = 48 * 1024;
 // ptxas reports at most 384 bytes, tests/native/test_cuda_compile.py checks the bound).
 constexpr int kEnsembleStaticSharedBytes = 1024;
 // The mean_probs / max_probs ensembles keep two floats per branch (max, 1 / sum) in
-// dynamic shared memory next to that scratch: at most 6016 branches.
+// dynamic shared memory next to that scratch: at most 6016 branches (vote, one int per
+// branch, takes the same limit).
 constexpr int kMaxEnsembleBranches =
     (kDefaultSharedMemoryBytes - kEnsembleStaticSharedBytes) / static_cast<int>(2 * sizeof(float));
 

@@ -21,12 +21,15 @@ void check_cuda_limits(const LogitsView& v, const char* op) {
                     ": the CUDA kernels take at most 2^31 - 1 rows; got N = ", v.rows);
 }
 
-// mean_probs / max_probs keep two floats per branch in shared memory (launchers.h).
+// mean_probs / max_probs keep two floats per branch in shared memory, vote one int (launchers.h).
 void check_ensemble_branches(const LogitsView& v, EnsembleMode mode, const char* op) {
-  if (mode != EnsembleMode::kMeanProbs && mode != EnsembleMode::kMaxProbs) return;
-  TORCH_CHECK_VALUE(v.branches <= cuda::kMaxEnsembleBranches, op, ": the CUDA kernel of the ",
-                    mode == EnsembleMode::kMeanProbs ? "mean_probs" : "max_probs", " ensemble takes at most ",
-                    cuda::kMaxEnsembleBranches, " branches (S); got S = ", v.branches);
+  const char* name = mode == EnsembleMode::kMeanProbs  ? "mean_probs"
+                     : mode == EnsembleMode::kMaxProbs ? "max_probs"
+                     : mode == EnsembleMode::kVote     ? "vote"
+                                                       : nullptr;
+  if (name == nullptr) return;
+  TORCH_CHECK_VALUE(v.branches <= cuda::kMaxEnsembleBranches, op, ": the CUDA kernel of the ", name,
+                    " ensemble takes at most ", cuda::kMaxEnsembleBranches, " branches (S); got S = ", v.branches);
 }
 
 }  // namespace
@@ -45,8 +48,8 @@ CotrainResult cotrain_loss_cuda(const at::Tensor& logits, const at::Tensor& targ
   return call.outputs();
 }
 
-at::Tensor ensemble_cuda(const at::Tensor& logits, std::string_view mode) {
-  EnsembleCall call = prepare_ensemble(logits, mode, c10::DeviceType::CUDA);
+at::Tensor ensemble_cuda(const at::Tensor& logits, std::string_view mode, const std::optional<at::Tensor>& weights) {
+  EnsembleCall call = prepare_ensemble(logits, mode, weights, c10::DeviceType::CUDA);
   check_cuda_limits(call.args.logits, "ensemble_native");
   check_ensemble_branches(call.args.logits, call.args.mode, "ensemble_native");
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -54,8 +57,9 @@ at::Tensor ensemble_cuda(const at::Tensor& logits, std::string_view mode) {
   return call.out;
 }
 
-at::Tensor ensemble_backward_cuda(const at::Tensor& grad_out, const at::Tensor& logits, std::string_view mode) {
-  EnsembleBackwardCall call = prepare_ensemble_backward(grad_out, logits, mode, c10::DeviceType::CUDA);
+at::Tensor ensemble_backward_cuda(const at::Tensor& grad_out, const at::Tensor& logits, std::string_view mode,
+                                  const std::optional<at::Tensor>& weights) {
+  EnsembleBackwardCall call = prepare_ensemble_backward(grad_out, logits, mode, weights, c10::DeviceType::CUDA);
   check_cuda_limits(call.args.logits, "ensemble_backward_native");
   check_ensemble_branches(call.args.logits, call.args.mode, "ensemble_backward_native");
   const c10::cuda::CUDAGuard guard(logits.device());
