@@ -61,9 +61,17 @@ def load_run_members(run_dir, args):
     member_macs = summary(loaded.model, tuple(images.shape[1:])).macs_per_branch
     logits = predict(loaded.model, images.to(loaded.device), loaded.normalize, batch_size=args.batch_size)  # [N, S, K]
     info = loaded.state["model_info"]
-    return RunMembers(label=f"{info['name']} (S={info['branches']})", logits=logits.transpose(0, 1).to(torch.float64),
+    return RunMembers(label=run_label(info), logits=logits.transpose(0, 1).to(torch.float64),
                       labels=loaded.dataset.test_labels.to(loaded.device), member_flops=2.0 * member_macs,
                       source=str(run_dir))
+
+
+def run_label(model_info: dict) -> str:
+    """A curve's label: the network and its branch count, e.g. "wide_resnet16_2 (S=4)", and
+    ", undivided" when the S members keep the full width (``--model-kwargs '{"divide": false}'``):
+    the same name and S then mean members twice as wide."""
+    undivided = (model_info.get("model_kwargs") or {}).get("divide") is False
+    return f"{model_info['name']} (S={model_info['branches']}{', undivided' if undivided else ''})"
 
 
 def run(args, load_run: Optional[Callable] = None) -> int:

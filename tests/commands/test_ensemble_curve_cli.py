@@ -88,3 +88,10 @@ def test_real_run_members_match_the_trained_model(tmp_path):
     assert accuracy == pytest.approx([b.acc for b in result.branches])
     assert ensemble_curve.run(args) == 0
     assert (tmp_path / "curve" / "curve.md").is_file()
+
+
+def test_a_label_says_when_the_members_keep_the_full_width():
+    info = {"name": "wide_resnet16_2", "branches": 4, "model_kwargs": {}}
+    assert ensemble_curve.run_label(info) == "wide_resnet16_2 (S=4)"  # divided: four WRN-16-1
+    assert ensemble_curve.run_label({**info, "model_kwargs": {"divide": False}}) == "wide_resnet16_2 (S=4, undivided)"
+    assert ensemble_curve.run_label({"name": "resnet110", "branches": 1}) == "resnet110 (S=1)"  # older checkpoints
