@@ -45,6 +45,7 @@ from ..io import atomic_write_text
 from ..models.base import BranchBatchedNetwork
 from ..stacking import stack
 from .checkpoint import load_checkpoint, save_checkpoint
+from .recipe import StepSchedule
 
 MEMBERS_NAME = "members.json"
 MEMBERS_FORMAT = "divco-checkpoint-ensemble"
@@ -55,41 +56,19 @@ def member_name(index: int) -> str:
     return f"member-{index + 1:02d}.pt"
 
 
-class SnapshotLR:
-    """The learning rate of a snapshot run: ``lr0 * SnapshotSchedule.factor(t)`` at iteration t.
-
-    The interface of :class:`divco.train.recipe.WarmupCosineSchedule` (step, current_lr,
-    state_dict): the state is the iteration counter, so a resumed run continues the cycle exactly.
-    """
+class SnapshotLR(StepSchedule):
+    """The learning rate of a snapshot run: ``lr0 * SnapshotSchedule.factor(t)`` at iteration t
+    (the step counter and its state are :class:`divco.train.recipe.StepSchedule`'s)."""
 
     def __init__(self, optimizer, *, base_lr: float, total_steps: int, cycles: int) -> None:
-        self.optimizer = optimizer
+        super().__init__(optimizer)
         self.base_lr = base_lr
         self.cycles = SnapshotSchedule(total_steps, cycles)
-        self.last_step = 0
-        self._apply()
+        self._apply(self.lr(0))
 
     def lr(self, step: int) -> float:
         """The rate of 0-based iteration ``step`` (iteration t = step + 1; held after the last)."""
         return self.cycles.lr(min(step + 1, self.cycles.total_iterations), self.base_lr)
-
-    def _apply(self) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr(self.last_step)
-
-    def step(self) -> None:
-        self.last_step += 1
-        self._apply()
-
-    def current_lr(self) -> float:
-        return self.lr(self.last_step)
-
-    def state_dict(self) -> dict:
-        return {"last_step": self.last_step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.last_step = int(state["last_step"])
-        self._apply()
 
 
 class CheckpointEnsemble:

@@ -271,35 +271,19 @@ def resolve_augment(augment: AugmentConfig, recipe: str) -> AugmentConfig:
 # -- the schedules ----------------------------------------------------------------------------------
 
 
-class WarmupCosineSchedule:
-    """Learning rate per iteration: linear warm-up, then cosine decay with a floor.
+class StepSchedule:
+    """A learning rate per iteration, ``lr(step)``, written into every parameter group.
 
-    ``lr(T)`` for iteration ``T`` (0-based, counted over the whole run) follows the
-    official ``lr_scheduler`` in "cos" mode.  ``step()`` sets the next iteration's rate
-    on every parameter group; the state is the iteration counter.
+    ``step()`` moves to the next iteration; the state is the iteration counter, so a resumed
+    run continues exactly. Subclasses define :meth:`lr`.
     """
 
-    def __init__(self, optimizer, *, base_lr: float, total_steps: int, warmup_steps: int,
-                 warmup_start_lr: float, min_lr: float) -> None:
-        if total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-        if not 0 <= warmup_steps < total_steps:
-            raise ValueError(f"warmup_steps must lie in [0, {total_steps}), got {warmup_steps}")
+    def __init__(self, optimizer) -> None:
         self.optimizer = optimizer
-        self.base_lr = base_lr
-        self.total_steps = total_steps
-        self.warmup_steps = warmup_steps
-        self.warmup_start_lr = min(warmup_start_lr, base_lr)
-        self.min_lr = min(min_lr, base_lr)
         self.last_step = 0
-        self._apply(self.lr(0))
 
     def lr(self, step: int) -> float:
-        if self.warmup_steps > 0 and step <= self.warmup_steps:
-            rate = self.warmup_start_lr + step / self.warmup_steps * (self.base_lr - self.warmup_start_lr)
-            return min(rate, self.base_lr)
-        progress = (step - self.warmup_steps) / (self.total_steps - self.warmup_steps)
-        return max(0.5 * self.base_lr * (1.0 + math.cos(math.pi * progress)), self.min_lr)
+        raise NotImplementedError
 
     def _apply(self, rate: float) -> None:
         for group in self.optimizer.param_groups:
@@ -318,6 +302,36 @@ class WarmupCosineSchedule:
     def load_state_dict(self, state: dict) -> None:
         self.last_step = int(state["last_step"])
         self._apply(self.lr(self.last_step))
+
+
+class WarmupCosineSchedule(StepSchedule):
+    """Learning rate per iteration: linear warm-up, then cosine decay with a floor.
+
+    ``lr(T)`` for iteration ``T`` (0-based, counted over the whole run) follows the
+    official ``lr_scheduler`` in "cos" mode.  ``step()`` sets the next iteration's rate
+    on every parameter group; the state is the iteration counter.
+    """
+
+    def __init__(self, optimizer, *, base_lr: float, total_steps: int, warmup_steps: int,
+                 warmup_start_lr: float, min_lr: float) -> None:
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        if not 0 <= warmup_steps < total_steps:
+            raise ValueError(f"warmup_steps must lie in [0, {total_steps}), got {warmup_steps}")
+        super().__init__(optimizer)
+        self.base_lr = base_lr
+        self.total_steps = total_steps
+        self.warmup_steps = warmup_steps
+        self.warmup_start_lr = min(warmup_start_lr, base_lr)
+        self.min_lr = min(min_lr, base_lr)
+        self._apply(self.lr(0))
+
+    def lr(self, step: int) -> float:
+        if self.warmup_steps > 0 and step <= self.warmup_steps:
+            rate = self.warmup_start_lr + step / self.warmup_steps * (self.base_lr - self.warmup_start_lr)
+            return min(rate, self.base_lr)
+        progress = (step - self.warmup_steps) / (self.total_steps - self.warmup_steps)
+        return max(0.5 * self.base_lr * (1.0 + math.cos(math.pi * progress)), self.min_lr)
 
 
 def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -> int:
