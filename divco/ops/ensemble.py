@@ -118,6 +118,12 @@ if not triton_backend.TRITON_ERROR:
         """The weights, or a float32 placeholder the kernel never reads (HAS_WEIGHTS false)."""
         return weights if weights is not None else logits.new_empty((1,), dtype=torch.float32)
 
+    def _launch_options(mode: str, weights: Optional[Tensor], S: int, K: int) -> dict:
+        """The constexprs and warps both ensemble kernels launch with (one tiling for the pair)."""
+        block_s, block_k, num_warps = triton_backend.tile_shape(S, K)
+        return dict(MODE=MODE_IDS[mode], NORMALISED=mode in NORMALISED_MODES, HAS_WEIGHTS=weights is not None,
+                    BLOCK_S=block_s, BLOCK_K=block_k, num_warps=num_warps)
+
     @triton_backend.define("ensemble")
     def ensemble_triton(logits: Tensor, mode: str, weights: Optional[Tensor]) -> Tensor:
         triton_backend.check_operands(logits)
@@ -125,18 +131,12 @@ if not triton_backend.TRITON_ERROR:
         check_operator_weights(weights, logits, mode)
         N, S, K = logits.shape
         out = torch.empty((N, K), dtype=logits.dtype, device=logits.device)
-        block_s, block_k, num_warps = triton_backend.tile_shape(S, K)
         with triton_backend.device_guard(logits.device), triton_backend.quiet_interpreter():
             triton_backend.wrap_triton(ensemble_kernel)[(N,)](
                 logits, logits.stride(0), logits.stride(1), logits.stride(2),
                 _weights_pointer(weights, logits),
                 out, S, K,
-                MODE=MODE_IDS[mode],
-                NORMALISED=mode in NORMALISED_MODES,
-                HAS_WEIGHTS=weights is not None,
-                BLOCK_S=block_s,
-                BLOCK_K=block_k,
-                num_warps=num_warps,
+                **_launch_options(mode, weights, S, K),
             )
         return out
 
@@ -148,19 +148,13 @@ if not triton_backend.TRITON_ERROR:
         N, S, K = logits.shape
         grad_out = grad_out.contiguous()
         grad = torch.empty((N, S, K), dtype=logits.dtype, device=logits.device)
-        block_s, block_k, num_warps = triton_backend.tile_shape(S, K)
         with triton_backend.device_guard(logits.device), triton_backend.quiet_interpreter():
             triton_backend.wrap_triton(ensemble_backward_kernel)[(N,)](
                 grad_out,
                 logits, logits.stride(0), logits.stride(1), logits.stride(2),
                 _weights_pointer(weights, logits),
                 grad, S, K,
-                MODE=MODE_IDS[mode],
-                NORMALISED=mode in NORMALISED_MODES,
-                HAS_WEIGHTS=weights is not None,
-                BLOCK_S=block_s,
-                BLOCK_K=block_k,
-                num_warps=num_warps,
+                **_launch_options(mode, weights, S, K),
             )
         return grad
 
