@@ -217,7 +217,7 @@ def run_checks(config: LoopConfig, branch_groups_list: tuple[int, ...], resume_f
     results = {}
     for G in branch_groups_list:
         mesh = build_mesh(config.branches, G)
-        out = {"train": train_branch_parallel(config, mesh), "gradient": logits_gradient_check(config, mesh)}
+        out = {"train": train_branch_parallel(config, mesh, count=True), "gradient": logits_gradient_check(config, mesh)}
         if resume_from is not None:
             out["resumed"] = train_branch_parallel(config, mesh, start=resume_from, first_step=resume_step)
         if modes:
