@@ -33,7 +33,7 @@ import importlib
 import math
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +47,7 @@ from ..nn.norm import norm_act
 from .base import BranchBatchedNetwork, init_convolutions_and_batchnorms
 from .dividing import divided_groups, divided_widen_factor, imagenet_base_width
 from .registry import register
+from .resnet_blocks import BLOCKS, zero_init_last_bns
 from .standalone import register_standalone
 
 _STAGE_STRIDES = (1, 2, 2, 2)
@@ -63,6 +64,7 @@ class ResNetSpec:
     groups: int = 1  # cardinality of the 3x3 convolutions (ResNeXt)
     width_per_group: int = 64  # bottleneck width = int(planes * width_per_group / 64) * groups
     num_classes: int = 1000
+    se_reduction: ClassVar[int] = 0  # the shared residual blocks' SE gate: none in torchvision's ResNets
 
     def __post_init__(self) -> None:
         if self.block not in ("basic", "bottleneck"):
@@ -89,66 +91,14 @@ class ResNetSpec:
 
 
 def _downsample(inplanes: int, out: int, stride: int, branches: int) -> Optional[nn.Sequential]:
-    """torchvision's projection shortcut: a strided 1x1 convolution and BN."""
+    """torchvision's projection shortcut: a strided 1x1 convolution and BN (the CIFAR ResNets and
+    ResNet-D pool instead, :func:`divco.models.resnet_blocks.make_layer`)."""
     if stride == 1 and inplanes == out:
         return None
     return nn.Sequential(BranchConv2d(inplanes, out, 1, stride, branches=branches),
                          BranchBatchNorm2d(out, branches=branches))
 
 
-class BasicBlock(nn.Module):
-    """torchvision's BasicBlock, branch-batched (same module names)."""
-
-    expansion = 1
-
-    def __init__(self, inplanes: int, planes: int, stride: int, spec: ResNetSpec, branches: int) -> None:
-        super().__init__()
-        S = branches
-        self.conv1 = BranchConv2d(inplanes, planes, 3, stride, 1, branches=S)
-        self.bn1 = BranchBatchNorm2d(planes, branches=S)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = BranchConv2d(planes, planes, 3, 1, 1, branches=S)
-        self.bn2 = BranchBatchNorm2d(planes, branches=S)
-        self.downsample = _downsample(inplanes, planes, stride, S)
-
-    def last_bn(self) -> BranchBatchNorm2d:
-        return self.bn2
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = norm_act(self.bn1, self.conv1(x))
-        return norm_act(self.bn2, self.conv2(out), residual=identity)
-
-
-class Bottleneck(nn.Module):
-    """torchvision's Bottleneck (stride on the 3x3 convolution), branch-batched."""
-
-    expansion = 4
-
-    def __init__(self, inplanes: int, planes: int, stride: int, spec: ResNetSpec, branches: int) -> None:
-        super().__init__()
-        S = branches
-        width = spec.bottleneck_width(planes)
-        self.conv1 = BranchConv2d(inplanes, width, 1, branches=S)
-        self.bn1 = BranchBatchNorm2d(width, branches=S)
-        self.conv2 = BranchConv2d(width, width, 3, stride, 1, groups=spec.groups, branches=S)
-        self.bn2 = BranchBatchNorm2d(width, branches=S)
-        self.conv3 = BranchConv2d(width, planes * self.expansion, 1, branches=S)
-        self.bn3 = BranchBatchNorm2d(planes * self.expansion, branches=S)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = _downsample(inplanes, planes * self.expansion, stride, S)
-
-    def last_bn(self) -> BranchBatchNorm2d:
-        return self.bn3
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = norm_act(self.bn1, self.conv1(x))
-        out = norm_act(self.bn2, self.conv2(out))
-        return norm_act(self.bn3, self.conv3(out), residual=identity)
-
-
-_BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
 class BranchBatchedResNet(BranchBatchedNetwork):
@@ -164,16 +114,17 @@ class BranchBatchedResNet(BranchBatchedNetwork):
                  zero_init_residual: bool = False) -> None:
         super().__init__(spec, branches, execution=execution)
         S = self.branches
-        block = _BLOCKS[spec.block]
+        block = BLOCKS[spec.block]
         self.conv1 = BranchConv2d(3, spec.stem_width, 7, 2, 3, branches=S)
         self.bn1 = BranchBatchNorm2d(spec.stem_width, branches=S)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         inplanes = spec.stem_width
         for i, (planes, blocks, stride) in enumerate(zip(spec.widths, spec.layers, _STAGE_STRIDES)):
-            layers = [block(inplanes, planes, stride, spec, S)]
-            inplanes = planes * block.expansion
-            layers += [block(inplanes, planes, 1, spec, S) for _ in range(1, blocks)]
+            out = planes * block.expansion
+            layers = [block(inplanes, planes, stride, _downsample(inplanes, out, stride, S), spec, S)]
+            layers += [block(out, planes, 1, None, spec, S) for _ in range(1, blocks)]
+            inplanes = out
             self.add_module(f"layer{i + 1}", nn.Sequential(*layers))
         self.features = inplanes
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
@@ -183,9 +134,7 @@ class BranchBatchedResNet(BranchBatchedNetwork):
     def _init_weights(self, zero_init_residual: bool) -> None:
         init_convolutions_and_batchnorms(self)  # torchvision's; the Linear keeps its default init
         if zero_init_residual:
-            for m in self.modules():
-                if isinstance(m, (BasicBlock, Bottleneck)):
-                    nn.init.zeros_(m.last_bn().weight)
+            zero_init_last_bns(self)
 
     def forward_branches(self, x: Tensor) -> Tensor:
         x = self.maxpool(norm_act(self.bn1, self.conv1(x)))

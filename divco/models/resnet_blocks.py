@@ -1,4 +1,5 @@
-"""Residual blocks shared by the CIFAR ResNets and the official ImageNet ResNet-D networks.
+"""Residual blocks shared by the CIFAR ResNets, the official ImageNet ResNet-D networks and the
+torchvision-layout ImageNet ResNets.
 
 torchvision's post-activation BasicBlock/Bottleneck (stride on the 3x3 convolution),
 branch-batched, with an optional squeeze-and-excitation gate, and the ResNet-D
