@@ -72,7 +72,8 @@ struct CotrainArgs {
   int32_t* row_hits;  // [N, S + 1]: 1 where the branch (then the ensemble) predicts the target
   // Outputs.
   void* ensemble;  // [N, K] contiguous, logits dtype (the mean of the branch logits)
-  void* grad;      // [N, S, K] contiguous, logits dtype; nullptr when no gradient is wanted
+  void* grad;      // [N, S, K] contiguous, stored_grad_t (float32 for float16 logits, else the
+                   // logits dtype); nullptr when no gradient is wanted
   float* loss;     // 0-dim
   float* ce;       // [S]
   float* cot;      // 0-dim

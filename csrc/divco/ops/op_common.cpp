@@ -150,7 +150,9 @@ CotrainCall prepare_cotrain(const at::Tensor& logits, const at::Tensor& target, 
   call.cot = at::empty({}, f32);
   call.ensemble = at::empty({N, K}, logits.options());
   call.correct = at::empty({S + 1}, logits.options().dtype(at::kLong));
-  call.grad = compute_grad ? at::empty({N, S, K}, logits.options()) : at::empty({0}, logits.options());
+  // float16 logits: a float32 gradient (stored_grad_t in dtype_dispatch.h, as the Triton operator).
+  const auto grad_options = logits.scalar_type() == at::kHalf ? f32 : logits.options();
+  call.grad = compute_grad ? at::empty({N, S, K}, grad_options) : at::empty({0}, grad_options);
   call.row_ce = at::empty({N, S}, f32);
   call.row_cot = at::empty({N}, f32);
   call.row_hits = at::empty({N, S + 1}, logits.options().dtype(at::kInt));

@@ -243,8 +243,8 @@ enum class CotGrad { kNone, kJensenShannon, kPairwiseKL, kPairwiseKLMasked };
 
 // g[k] = dloss/dz_sk (grad_output = 1): (1/N) dCE + w/(N T) dJ. One instantiation per case,
 // so each loop is branch-free and vectorises.
-template <typename scalar_t, CotGrad kCot, bool kSoft>
-DIVCO_CPU_INLINE void write_grad_branch(const GradRow& r, int64_t K, int64_t target, scalar_t* g) {
+template <typename grad_t, CotGrad kCot, bool kSoft>
+DIVCO_CPU_INLINE void write_grad_branch(const GradRow& r, int64_t K, int64_t target, grad_t* g) {
   auto element = [&](int64_t k, float y) {
     const float p = r.exp_p[k] * r.inv_sum_p;
     const float q = r.exp_q[k] * r.inv_sum_q;
@@ -261,10 +261,10 @@ DIVCO_CPU_INLINE void write_grad_branch(const GradRow& r, int64_t K, int64_t tar
     return math::loss_grad_element(math::ce_grad_element(q, y, r.target_sum), cot_grad, r.inv_rows, r.cot_scale);
   };
   if constexpr (kSoft) {
-    for (int64_t k = 0; k < K; ++k) g[k] = from_float<scalar_t>(element(k, r.y[k]));
+    for (int64_t k = 0; k < K; ++k) g[k] = from_float<grad_t>(element(k, r.y[k]));
   } else {
-    for (int64_t k = 0; k < K; ++k) g[k] = from_float<scalar_t>(element(k, 0.0f));
-    g[target] = from_float<scalar_t>(element(target, 1.0f));  // y = one-hot(target)
+    for (int64_t k = 0; k < K; ++k) g[k] = from_float<grad_t>(element(k, 0.0f));
+    g[target] = from_float<grad_t>(element(target, 1.0f));  // y = one-hot(target)
   }
 }
 
@@ -281,9 +281,10 @@ DIVCO_CPU_INLINE void write_gradient(const CotrainArgs& a, int64_t n, const RowT
                               : (a.kind == CotrainKind::kJensenShannon ? CotGrad::kJensenShannon : CotGrad::kPairwiseKL);
   for (int64_t s = 0; s < S; ++s) {
     const CotGrad cot = kind == CotGrad::kPairwiseKL && w.branch_cot[s] != 0.0f ? CotGrad::kPairwiseKLMasked : kind;
-    auto* g = static_cast<scalar_t*>(a.grad) + (n * S + s) * K;
+    using grad_t = stored_grad_t<scalar_t>;
+    auto* g = static_cast<grad_t*>(a.grad) + (n * S + s) * K;
     if (!target.valid) {
-      for (int64_t k = 0; k < K; ++k) g[k] = from_float<scalar_t>(math::quiet_nan());
+      for (int64_t k = 0; k < K; ++k) g[k] = from_float<grad_t>(math::quiet_nan());
       continue;
     }
     const GradRow r{w.z + s * K,    w.exp_p + s * K, w.exp_q + s * K,  w.y,          w.pbar,
@@ -293,20 +294,20 @@ DIVCO_CPU_INLINE void write_gradient(const CotrainArgs& a, int64_t n, const RowT
     const int64_t label = target.soft ? -1 : target.label;
     switch (cot) {
       case CotGrad::kNone:
-        target.soft ? write_grad_branch<scalar_t, CotGrad::kNone, true>(r, K, label, g)
-                    : write_grad_branch<scalar_t, CotGrad::kNone, false>(r, K, label, g);
+        target.soft ? write_grad_branch<grad_t, CotGrad::kNone, true>(r, K, label, g)
+                    : write_grad_branch<grad_t, CotGrad::kNone, false>(r, K, label, g);
         break;
       case CotGrad::kJensenShannon:
-        target.soft ? write_grad_branch<scalar_t, CotGrad::kJensenShannon, true>(r, K, label, g)
-                    : write_grad_branch<scalar_t, CotGrad::kJensenShannon, false>(r, K, label, g);
+        target.soft ? write_grad_branch<grad_t, CotGrad::kJensenShannon, true>(r, K, label, g)
+                    : write_grad_branch<grad_t, CotGrad::kJensenShannon, false>(r, K, label, g);
         break;
       case CotGrad::kPairwiseKL:
-        target.soft ? write_grad_branch<scalar_t, CotGrad::kPairwiseKL, true>(r, K, label, g)
-                    : write_grad_branch<scalar_t, CotGrad::kPairwiseKL, false>(r, K, label, g);
+        target.soft ? write_grad_branch<grad_t, CotGrad::kPairwiseKL, true>(r, K, label, g)
+                    : write_grad_branch<grad_t, CotGrad::kPairwiseKL, false>(r, K, label, g);
         break;
       case CotGrad::kPairwiseKLMasked:
-        target.soft ? write_grad_branch<scalar_t, CotGrad::kPairwiseKLMasked, true>(r, K, label, g)
-                    : write_grad_branch<scalar_t, CotGrad::kPairwiseKLMasked, false>(r, K, label, g);
+        target.soft ? write_grad_branch<grad_t, CotGrad::kPairwiseKLMasked, true>(r, K, label, g)
+                    : write_grad_branch<grad_t, CotGrad::kPairwiseKLMasked, false>(r, K, label, g);
         break;
     }
   }

@@ -299,7 +299,7 @@ __device__ __forceinline__ void gradient_stage(const CotrainArgs& a, int64_t n, 
         }
         const float ce_grad = m::ce_grad_element(q, y, target.y_sum);
         const float g = target.valid ? m::loss_grad_element(ce_grad, cot_grad, inv_rows, cot_scale) : m::quiet_nan();
-        store<scalar_t>(a.grad, (n * S + s) * K + k, g);
+        store<stored_grad_t<scalar_t>>(a.grad, (n * S + s) * K + k, g);
       }
     }
   }
