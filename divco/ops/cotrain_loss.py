@@ -135,7 +135,8 @@ def cotrain_loss(
     loss, ce, cot, ensemble, correct, _ = operator("cotrain_loss", backend)(
         logits, target, weight_tensor, sample_weight, kind, temperature, compute_grad
     )
-    return CotrainLoss(loss, ce.detach(), cot.detach(), ensemble.detach(), correct)
+    # ce, cot and ensemble need no detach(): the autograd marks them non-differentiable.
+    return CotrainLoss(loss, ce, cot, ensemble, correct)
 
 
 # -- fake and autograd of the operators ----------------------------------------------------
@@ -195,7 +196,13 @@ def _backward_for(suffix: str):
                 )
             # Multiply in float32 and cast last: a GradScaler's grad_loss (65536) overflows
             # float16, and a small stored gradient would flush to zero in float16 before the scale.
-            grad_logits = (grad.to(torch.float32) * grad_loss.to(torch.float32)).to(ctx.logits_dtype)
+            # (Tensor.to costs microseconds even when it returns self: skipped where it would.)
+            if grad.dtype == torch.float32 and grad_loss.dtype == torch.float32:
+                grad_logits = grad * grad_loss
+            else:
+                grad_logits = grad.to(torch.float32) * grad_loss.to(torch.float32)
+            if grad_logits.dtype != ctx.logits_dtype:
+                grad_logits = grad_logits.to(ctx.logits_dtype)
         if ctx.needs_input_grad[2]:
             grad_weight = grad_loss * cot
         if ctx.needs_input_grad[3]:  # reachable only by calling the operator directly

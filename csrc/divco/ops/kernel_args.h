@@ -100,5 +100,39 @@ struct EnsembleBackwardArgs {
   void* grad_logits;  // [N, S, K] contiguous, logits dtype
 };
 
+// x [N, C, H, W] contiguous (NCHW) or channels_last; value (n, c, hw) lives at
+// (n·C + c)·HW + hw (NCHW) or (n·HW + hw)·C + c (channels_last). Every tensor of x's shape
+// that a call reads or writes has these offsets.
+struct BatchNormLayout {
+  int64_t batch = 0;     // N
+  int64_t channels = 0;  // C
+  int64_t spatial = 0;   // H·W
+  bool channels_last = false;
+  LogitsDtype dtype = LogitsDtype::kFloat32;
+};
+
+struct BatchNormArgs {
+  BatchNormLayout layout;
+  // forward
+  const void* x = nullptr;
+  const void* residual = nullptr;  // nullptr: none
+  void* out = nullptr;
+  // backward
+  const void* grad = nullptr;       // grad_out
+  const void* saved_out = nullptr;  // the forward's output (ReLU mask); nullptr without ReLU
+  void* grad_x = nullptr;
+  void* grad_residual = nullptr;  // dy', written when not nullptr
+  // per channel, float32 [C]
+  const float* weight = nullptr;  // nullptr: 1
+  const float* bias = nullptr;    // nullptr: 0
+  float* mean = nullptr;  // forward training: written; eval and backward: read (batch or running)
+  float* var = nullptr;   // biased variance, likewise
+  float* grad_weight = nullptr;  // backward: Σdy'·x̂
+  float* grad_bias = nullptr;    // backward: Σdy'
+  bool training = true;
+  bool relu = false;
+  float eps = 1e-5f;
+};
+
 }  // namespace ops
 }  // namespace divco

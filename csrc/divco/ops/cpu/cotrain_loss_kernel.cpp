@@ -1,15 +1,17 @@
 // CPU kernel of divco::cotrain_loss_native: rows in parallel (at::parallel_for), each row
 // converted once to float32 in a per-thread workspace, then every output of the row
 // computed from that copy with vectorised loops (row_loops.h), in the stages of the Triton
-// kernel (kernels/cotrain.py) and the CUDA kernel (cuda/cotrain_loss_kernel.cu):
+// kernel (kernels/cotrain_loss.py) and the CUDA kernel (cuda/cotrain_loss_kernel.cu):
 //   1. softmax statistics   max, top-1, ensemble, softmax sums of z / T and z
 //   2. probabilities         pbar = mean_s p_s (log pbar for js)
 //   3. co-training partials  cross-entropies, J_n, per-branch KL / masked mass
 //   4. gradient write        dloss/dz
 // Per-sample weights v_n (math::row_weight) scale row n's cross-entropies, J_n and gradient.
 // Per-row partials are reduced afterwards in row order, in double, so the result is
-// bit-identical for any thread count.
+// bit-identical for any thread count. Host checks: ../op_common.cpp; registered for the CPU
+// dispatch key at the end.
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <limits>
@@ -18,7 +20,6 @@
 #include "../../cotrain_math.h"
 #include "../dtype_dispatch.h"
 #include "../op_common.h"
-#include "../ops.h"
 #include "row_loops.h"
 
 namespace divco {
@@ -372,13 +373,19 @@ void run_cotrain_loss(const CotrainArgs& a) {
 
 }  // namespace cpu
 
+namespace {
+
 CotrainResult cotrain_loss_cpu(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
                                const std::optional<at::Tensor>& sample_weight, std::string_view kind,
                                double temperature, bool compute_grad) {
-  CotrainCall call = prepare_cotrain(logits, target, weight, sample_weight, kind, temperature, compute_grad, c10::DeviceType::CPU);
+  CotrainCall call = prepare_cotrain_loss(logits, target, weight, sample_weight, kind, temperature, compute_grad, c10::DeviceType::CPU);
   cpu::run_cotrain_loss(call.args);
   return call.outputs();
 }
 
+}  // namespace
+
 }  // namespace ops
 }  // namespace divco
+
+TORCH_LIBRARY_IMPL(divco, CPU, m) { m.impl("cotrain_loss_native", &divco::ops::cotrain_loss_cpu); }
