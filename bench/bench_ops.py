@@ -5,13 +5,15 @@ divco.benchmark.ops; pytest-benchmark does the timing here).
     python -m pytest bench/bench_ops.py -k "K32000" --benchmark-compare   # vs a saved run
 
 One group per problem size; inside it "eager" (the torch reference), "compiled"
-(torch.compile of it) and every fused backend available on this device.
+(torch.compile of it) and every fused backend available on this device. HOST_CASES are tiny
+sizes, where a step is the host's per-call cost (checks, dispatch, autograd): there a fused
+backend must not be slower than eager.
 """
 
 import pytest
 import torch
 
-from divco.benchmark.ops import CASES, implementations, make_step
+from divco.benchmark.ops import CASES, HOST_CASES, implementations, make_step
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -22,7 +24,7 @@ def _sync():
 
 
 @pytest.mark.parametrize("impl", implementations(DEVICE))
-@pytest.mark.parametrize("case", CASES, ids=lambda case: case.label)
+@pytest.mark.parametrize("case", CASES + HOST_CASES, ids=lambda case: case.label)
 def test_cotrain_loss_forward_backward(benchmark, case, impl):
     step = make_step(impl, case, DEVICE)
     for _ in range(3):  # warm-up: compilation, autotuning, allocator

@@ -8,6 +8,9 @@ and :func:`load_extension` compares that record with the running torch *before* 
 ``divco._C``. On a mismatch (or a loader failure) divco warns once, says how to rebuild, and
 runs without the extension (the torch and Triton backends compute the same values);
 asking for the "cpu" / "cuda" backends explicitly then raises a ValueError with that reason.
+An extension that loads but was built from older sources (an operator missing or with another
+schema, found by divco.ops.backends and divco.ops.registration) gets the same treatment through
+:func:`warn_unusable`: one policy for every stale build.
 
 This is the one place that imports divco._C: the ops' backend discovery calls
 :func:`load_extension`.
@@ -27,7 +30,10 @@ import torch
 #: Written by setup.py beside the compiled module; read before importing it.
 BUILD_RECORD = Path(__file__).with_name("_C_build.json")
 EXTENSION = "divco._C"
-REBUILD_HINT = "rebuild it against this torch: pip install --no-build-isolation -e . (in the divco source folder)"
+REBUILD_HINT = (
+    "rebuild it against this torch: pip install --no-build-isolation -e . in the divco source folder "
+    "(in a development checkout: python setup.py build_ext --inplace)"
+)
 
 _loaded: Optional[tuple[Optional[ModuleType], str]] = None  # (module or None, why not), found once
 
@@ -71,6 +77,22 @@ def _import_failure(error: BaseException) -> tuple[str, bool]:
     )
 
 
+def warn_unusable(reason: str) -> None:
+    """The warning of every unusable build (another torch, a loader failure, older sources):
+    the reason with the rebuild command, and what divco does instead."""
+    warnings.warn(
+        f"{reason}. divco runs without it: the 'cpu' and 'cuda' backends are unavailable (the default "
+        "becomes the torch or Triton backend; asking for them is a ValueError).",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def stale_build_reason(what: str) -> str:
+    """Why an extension that loaded cannot serve divco (built from older sources), with the rebuild."""
+    return f"divco._C is out of date: {what} (built from older sources); {REBUILD_HINT}"
+
+
 def load_extension() -> tuple[Optional[ModuleType], str]:
     """(divco._C, "") when it loads beside this torch, else (None, the reason). Found once.
 
@@ -87,6 +109,6 @@ def load_extension() -> tuple[Optional[ModuleType], str]:
             except (ImportError, OSError) as error:
                 reason, warn = _import_failure(error)
         if warn:
-            warnings.warn(f"{reason}. divco runs without it (torch and Triton backends).", RuntimeWarning, stacklevel=2)
+            warn_unusable(reason)
         _loaded = (module, reason)
     return _loaded

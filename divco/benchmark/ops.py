@@ -50,6 +50,11 @@ class OpCase:
 CASES = (OpCase(256, 4, 10), OpCase(256, 4, 100), OpCase(256, 4, 100, weighted=True), OpCase(256, 2, 1000),
          OpCase(64, 2, 32000))
 
+#: Tiny sizes, where a step costs what the host spends per call (argument checks, dispatch,
+#: allocation, autograd bookkeeping) and almost no arithmetic: a fused backend must cost no
+#: more than the eager composite here (its speedup_vs_eager >= 1, measured in the same run).
+HOST_CASES = (OpCase(1, 2, 2), OpCase(8, 2, 10))
+
 
 def make_inputs(case: OpCase, device: torch.device | str, seed: int = 0) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(seed)
@@ -108,7 +113,7 @@ def make_step(
 
 def run(
     device: torch.device | str = "cpu",
-    cases: Iterable[OpCase] = CASES,
+    cases: Iterable[OpCase] = CASES + HOST_CASES,
     *,
     repeats: Optional[int] = None,
     warmup: int = 3,
@@ -179,7 +184,9 @@ def format_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m divco.benchmark.ops [cpu|cuda]
+if __name__ == "__main__":  # python -m divco.benchmark.ops [cpu|cuda] [host]
     import sys
 
-    print(format_table(run(sys.argv[1] if len(sys.argv) > 1 else "cpu")))
+    device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
+    host_only = "host" in sys.argv[2:]  # the tiny sizes only: the per-call host cost
+    print(format_table(run(device, HOST_CASES if host_only else CASES + HOST_CASES, compiled=not host_only)))

@@ -13,6 +13,11 @@ while the CUDA kernels only run on GPU machines. float64 logits always default t
 
 ``backend=`` or the environment variable DIVCO_BACKEND overrides the default; asking for a
 backend that is not available raises a ValueError (never a silent fallback).
+
+A stale native build (built against another torch, or from older sources: an operator of
+NATIVE_OPERATORS missing, or registered with another schema) has one policy: a RuntimeWarning
+naming the reason and the rebuild command, and the "cpu" / "cuda" backends unavailable for
+every op (:func:`disable_native`), decided at import.
 """
 
 from __future__ import annotations
@@ -25,15 +30,22 @@ from ..vocabulary import BACKENDS
 from .validation import FUSED_DTYPES
 
 
+#: The ops whose ``divco::<op>_native`` operator divco calls: a build lacking one is stale.
+NATIVE_OPERATORS = ("cotrain_loss", "ensemble", "ensemble_backward", "batch_norm", "batch_norm_backward")
+
+
 def _probe_native() -> tuple[bool, str, bool]:
     """(loaded, why not, has CUDA kernels) of the native extension divco._C."""
-    from ..native import load_extension  # the one loader: checks the build's torch first
+    from ..native import load_extension, stale_build_reason, warn_unusable  # the one loader
 
     extension, reason = load_extension()  # importing divco._C registers divco::*_native
     if extension is None:
         return False, reason, False
-    if not hasattr(torch.ops.divco, "cotrain_loss_native"):
-        return False, "divco._C imported but registered no divco::cotrain_loss_native", False
+    missing = [f"divco::{op}_native" for op in NATIVE_OPERATORS if not hasattr(torch.ops.divco, f"{op}_native")]
+    if missing:
+        reason = stale_build_reason(f"it registers no {', '.join(missing)}")
+        warn_unusable(reason)
+        return False, reason, False
     return True, "", torch._C._dispatch_has_kernel_for_dispatch_key("divco::cotrain_loss_native", "CUDA")
 
 
@@ -63,6 +75,17 @@ def _probe_triton() -> dict[str, tuple[bool, str]]:
 # Everything that does not depend on the tensors is decided once, here: the calls below run
 # inside torch.compile'd code, where probing modules or kernel objects would break the graph.
 _TRITON_STATUS = _probe_triton()
+
+
+def disable_native(reason: str) -> None:
+    """The native build is stale (found after the probe: an operator registered with another
+    schema): warn with ``reason`` (which names the rebuild) and make "cpu" / "cuda" unavailable
+    for every op. Called at import only (op modules registering their operators)."""
+    from ..native import warn_unusable
+
+    global _NATIVE_LOADED, _NATIVE_REASON, _NATIVE_HAS_CUDA
+    warn_unusable(reason)
+    _NATIVE_LOADED, _NATIVE_REASON, _NATIVE_HAS_CUDA = False, reason, False
 
 
 def native_status() -> tuple[bool, str]:

@@ -24,19 +24,19 @@ Operator contract (both backends):
                                    mean of v_n * J_n with sample_weight)
      ensemble [N, K] logits dtype  mean of the branch logits
      correct  [S+1] int64          top-1 hits per branch, then of the ensemble
-     grad     [N, S, K] contiguous, or shape [0] when compute_grad is false; logits dtype
-              (the Triton operator stores float32 for float16 logits: see stored_grad_dtype)
+     grad     [N, S, K] contiguous, or shape [0] when compute_grad is false; the logits dtype,
+              float32 for float16 logits (see stored_grad_dtype)
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import backends, reference, registration, triton_backend
-from .schema import declare, operator
+from .schema import CotrainLoss, declare, operator
 from .validation import (
     check_kind,
     check_logits,
@@ -52,23 +52,6 @@ SCHEMA = declare(
     " bool compute_grad)"
     " -> (Tensor loss, Tensor ce, Tensor cot, Tensor ensemble, Tensor correct, Tensor grad)",
 )
-
-
-class CotrainLoss(NamedTuple):
-    """What :func:`cotrain_loss` returns.
-
-    loss      differentiable 0-dim: Σ_s CE_s + weight · J
-    ce        [S] detached: each branch's cross-entropy, (sample-weighted) mean over the batch
-    cot       0-dim detached: the co-training term J (before the weight; sample-weighted)
-    ensemble  [N, K] detached: mean of the branch logits
-    correct   [S+1] int64: top-1 hits of each branch, then of the ensemble
-    """
-
-    loss: Tensor
-    ce: Tensor
-    cot: Tensor
-    ensemble: Tensor
-    correct: Tensor
 
 
 def cotrain_loss(
@@ -152,45 +135,47 @@ def cotrain_loss(
     loss, ce, cot, ensemble, correct, _ = operator("cotrain_loss", backend)(
         logits, target, weight_tensor, sample_weight, kind, temperature, compute_grad
     )
-    return CotrainLoss(loss, ce.detach(), cot.detach(), ensemble.detach(), correct)
+    # ce, cot and ensemble need no detach(): the autograd marks them non-differentiable.
+    return CotrainLoss(loss, ce, cot, ensemble, correct)
 
 
 # -- fake and autograd of the operators ----------------------------------------------------
 
 
-def stored_grad_dtype(logits_dtype: torch.dtype, suffix: str) -> torch.dtype:
-    """dtype of the gradient the operator returns. The Triton operator stores float32 for
-    float16 logits: a 1/N-sized gradient underflows float16 before a GradScaler multiplies it."""
-    return torch.float32 if suffix == "triton" and logits_dtype == torch.float16 else logits_dtype
+def stored_grad_dtype(logits_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the gradient the operators (native and Triton alike) return: float32 for float16
+    logits, since a 1/N-sized gradient underflows float16 before a GradScaler multiplies it."""
+    return torch.float32 if logits_dtype == torch.float16 else logits_dtype
 
 
-def _fake_for(suffix: str):
-    def fake(
-        logits: Tensor,
-        target: Tensor,
-        weight: Tensor,
-        sample_weight: Optional[Tensor],
-        kind: str,
-        temperature: float,
-        compute_grad: bool,
-    ):
-        N, S, K = logits.shape
-        f32 = dict(dtype=torch.float32, device=logits.device)
-        return (
-            logits.new_empty((), **f32),
-            logits.new_empty((S,), **f32),
-            logits.new_empty((), **f32),
-            logits.new_empty((N, K)),
-            logits.new_empty((S + 1,), dtype=torch.int64),
-            logits.new_empty((N, S, K) if compute_grad else (0,), dtype=stored_grad_dtype(logits.dtype, suffix)),
-        )
-
-    return fake
+def _fake(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor,
+    sample_weight: Optional[Tensor],
+    kind: str,
+    temperature: float,
+    compute_grad: bool,
+):
+    N, S, K = logits.shape
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    return (
+        logits.new_empty((), **f32),
+        logits.new_empty((S,), **f32),
+        logits.new_empty((), **f32),
+        logits.new_empty((N, K)),
+        logits.new_empty((S + 1,), dtype=torch.int64),
+        logits.new_empty((N, S, K) if compute_grad else (0,), dtype=stored_grad_dtype(logits.dtype)),
+    )
 
 
 def _setup_context(ctx, inputs, output) -> None:
     logits, target, weight, sample_weight, kind, temperature, compute_grad = inputs
     loss, ce, cot, ensemble, correct, grad = output
+    # Only the loss is differentiable: autograd then passes None (no zeros materialised per
+    # backward) for the other outputs' gradients, which nobody reads.
+    ctx.mark_non_differentiable(ce, cot, ensemble, correct, grad)
+    ctx.set_materialize_grads(False)
     ctx.compute_grad = compute_grad
     ctx.logits_dtype = logits.dtype
     ctx.save_for_backward(grad, cot)
@@ -201,6 +186,8 @@ def _backward_for(suffix: str):
         grad, cot = ctx.saved_tensors
         registration.refuse_double_backward("cotrain_loss", suffix, grad.device)
         grad_logits = grad_weight = None
+        if grad_loss is None:  # not materialised: the loss takes no part in what is differentiated
+            return None, None, None, None, None, None, None
         if ctx.needs_input_grad[0]:
             if not ctx.compute_grad:
                 raise RuntimeError(
@@ -209,7 +196,13 @@ def _backward_for(suffix: str):
                 )
             # Multiply in float32 and cast last: a GradScaler's grad_loss (65536) overflows
             # float16, and a small stored gradient would flush to zero in float16 before the scale.
-            grad_logits = (grad.to(torch.float32) * grad_loss.to(torch.float32)).to(ctx.logits_dtype)
+            # (Tensor.to costs microseconds even when it returns self: skipped where it would.)
+            if grad.dtype == torch.float32 and grad_loss.dtype == torch.float32:
+                grad_logits = grad * grad_loss
+            else:
+                grad_logits = grad.to(torch.float32) * grad_loss.to(torch.float32)
+            if grad_logits.dtype != ctx.logits_dtype:
+                grad_logits = grad_logits.to(ctx.logits_dtype)
         if ctx.needs_input_grad[2]:
             grad_weight = grad_loss * cot
         if ctx.needs_input_grad[3]:  # reachable only by calling the operator directly
@@ -254,7 +247,7 @@ if not triton_backend.TRITON_ERROR:
         soft = target.is_floating_point()
         ensemble = torch.empty((N, K), dtype=logits.dtype, device=device)
         grad_shape = (N, S, K) if compute_grad else (0,)  # its own buffer, never written when empty
-        grad = torch.empty(grad_shape, dtype=stored_grad_dtype(logits.dtype, "triton"), device=device)
+        grad = torch.empty(grad_shape, dtype=stored_grad_dtype(logits.dtype), device=device)
         ce_rows = torch.empty((N, S), dtype=torch.float32, device=device)
         cot_rows = torch.empty((N,), dtype=torch.float32, device=device)
         hits = torch.empty((N, S + 1), dtype=torch.int32, device=device)
@@ -299,5 +292,5 @@ if not triton_backend.TRITON_ERROR:
 
 for _suffix in registration.defined_suffixes():
     registration.register(
-        "cotrain_loss", _suffix, fake=_fake_for(_suffix), backward=_backward_for(_suffix), setup_context=_setup_context
+        "cotrain_loss", _suffix, fake=_fake, backward=_backward_for(_suffix), setup_context=_setup_context
     )

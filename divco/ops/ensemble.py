@@ -115,8 +115,9 @@ if not triton_backend.TRITON_ERROR:
     from ..kernels.ensemble import MODE_IDS, NORMALISED_MODES, ensemble_backward_kernel, ensemble_kernel
 
     def _weights_pointer(weights: Optional[Tensor], logits: Tensor) -> Tensor:
-        """The weights, or a float32 placeholder the kernel never reads (HAS_WEIGHTS false)."""
-        return weights if weights is not None else logits.new_empty((1,), dtype=torch.float32)
+        """The weights as the kernels read them (contiguous: they index w_s as weights_ptr + s), or a
+        float32 placeholder the kernel never reads (HAS_WEIGHTS false)."""
+        return weights.contiguous() if weights is not None else logits.new_empty((1,), dtype=torch.float32)
 
     def _launch_options(mode: str, weights: Optional[Tensor], S: int, K: int) -> dict:
         """The constexprs and warps both ensemble kernels launch with (one tiling for the pair)."""

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..vocabulary import ENSEMBLE_MODES, WEIGHTED_ENSEMBLE_MODES
+from .schema import CotrainLoss
 
 
 def compute_dtype(logits: Tensor) -> torch.dtype:
@@ -178,8 +179,6 @@ def cotrain_loss(
 
     No input checks here (see :mod:`divco.ops.validation`); gradients come from autograd.
     """
-    from .cotrain_loss import CotrainLoss  # the op's result type (the op module imports this one)
-
     z = logits.to(compute_dtype(logits))
     ce = cross_entropy_per_branch(z, target, sample_weight)
     cot = cotraining_term(z, kind, temperature, sample_weight)

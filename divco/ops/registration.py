@@ -1,5 +1,7 @@
 """torch.library registration shared by every fused op: autograd and fake kernels of its
-``divco::<op>_native`` and ``divco::<op>_triton`` operators, and the errors they raise.
+``divco::<op>_native`` and ``divco::<op>_triton`` operators, and the errors they raise. A
+native operator that is missing or has another schema than the op declares makes the native
+backend unavailable with a warning (divco.ops.backends.disable_native), never an import error.
 
 The native operators come from C++ without fakes or autograd; the Triton ones are defined in
 Python (divco.ops.triton_backend.define) and need fakes only when interpreted. An op module
@@ -12,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..native import stale_build_reason
 from . import backends, triton_backend
 from .schema import full_schema, qualified_name, signature
 
@@ -38,23 +41,29 @@ def register(base: str, suffix: str, *, fake: Callable | None = None,
     name = qualified_name(base, suffix)
     if name in _registered:
         return
-    if suffix == "native" and not hasattr(torch.ops.divco, name.split("::")[1]):
-        raise ImportError(
-            f"divco._C is out of date: it registers no {name} (built from older sources); "
-            "rebuild it with `pip install -e .` in the checkout"
-        )
     if suffix == "native":
-        registered = str(getattr(torch.ops.divco, name.split("::")[1]).default._schema)
-        if signature(registered) != signature(full_schema(base, suffix)):
-            raise ImportError(
-                f"divco._C is out of date: it registers {registered}, divco expects {full_schema(base, suffix)} "
-                "(built from older sources); rebuild it with `pip install -e .` in the checkout"
-            )
+        if not backends.native_status()[0]:  # found stale by an earlier operator: nothing to register
+            return
+        stale = _stale_native_operator(base)
+        if stale:
+            backends.disable_native(stale_build_reason(stale))
+            return
     if fake is not None and needs_fake(suffix):
         torch.library.register_fake(name, fake)
     if backward is not None:
         torch.library.register_autograd(name, backward, setup_context=setup_context)
     _registered.add(name)
+
+
+def _stale_native_operator(base: str) -> str:
+    """What is out of date about ``divco::<base>_native`` in the loaded divco._C ("" if nothing)."""
+    name = qualified_name(base, "native")
+    if not hasattr(torch.ops.divco, name.split("::")[1]):
+        return f"it registers no {name}"
+    registered = str(getattr(torch.ops.divco, name.split("::")[1]).default._schema)
+    if signature(registered) != signature(full_schema(base, "native")):
+        return f"it registers {registered}, divco expects {full_schema(base, 'native')}"
+    return ""
 
 
 def refuse_double_backward(op: str, suffix: str, device: torch.device) -> None:

@@ -10,7 +10,10 @@ share one native operator with two dispatch keys); an op's backward operator is 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+from torch import Tensor
 
 from ..vocabulary import OPERATOR_SUFFIX
 
@@ -47,9 +50,18 @@ def full_schema(base: str, suffix: str) -> str:
     return op_name(base, suffix) + _SCHEMAS[base]
 
 
+#: (base, backend) -> its operator, looked up once (the name checks and the attribute lookup
+#: cost microseconds per call at small sizes; operators never change once defined).
+_OPERATORS: dict[tuple[str, str], object] = {}
+
+
 def operator(base: str, backend: str):
     """The operator ``torch.ops.divco.<base>_<suffix>`` that runs ``base`` on a compiled backend."""
-    return getattr(torch.ops.divco, op_name(base, OPERATOR_SUFFIX[backend]))
+    found = _OPERATORS.get((base, backend))
+    if found is None:
+        found = getattr(torch.ops.divco, op_name(base, OPERATOR_SUFFIX[backend]))
+        _OPERATORS[base, backend] = found
+    return found
 
 
 def signature(schema: str) -> tuple:
@@ -59,3 +71,21 @@ def signature(schema: str) -> tuple:
     parsed = torch._C.parse_schema("op" + schema if schema.startswith("(") else schema)
     arguments = tuple((a.name, str(a.type), a.default_value) for a in parsed.arguments)
     return arguments, tuple(str(r.type) for r in parsed.returns)
+
+
+class CotrainLoss(NamedTuple):
+    """What :func:`divco.ops.cotrain_loss` returns, on every backend (the reference included:
+    here, so that the op module and divco.ops.reference import it without importing each other).
+
+    loss      differentiable 0-dim: Σ_s CE_s + weight · J
+    ce        [S] detached: each branch's cross-entropy, (sample-weighted) mean over the batch
+    cot       0-dim detached: the co-training term J (before the weight; sample-weighted)
+    ensemble  [N, K] detached: mean of the branch logits
+    correct   [S+1] int64: top-1 hits of each branch, then of the ensemble
+    """
+
+    loss: Tensor
+    ce: Tensor
+    cot: Tensor
+    ensemble: Tensor
+    correct: Tensor

@@ -55,3 +55,15 @@ def test_every_step_computes_the_same_gradient():
     ops.cotrain_loss(logits, target, weight=0.5, kind="kl", backend="torch").loss.backward()
     for grad in grads:
         torch.testing.assert_close(grad, logits.grad)
+
+
+def test_host_cost_cases_are_tiny_and_in_the_default_run():
+    """The per-call host cost is measured at tiny sizes, next to eager in the same run."""
+    import inspect
+
+    assert all(c.N * c.S * c.K <= 200 for c in bench_ops.HOST_CASES)
+    default = inspect.signature(bench_ops.run).parameters["cases"].default
+    assert set(bench_ops.HOST_CASES) <= set(default) and set(bench_ops.CASES) <= set(default)
+    records = bench_ops.run("cpu", bench_ops.HOST_CASES[:1], repeats=2, warmup=1, compiled=False)
+    assert {r["impl"] for r in records} == set(bench_ops.implementations("cpu", compiled=False))
+    assert all(r["speedup_vs_eager"] > 0 for r in records)

@@ -240,3 +240,42 @@ def test_ensemble_input_errors(ops):
         ops.ensemble_backward_native(torch.randn(3, 5), logits, "mean_probs", None)
     with pytest.raises(ValueError, match="3 dims"):
         ops.ensemble_native(torch.randn(3, 4), "max", None)
+
+
+@pytest.mark.parametrize("kind", ["js", "kl"])
+def test_float16_logits_get_a_float32_gradient(ops, kind):
+    """The stored gradient of float16 logits is float32 (as the Triton operator's): entries of
+    size p / N (here ~1e-9) underflow float16 to 0 before a GradScaler multiplies them. It
+    equals the gradient of the same values given as float32 logits (the kernel computes in
+    float32 after loading)."""
+    N, S, K = 64, 2, 8
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(N, S, K, generator=g)
+    logits[:, :, 0] += 14.0  # the other classes get p ~ 1e-7, so p / N ~ 1e-9
+    half = logits.half()
+    target = torch.zeros(N, dtype=torch.long)
+    grad = cotrain(ops, half, target, kind=kind)[5]
+    assert grad.dtype == torch.float32
+    expected = cotrain(ops, half.float(), target, kind=kind)[5]
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+    tiny = (expected != 0) & (expected.abs() < 6e-8)  # below float16's smallest subnormal
+    assert tiny.any() and (grad[tiny] != 0).all()
+
+
+def test_float16_backward_scales_in_float32(ops):
+    """Through the public op: a GradScaler-sized grad_loss (65536) times the float32 stored
+    gradient, cast to float16 last, keeps the tiny entries that float16 storage lost."""
+    import divco.ops as divco_ops
+
+    N, S, K = 64, 2, 8
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(N, S, K, generator=g)
+    base[:, :, 0] += 14.0
+    target = torch.zeros(N, dtype=torch.long)
+    half = base.half().requires_grad_()
+    (divco_ops.cotrain_loss(half, target, backend="cpu").loss * 65536.0).backward()
+    single = base.half().float().requires_grad_()
+    (divco_ops.cotrain_loss(single, target, backend="cpu").loss * 65536.0).backward()
+    assert half.grad.dtype == torch.float16
+    torch.testing.assert_close(half.grad, single.grad.half(), rtol=0, atol=0)
+    assert (half.grad[:, :, 1:] != 0).all()

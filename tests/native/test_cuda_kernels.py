@@ -168,3 +168,21 @@ def test_ensemble_branch_limit_accounts_for_static_shared_memory(native, ops, mo
     assert grad.shape == logits.shape
     with pytest.raises(ValueError, match=f"at most {limit} branches"):
         ops.ensemble_native(torch.randn(2, limit + 1, 3, device="cuda"), mode, None)
+
+
+@pytest.mark.parametrize("kind", ["js", "kl"])
+def test_float16_logits_get_a_float32_gradient_on_cuda(ops, kind):
+    """As the CPU kernel (tests/native/test_cpu_kernels.py): float16 logits, float32 gradient,
+    where entries of size p / N below float16's smallest subnormal survive."""
+    N, S, K = 64, 2, 8
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(N, S, K, generator=g)
+    logits[:, :, 0] += 14.0
+    half = logits.half().cuda()
+    target = torch.zeros(N, dtype=torch.long, device="cuda")
+    grad = run(ops, half, target, kind=kind)[5]
+    assert grad.dtype == torch.float32
+    expected = run(ops, half.float(), target, kind=kind)[5]
+    torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-12)
+    tiny = (expected != 0) & (expected.abs() < 6e-8)
+    assert tiny.any() and (grad[tiny] != 0).all()

@@ -272,3 +272,31 @@ def test_vote_is_a_probability_mode_in_the_vocabulary():
 
     assert "vote" in ENSEMBLE_MODES and "vote" in WEIGHTED_ENSEMBLE_MODES and "vote" in PROBABILITY_MODES
     assert set(WEIGHTED_ENSEMBLE_MODES) == set(ENSEMBLE_MODES) - {"max", "max_probs"}
+
+
+@pytest.mark.parametrize("backend,mode", weighted_params(modes=("mean_logits", "mean_probs")))
+def test_strided_weights_are_read_with_their_stride(backend, mode):
+    """weights[::2] (stride 2): every backend reads w_s, not the s-th element of the storage,
+    through the public function and through the operator called directly."""
+    device = device_for(backend)
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(4, 3, 6, generator=g) * 3).to(device)
+    storage = torch.tensor([0.2, 9.0, 0.5, 7.0, 0.3, 5.0], device=device)
+    strided = storage[::2]
+    assert strided.stride() == (2,)
+    expected = R.ensemble(logits.double(), mode, strided.double()).float()
+    torch.testing.assert_close(ops.ensemble(logits, mode, weights=strided, backend=backend), expected)
+    if backend != "torch":
+        direct = schema.operator("ensemble", backend)(logits, mode, strided)
+        torch.testing.assert_close(direct, expected)
+        grad_out = torch.randn(4, 6, generator=g).to(device)
+        backward = getattr(torch.ops.divco, schema.op_name("ensemble_backward", schema_suffix(backend)))
+        torch.testing.assert_close(
+            backward(grad_out, logits, mode, strided), backward(grad_out, logits, mode, strided.contiguous())
+        )
+
+
+def schema_suffix(backend: str) -> str:
+    from divco.vocabulary import OPERATOR_SUFFIX
+
+    return OPERATOR_SUFFIX[backend]

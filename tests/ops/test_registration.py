@@ -6,8 +6,10 @@ import importlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from backend_params import backend_mode_params, backend_params, device_for
 
+import divco.ops
 from divco.ops import backends, registration, schema, triton_backend
 from divco.vocabulary import OPERATOR_SUFFIX
 
@@ -102,8 +104,79 @@ def test_backward_scales_the_stored_gradient(backend):
         out[0].backward()
 
 
-def test_a_stale_native_build_is_a_clear_error(monkeypatch):
-    """An extension built from older sources lacks an operator an op module registers: say so."""
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", backend_params("triton", "cpu", "cuda"))
+def test_backward_materialises_no_zero_gradients(backend):
+    """Only the loss is differentiable: the backward of the fused loss allocates no zero
+    gradients for ce, cot, ensemble, correct and grad (one scale of the stored gradient)."""
+    device = device_for(backend)
+    logits = torch.randn(4, 3, 6, device=device, requires_grad=True)
+    weight = torch.tensor(0.5, device=device, requires_grad=True)
+    target = torch.tensor([0, 1, 2, 3], device=device)
+    out = divco.ops.cotrain_loss(logits, target, weight=weight, backend=backend)
+    assert not out.ce.requires_grad and not out.ensemble.requires_grad
+    with _RecordOps() as recorded:
+        out.loss.backward()
+    filled = [n for n in recorded.names if n in ("zeros", "zeros_like", "new_zeros", "fill", "fill_", "full", "zero_")]
+    assert filled == [], recorded.names
+    torch.testing.assert_close(weight.grad, out.cot)
+    assert logits.grad is not None
+
+
+def _keep_native_state(monkeypatch):
+    """The backends' decision about divco._C, restored after the test."""
+    for name in ("_NATIVE_LOADED", "_NATIVE_REASON", "_NATIVE_HAS_CUDA"):
+        monkeypatch.setattr(backends, name, getattr(backends, name))
+
+
+def _assert_native_unavailable(reason_pattern):
+    ok, reason = backends.native_status()
+    assert not ok and "python setup.py build_ext --inplace" in reason
+    with pytest.raises(ValueError, match=reason_pattern):
+        backends.resolve_backend("cpu", torch.device("cpu"), torch.float32)
+    assert backends.resolve_backend(None, torch.device("cpu"), torch.float32) == "torch"
+    assert "native" not in registration.defined_suffixes()
+
+
+@pytest.mark.skipif(not backends.native_status()[0], reason="divco._C is not built")
+def test_a_stale_native_build_warns_and_disables_the_native_backend(monkeypatch):
+    """An extension built from older sources lacks an operator an op module registers: a warning
+    naming it and the rebuild, and the cpu/cuda backends unavailable (never an import error,
+    never a silent change of kernel)."""
+    _keep_native_state(monkeypatch)
     monkeypatch.setitem(schema._SCHEMAS, "stale_op", "(Tensor x) -> Tensor")
-    with pytest.raises(ImportError, match=r"divco._C is out of date: it registers no divco::stale_op_native"):
+    with pytest.warns(RuntimeWarning, match=r"divco._C is out of date: it registers no divco::stale_op_native.*"
+                                            r"'cpu' and 'cuda' backends are unavailable"):
         registration.register("stale_op", "native", fake=lambda x: x)
+    assert "divco::stale_op_native" not in registration._registered
+    _assert_native_unavailable("stale_op_native")
+
+
+@pytest.mark.skipif(not backends.native_status()[0], reason="divco._C is not built")
+def test_a_native_operator_with_another_schema_disables_the_native_backend(monkeypatch):
+    _keep_native_state(monkeypatch)
+    monkeypatch.setitem(schema._SCHEMAS, "ensemble", "(Tensor logits, str mode) -> Tensor")
+    monkeypatch.setattr(registration, "_registered", set())
+    with pytest.warns(RuntimeWarning, match=r"it registers divco::ensemble_native\(Tensor logits, str mode, Tensor\? weights\)"):
+        registration.register("ensemble", "native")
+    _assert_native_unavailable("divco expects ensemble_native")
+
+
+@pytest.mark.skipif(not backends.native_status()[0], reason="divco._C is not built")
+def test_the_probe_finds_a_missing_native_operator(monkeypatch):
+    """The import-time probe checks every operator of NATIVE_OPERATORS (batch_norm's too)."""
+    monkeypatch.setattr(backends, "NATIVE_OPERATORS", (*backends.NATIVE_OPERATORS, "retired_op"))
+    with pytest.warns(RuntimeWarning, match=r"registers no divco::retired_op_native"):
+        loaded, reason, has_cuda = backends._probe_native()
+    assert not loaded and not has_cuda and "python setup.py build_ext --inplace" in reason
+    monkeypatch.undo()  # the real list: every operator is there
+    assert backends._probe_native()[0]

@@ -11,6 +11,20 @@
 namespace divco {
 namespace ops {
 
+// The element type the co-training loss stores its gradient in for logits of type scalar_t:
+// float32 for float16 logits (entries of size 1/N underflow float16 before a GradScaler
+// multiplies them; the Triton operator stores the same), the logits type otherwise.
+template <typename scalar_t>
+struct StoredGrad {
+  using type = scalar_t;
+};
+template <>
+struct StoredGrad<c10::Half> {
+  using type = float;
+};
+template <typename scalar_t>
+using stored_grad_t = typename StoredGrad<scalar_t>::type;
+
 template <typename Fn>
 void dispatch_logits_dtype(LogitsDtype dtype, Fn&& fn) {
   switch (dtype) {

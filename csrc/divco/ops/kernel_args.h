@@ -72,7 +72,8 @@ struct CotrainArgs {
   int32_t* row_hits;  // [N, S + 1]: 1 where the branch (then the ensemble) predicts the target
   // Outputs.
   void* ensemble;  // [N, K] contiguous, logits dtype (the mean of the branch logits)
-  void* grad;      // [N, S, K] contiguous, logits dtype; nullptr when no gradient is wanted
+  void* grad;      // [N, S, K] contiguous, stored_grad_t (float32 for float16 logits, else the
+                   // logits dtype); nullptr when no gradient is wanted
   float* loss;     // 0-dim
   float* ce;       // [S]
   float* cot;      // 0-dim
@@ -97,6 +98,40 @@ struct EnsembleBackwardArgs {
   int64_t grad_out_stride_row;
   int64_t grad_out_stride_class;
   void* grad_logits;  // [N, S, K] contiguous, logits dtype
+};
+
+// x [N, C, H, W] contiguous (NCHW) or channels_last; value (n, c, hw) lives at
+// (n·C + c)·HW + hw (NCHW) or (n·HW + hw)·C + c (channels_last). Every tensor of x's shape
+// that a call reads or writes has these offsets.
+struct BatchNormLayout {
+  int64_t batch = 0;     // N
+  int64_t channels = 0;  // C
+  int64_t spatial = 0;   // H·W
+  bool channels_last = false;
+  LogitsDtype dtype = LogitsDtype::kFloat32;
+};
+
+struct BatchNormArgs {
+  BatchNormLayout layout;
+  // forward
+  const void* x = nullptr;
+  const void* residual = nullptr;  // nullptr: none
+  void* out = nullptr;
+  // backward
+  const void* grad = nullptr;       // grad_out
+  const void* saved_out = nullptr;  // the forward's output (ReLU mask); nullptr without ReLU
+  void* grad_x = nullptr;
+  void* grad_residual = nullptr;  // dy', written when not nullptr
+  // per channel, float32 [C]
+  const float* weight = nullptr;  // nullptr: 1
+  const float* bias = nullptr;    // nullptr: 0
+  float* mean = nullptr;  // forward training: written; eval and backward: read (batch or running)
+  float* var = nullptr;   // biased variance, likewise
+  float* grad_weight = nullptr;  // backward: Σdy'·x̂
+  float* grad_bias = nullptr;    // backward: Σdy'
+  bool training = true;
+  bool relu = false;
+  float eps = 1e-5f;
 };
 
 }  // namespace ops

@@ -1,9 +1,11 @@
 #include "op_common.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <limits>
 #include <string>
 
 namespace divco {
@@ -86,7 +88,7 @@ at::Tensor check_ensemble_weights(const std::optional<at::Tensor>& weights, cons
 
 }  // namespace
 
-CotrainCall prepare_cotrain(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
+CotrainCall prepare_cotrain_loss(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
                             const std::optional<at::Tensor>& sample_weight, std::string_view kind, double temperature, bool compute_grad,
                             c10::DeviceType expected_device) {
   constexpr const char* op = "cotrain_loss_native";
@@ -150,7 +152,9 @@ CotrainCall prepare_cotrain(const at::Tensor& logits, const at::Tensor& target, 
   call.cot = at::empty({}, f32);
   call.ensemble = at::empty({N, K}, logits.options());
   call.correct = at::empty({S + 1}, logits.options().dtype(at::kLong));
-  call.grad = compute_grad ? at::empty({N, S, K}, logits.options()) : at::empty({0}, logits.options());
+  // float16 logits: a float32 gradient (stored_grad_t in dtype_dispatch.h, as the Triton operator).
+  const auto grad_options = logits.scalar_type() == at::kHalf ? f32 : logits.options();
+  call.grad = compute_grad ? at::empty({N, S, K}, grad_options) : at::empty({0}, grad_options);
   call.row_ce = at::empty({N, S}, f32);
   call.row_cot = at::empty({N}, f32);
   call.row_hits = at::empty({N, S + 1}, logits.options().dtype(at::kInt));
@@ -207,6 +211,173 @@ EnsembleBackwardCall prepare_ensemble_backward(const at::Tensor& grad_out, const
   call.grad_logits = at::empty({logits.size(0), logits.size(1), logits.size(2)}, logits.options());
   a.grad_logits = call.grad_logits.data_ptr();
   return call;
+}
+
+// -- batch_norm ------------------------------------------------------------------------------
+
+namespace {
+
+void check_vector(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x, const char* op) {
+  if (!t.has_value()) return;
+  TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == x.size(1), op, ": ", name,
+                    " must be float32 [C] = [", x.size(1), "]; got ", t->scalar_type(), " ", t->sizes());
+  TORCH_CHECK_VALUE(t->device() == x.device(), op, ": ", name, " is on ", t->device(), ", x on ", x.device());
+}
+
+at::Tensor contiguous_vector(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
+// `t` with exactly x's element offsets (x is contiguous in `format`).
+at::Tensor like_x(const at::Tensor& t, const at::Tensor& x, at::MemoryFormat format, const char* name, const char* op) {
+  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), op, ": ", name, " must have x's shape ", x.sizes(), "; got ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), ", x on ", x.device());
+  at::Tensor same = t.scalar_type() == x.scalar_type() ? t : t.to(x.scalar_type());
+  return same.contiguous(format);
+}
+
+BatchNormLayout layout_of(const at::Tensor& x, const char* op, c10::DeviceType expected_device) {
+  TORCH_CHECK_VALUE(x.device().type() == expected_device, op, ": expected a tensor on ",
+                    c10::DeviceTypeName(expected_device), ", got one on ", x.device());
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-D [N, C, H, W]; got shape ", x.sizes());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+                    ": x must be float32, bfloat16 or float16; got ", dtype);
+  TORCH_CHECK_VALUE(x.numel() > 0, op, ": x must not be empty; got shape ", x.sizes());
+  BatchNormLayout l;
+  l.batch = x.size(0);
+  l.channels = x.size(1);
+  l.spatial = x.size(2) * x.size(3);
+  if (x.is_contiguous()) {
+    l.channels_last = false;
+  } else {
+    TORCH_CHECK_VALUE(x.is_contiguous(at::MemoryFormat::ChannelsLast), op,
+                      ": x must be contiguous or channels_last contiguous; got strides ", x.strides());
+    l.channels_last = true;
+  }
+  l.dtype = dtype == at::kFloat ? LogitsDtype::kFloat32 : dtype == at::kBFloat16 ? LogitsDtype::kBFloat16 : LogitsDtype::kFloat16;
+  return l;
+}
+
+at::MemoryFormat format_of(const BatchNormLayout& l) {
+  return l.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+}  // namespace
+
+BatchNormForwardCall prepare_batch_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                        const std::optional<at::Tensor>& bias,
+                                        const std::optional<at::Tensor>& running_mean,
+                                        const std::optional<at::Tensor>& running_var,
+                                        const std::optional<at::Tensor>& residual, bool training, double eps,
+                                        bool relu, c10::DeviceType expected_device) {
+  const char* op = "batch_norm_native";
+  BatchNormForwardCall call;
+  BatchNormLayout& l = call.layout;
+  l = layout_of(x, op, expected_device);
+  check_vector(weight, "weight", x, op);
+  check_vector(bias, "bias", x, op);
+  check_vector(running_mean, "running_mean", x, op);
+  check_vector(running_var, "running_var", x, op);
+  TORCH_CHECK_VALUE(training || (running_mean.has_value() && running_var.has_value()), op,
+                    ": eval mode needs running_mean and running_var");
+  TORCH_CHECK_VALUE(!training || l.batch * l.spatial > 1, op,
+                    ": training needs more than one value per channel (N·H·W > 1); got shape ", x.sizes());
+  call.x = x;
+  call.weight = contiguous_vector(weight);
+  call.bias = contiguous_vector(bias);
+  if (residual.has_value()) call.residual = like_x(*residual, x, format_of(l), "residual", op);
+  call.out = at::empty_like(x);
+  const auto f32 = x.options().dtype(at::kFloat);
+  if (training) {
+    call.mean = at::empty({l.channels}, f32);
+    call.var = at::empty({l.channels}, f32);
+  } else {
+    call.mean = at::empty({0}, f32);
+    call.var = at::empty({0}, f32);
+    call.running_mean = running_mean->contiguous();
+    call.running_var = running_var->contiguous();
+  }
+  BatchNormArgs& a = call.args;
+  a.layout = l;
+  a.x = x.data_ptr();
+  a.residual = call.residual.defined() ? call.residual.data_ptr() : nullptr;
+  a.out = call.out.data_ptr();
+  a.weight = call.weight.defined() ? call.weight.data_ptr<float>() : nullptr;
+  a.bias = call.bias.defined() ? call.bias.data_ptr<float>() : nullptr;
+  a.mean = training ? call.mean.data_ptr<float>() : call.running_mean.data_ptr<float>();
+  a.var = training ? call.var.data_ptr<float>() : call.running_var.data_ptr<float>();
+  a.training = training;
+  a.relu = relu;
+  a.eps = static_cast<float>(eps);
+  return call;
+}
+
+BatchNormBackwardCall prepare_batch_norm_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                  const std::optional<at::Tensor>& out,
+                                                  const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                                  const at::Tensor& var, bool training, double eps, bool relu,
+                                                  bool residual_grad, c10::DeviceType expected_device) {
+  const char* op = "batch_norm_backward_native";
+  BatchNormBackwardCall call;
+  BatchNormLayout& l = call.layout;
+  l = layout_of(x, op, expected_device);
+  check_vector(weight, "weight", x, op);
+  check_vector(mean, "mean", x, op);
+  check_vector(var, "var", x, op);
+  TORCH_CHECK_VALUE(!relu || out.has_value(), op, ": relu=True needs the forward's output (the ReLU mask)");
+  const at::MemoryFormat format = format_of(l);
+  call.grad_out = like_x(grad_out, x, format, "grad_out", op);
+  if (relu) call.out = like_x(*out, x, format, "out", op);
+  call.weight = contiguous_vector(weight);
+  call.mean = mean.contiguous();
+  call.var = var.contiguous();
+  call.grad_x = at::empty_like(x);
+  const bool write_residual = relu && residual_grad;
+  call.grad_residual = write_residual ? at::empty_like(x) : at::empty({0}, x.options());
+  const auto f32 = x.options().dtype(at::kFloat);
+  call.grad_weight = at::empty({l.channels}, f32);
+  call.grad_bias = at::empty({l.channels}, f32);
+  BatchNormArgs& a = call.args;
+  a.layout = l;
+  a.x = x.data_ptr();
+  a.grad = call.grad_out.data_ptr();
+  a.saved_out = relu ? call.out.data_ptr() : nullptr;
+  a.grad_x = call.grad_x.data_ptr();
+  a.grad_residual = write_residual ? call.grad_residual.data_ptr() : nullptr;
+  a.weight = call.weight.defined() ? call.weight.data_ptr<float>() : nullptr;
+  a.mean = call.mean.data_ptr<float>();
+  a.var = call.var.data_ptr<float>();
+  a.grad_weight = call.grad_weight.data_ptr<float>();
+  a.grad_bias = call.grad_bias.data_ptr<float>();
+  a.training = training;
+  a.relu = relu;
+  a.eps = static_cast<float>(eps);
+  return call;
+}
+
+// -- the limits of the CUDA kernels ---------------------------------------------------------
+
+void check_cuda_extents(const LogitsView& v, const char* op) {
+  TORCH_CHECK_VALUE(v.classes <= std::numeric_limits<int32_t>::max(), op,
+                    ": the CUDA kernels take at most 2^31 - 1 classes; got K = ", v.classes);
+  TORCH_CHECK_VALUE(v.rows <= std::numeric_limits<int32_t>::max(), op,
+                    ": the CUDA kernels take at most 2^31 - 1 rows; got N = ", v.rows);
+}
+
+void check_cotrain_cuda_branches(const LogitsView& v, int max_branches) {
+  TORCH_CHECK_VALUE(v.branches <= max_branches, "cotrain_loss_native: the CUDA kernel takes at most ", max_branches,
+                    " branches (S); got S = ", v.branches, " (the Triton and torch backends take any S)");
+}
+
+void check_ensemble_cuda_branches(const LogitsView& v, EnsembleMode mode, int max_branches, const char* op) {
+  const char* name = mode == EnsembleMode::kMeanProbs  ? "mean_probs"
+                     : mode == EnsembleMode::kMaxProbs ? "max_probs"
+                     : mode == EnsembleMode::kVote     ? "vote"
+                                                       : nullptr;
+  if (name == nullptr) return;
+  TORCH_CHECK_VALUE(v.branches <= max_branches, op, ": the CUDA kernel of the ", name, " ensemble takes at most ",
+                    max_branches, " branches (S); got S = ", v.branches);
 }
 
 }  // namespace ops

@@ -1,5 +1,5 @@
-// divco::batch_norm_native and divco::batch_norm_backward_native: the host checks shared
-// with the CUDA kernels, and the CPU kernels.
+// CPU kernels of divco::batch_norm_native and divco::batch_norm_backward_native, registered
+// for the CPU dispatch key at the end (host checks: ../op_common.cpp).
 //
 // NCHW: channels in parallel (at::parallel_for); a thread reduces its channel, then writes
 // it, so the second read of the channel's N·H·W values usually hits the cache.
@@ -10,162 +10,17 @@
 // channel is reduced by one thread in a fixed order, so the results do not depend on the
 // thread count. Math: ../../batch_norm_math.h.
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
 
 #include "../../batch_norm_math.h"
-#include "../ops.h"
+#include "../op_common.h"
 #include "row_loops.h"
 
 namespace divco {
 namespace ops {
-
-// -- host checks (shared with the CUDA implementation) -----------------------------------------
-
-namespace {
-
-void check_vector(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x, const char* op) {
-  if (!t.has_value()) return;
-  TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == x.size(1), op, ": ", name,
-                    " must be float32 [C] = [", x.size(1), "]; got ", t->scalar_type(), " ", t->sizes());
-  TORCH_CHECK_VALUE(t->device() == x.device(), op, ": ", name, " is on ", t->device(), ", x on ", x.device());
-}
-
-at::Tensor contiguous_vector(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->contiguous() : at::Tensor();
-}
-
-// `t` with exactly x's element offsets (x is contiguous in `format`).
-at::Tensor like_x(const at::Tensor& t, const at::Tensor& x, at::MemoryFormat format, const char* name, const char* op) {
-  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), op, ": ", name, " must have x's shape ", x.sizes(), "; got ", t.sizes());
-  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), ", x on ", x.device());
-  at::Tensor same = t.scalar_type() == x.scalar_type() ? t : t.to(x.scalar_type());
-  return same.contiguous(format);
-}
-
-BatchNormLayout layout_of(const at::Tensor& x, const char* op, c10::DeviceType expected_device) {
-  TORCH_CHECK_VALUE(x.device().type() == expected_device, op, ": expected a tensor on ",
-                    c10::DeviceTypeName(expected_device), ", got one on ", x.device());
-  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-D [N, C, H, W]; got shape ", x.sizes());
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
-                    ": x must be float32, bfloat16 or float16; got ", dtype);
-  TORCH_CHECK_VALUE(x.numel() > 0, op, ": x must not be empty; got shape ", x.sizes());
-  BatchNormLayout l;
-  l.batch = x.size(0);
-  l.channels = x.size(1);
-  l.spatial = x.size(2) * x.size(3);
-  if (x.is_contiguous()) {
-    l.channels_last = false;
-  } else {
-    TORCH_CHECK_VALUE(x.is_contiguous(at::MemoryFormat::ChannelsLast), op,
-                      ": x must be contiguous or channels_last contiguous; got strides ", x.strides());
-    l.channels_last = true;
-  }
-  l.dtype = dtype == at::kFloat ? LogitsDtype::kFloat32 : dtype == at::kBFloat16 ? LogitsDtype::kBFloat16 : LogitsDtype::kFloat16;
-  return l;
-}
-
-at::MemoryFormat format_of(const BatchNormLayout& l) {
-  return l.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-}
-
-}  // namespace
-
-BatchNormForwardCall prepare_batch_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                                        const std::optional<at::Tensor>& bias,
-                                        const std::optional<at::Tensor>& running_mean,
-                                        const std::optional<at::Tensor>& running_var,
-                                        const std::optional<at::Tensor>& residual, bool training, double eps,
-                                        bool relu, c10::DeviceType expected_device) {
-  const char* op = "batch_norm_native";
-  BatchNormForwardCall call;
-  BatchNormLayout& l = call.layout;
-  l = layout_of(x, op, expected_device);
-  check_vector(weight, "weight", x, op);
-  check_vector(bias, "bias", x, op);
-  check_vector(running_mean, "running_mean", x, op);
-  check_vector(running_var, "running_var", x, op);
-  TORCH_CHECK_VALUE(training || (running_mean.has_value() && running_var.has_value()), op,
-                    ": eval mode needs running_mean and running_var");
-  TORCH_CHECK_VALUE(!training || l.batch * l.spatial > 1, op,
-                    ": training needs more than one value per channel (N·H·W > 1); got shape ", x.sizes());
-  call.x = x;
-  call.weight = contiguous_vector(weight);
-  call.bias = contiguous_vector(bias);
-  if (residual.has_value()) call.residual = like_x(*residual, x, format_of(l), "residual", op);
-  call.out = at::empty_like(x);
-  const auto f32 = x.options().dtype(at::kFloat);
-  if (training) {
-    call.mean = at::empty({l.channels}, f32);
-    call.var = at::empty({l.channels}, f32);
-  } else {
-    call.mean = at::empty({0}, f32);
-    call.var = at::empty({0}, f32);
-    call.running_mean = running_mean->contiguous();
-    call.running_var = running_var->contiguous();
-  }
-  BatchNormArgs& a = call.args;
-  a.layout = l;
-  a.x = x.data_ptr();
-  a.residual = call.residual.defined() ? call.residual.data_ptr() : nullptr;
-  a.out = call.out.data_ptr();
-  a.weight = call.weight.defined() ? call.weight.data_ptr<float>() : nullptr;
-  a.bias = call.bias.defined() ? call.bias.data_ptr<float>() : nullptr;
-  a.mean = training ? call.mean.data_ptr<float>() : call.running_mean.data_ptr<float>();
-  a.var = training ? call.var.data_ptr<float>() : call.running_var.data_ptr<float>();
-  a.training = training;
-  a.relu = relu;
-  a.eps = static_cast<float>(eps);
-  return call;
-}
-
-BatchNormBackwardCall prepare_batch_norm_backward(const at::Tensor& grad_out, const at::Tensor& x,
-                                                  const std::optional<at::Tensor>& out,
-                                                  const std::optional<at::Tensor>& weight, const at::Tensor& mean,
-                                                  const at::Tensor& var, bool training, double eps, bool relu,
-                                                  bool residual_grad, c10::DeviceType expected_device) {
-  const char* op = "batch_norm_backward_native";
-  BatchNormBackwardCall call;
-  BatchNormLayout& l = call.layout;
-  l = layout_of(x, op, expected_device);
-  check_vector(weight, "weight", x, op);
-  check_vector(mean, "mean", x, op);
-  check_vector(var, "var", x, op);
-  TORCH_CHECK_VALUE(!relu || out.has_value(), op, ": relu=True needs the forward's output (the ReLU mask)");
-  const at::MemoryFormat format = format_of(l);
-  call.grad_out = like_x(grad_out, x, format, "grad_out", op);
-  if (relu) call.out = like_x(*out, x, format, "out", op);
-  call.weight = contiguous_vector(weight);
-  call.mean = mean.contiguous();
-  call.var = var.contiguous();
-  call.grad_x = at::empty_like(x);
-  const bool write_residual = relu && residual_grad;
-  call.grad_residual = write_residual ? at::empty_like(x) : at::empty({0}, x.options());
-  const auto f32 = x.options().dtype(at::kFloat);
-  call.grad_weight = at::empty({l.channels}, f32);
-  call.grad_bias = at::empty({l.channels}, f32);
-  BatchNormArgs& a = call.args;
-  a.layout = l;
-  a.x = x.data_ptr();
-  a.grad = call.grad_out.data_ptr();
-  a.saved_out = relu ? call.out.data_ptr() : nullptr;
-  a.grad_x = call.grad_x.data_ptr();
-  a.grad_residual = write_residual ? call.grad_residual.data_ptr() : nullptr;
-  a.weight = call.weight.defined() ? call.weight.data_ptr<float>() : nullptr;
-  a.mean = call.mean.data_ptr<float>();
-  a.var = call.var.data_ptr<float>();
-  a.grad_weight = call.grad_weight.data_ptr<float>();
-  a.grad_bias = call.grad_bias.data_ptr<float>();
-  a.training = training;
-  a.relu = relu;
-  a.eps = static_cast<float>(eps);
-  return call;
-}
 
 // -- CPU kernels ----------------------------------------------------------------------------------
 
@@ -551,6 +406,8 @@ void run_batch_norm_backward(const BatchNormArgs& a) {
 
 }  // namespace cpu
 
+namespace {
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_cpu(
     const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
@@ -571,5 +428,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
   return {call.grad_x, call.grad_residual, call.grad_weight, call.grad_bias};
 }
 
+}  // namespace
+
 }  // namespace ops
 }  // namespace divco
+
+TORCH_LIBRARY_IMPL(divco, CPU, m) {
+  m.impl("batch_norm_native", &divco::ops::batch_norm_cpu);
+  m.impl("batch_norm_backward_native", &divco::ops::batch_norm_backward_cpu);
+}

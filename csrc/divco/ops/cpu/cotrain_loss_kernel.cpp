@@ -1,15 +1,17 @@
 // CPU kernel of divco::cotrain_loss_native: rows in parallel (at::parallel_for), each row
 // converted once to float32 in a per-thread workspace, then every output of the row
 // computed from that copy with vectorised loops (row_loops.h), in the stages of the Triton
-// kernel (kernels/cotrain.py) and the CUDA kernel (cuda/cotrain_loss_kernel.cu):
+// kernel (kernels/cotrain_loss.py) and the CUDA kernel (cuda/cotrain_loss_kernel.cu):
 //   1. softmax statistics   max, top-1, ensemble, softmax sums of z / T and z
 //   2. probabilities         pbar = mean_s p_s (log pbar for js)
 //   3. co-training partials  cross-entropies, J_n, per-branch KL / masked mass
 //   4. gradient write        dloss/dz
 // Per-sample weights v_n (math::row_weight) scale row n's cross-entropies, J_n and gradient.
 // Per-row partials are reduced afterwards in row order, in double, so the result is
-// bit-identical for any thread count.
+// bit-identical for any thread count. Host checks: ../op_common.cpp; registered for the CPU
+// dispatch key at the end.
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <limits>
@@ -18,7 +20,6 @@
 #include "../../cotrain_math.h"
 #include "../dtype_dispatch.h"
 #include "../op_common.h"
-#include "../ops.h"
 #include "row_loops.h"
 
 namespace divco {
@@ -243,8 +244,8 @@ enum class CotGrad { kNone, kJensenShannon, kPairwiseKL, kPairwiseKLMasked };
 
 // g[k] = dloss/dz_sk (grad_output = 1): (1/N) dCE + w/(N T) dJ. One instantiation per case,
 // so each loop is branch-free and vectorises.
-template <typename scalar_t, CotGrad kCot, bool kSoft>
-DIVCO_CPU_INLINE void write_grad_branch(const GradRow& r, int64_t K, int64_t target, scalar_t* g) {
+template <typename grad_t, CotGrad kCot, bool kSoft>
+DIVCO_CPU_INLINE void write_grad_branch(const GradRow& r, int64_t K, int64_t target, grad_t* g) {
   auto element = [&](int64_t k, float y) {
     const float p = r.exp_p[k] * r.inv_sum_p;
     const float q = r.exp_q[k] * r.inv_sum_q;
@@ -261,10 +262,10 @@ DIVCO_CPU_INLINE void write_grad_branch(const GradRow& r, int64_t K, int64_t tar
     return math::loss_grad_element(math::ce_grad_element(q, y, r.target_sum), cot_grad, r.inv_rows, r.cot_scale);
   };
   if constexpr (kSoft) {
-    for (int64_t k = 0; k < K; ++k) g[k] = from_float<scalar_t>(element(k, r.y[k]));
+    for (int64_t k = 0; k < K; ++k) g[k] = from_float<grad_t>(element(k, r.y[k]));
   } else {
-    for (int64_t k = 0; k < K; ++k) g[k] = from_float<scalar_t>(element(k, 0.0f));
-    g[target] = from_float<scalar_t>(element(target, 1.0f));  // y = one-hot(target)
+    for (int64_t k = 0; k < K; ++k) g[k] = from_float<grad_t>(element(k, 0.0f));
+    g[target] = from_float<grad_t>(element(target, 1.0f));  // y = one-hot(target)
   }
 }
 
@@ -281,9 +282,10 @@ DIVCO_CPU_INLINE void write_gradient(const CotrainArgs& a, int64_t n, const RowT
                               : (a.kind == CotrainKind::kJensenShannon ? CotGrad::kJensenShannon : CotGrad::kPairwiseKL);
   for (int64_t s = 0; s < S; ++s) {
     const CotGrad cot = kind == CotGrad::kPairwiseKL && w.branch_cot[s] != 0.0f ? CotGrad::kPairwiseKLMasked : kind;
-    auto* g = static_cast<scalar_t*>(a.grad) + (n * S + s) * K;
+    using grad_t = stored_grad_t<scalar_t>;
+    auto* g = static_cast<grad_t*>(a.grad) + (n * S + s) * K;
     if (!target.valid) {
-      for (int64_t k = 0; k < K; ++k) g[k] = from_float<scalar_t>(math::quiet_nan());
+      for (int64_t k = 0; k < K; ++k) g[k] = from_float<grad_t>(math::quiet_nan());
       continue;
     }
     const GradRow r{w.z + s * K,    w.exp_p + s * K, w.exp_q + s * K,  w.y,          w.pbar,
@@ -293,20 +295,20 @@ DIVCO_CPU_INLINE void write_gradient(const CotrainArgs& a, int64_t n, const RowT
     const int64_t label = target.soft ? -1 : target.label;
     switch (cot) {
       case CotGrad::kNone:
-        target.soft ? write_grad_branch<scalar_t, CotGrad::kNone, true>(r, K, label, g)
-                    : write_grad_branch<scalar_t, CotGrad::kNone, false>(r, K, label, g);
+        target.soft ? write_grad_branch<grad_t, CotGrad::kNone, true>(r, K, label, g)
+                    : write_grad_branch<grad_t, CotGrad::kNone, false>(r, K, label, g);
         break;
       case CotGrad::kJensenShannon:
-        target.soft ? write_grad_branch<scalar_t, CotGrad::kJensenShannon, true>(r, K, label, g)
-                    : write_grad_branch<scalar_t, CotGrad::kJensenShannon, false>(r, K, label, g);
+        target.soft ? write_grad_branch<grad_t, CotGrad::kJensenShannon, true>(r, K, label, g)
+                    : write_grad_branch<grad_t, CotGrad::kJensenShannon, false>(r, K, label, g);
         break;
       case CotGrad::kPairwiseKL:
-        target.soft ? write_grad_branch<scalar_t, CotGrad::kPairwiseKL, true>(r, K, label, g)
-                    : write_grad_branch<scalar_t, CotGrad::kPairwiseKL, false>(r, K, label, g);
+        target.soft ? write_grad_branch<grad_t, CotGrad::kPairwiseKL, true>(r, K, label, g)
+                    : write_grad_branch<grad_t, CotGrad::kPairwiseKL, false>(r, K, label, g);
         break;
       case CotGrad::kPairwiseKLMasked:
-        target.soft ? write_grad_branch<scalar_t, CotGrad::kPairwiseKLMasked, true>(r, K, label, g)
-                    : write_grad_branch<scalar_t, CotGrad::kPairwiseKLMasked, false>(r, K, label, g);
+        target.soft ? write_grad_branch<grad_t, CotGrad::kPairwiseKLMasked, true>(r, K, label, g)
+                    : write_grad_branch<grad_t, CotGrad::kPairwiseKLMasked, false>(r, K, label, g);
         break;
     }
   }
@@ -371,13 +373,19 @@ void run_cotrain_loss(const CotrainArgs& a) {
 
 }  // namespace cpu
 
+namespace {
+
 CotrainResult cotrain_loss_cpu(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
                                const std::optional<at::Tensor>& sample_weight, std::string_view kind,
                                double temperature, bool compute_grad) {
-  CotrainCall call = prepare_cotrain(logits, target, weight, sample_weight, kind, temperature, compute_grad, c10::DeviceType::CPU);
+  CotrainCall call = prepare_cotrain_loss(logits, target, weight, sample_weight, kind, temperature, compute_grad, c10::DeviceType::CPU);
   cpu::run_cotrain_loss(call.args);
   return call.outputs();
 }
 
+}  // namespace
+
 }  // namespace ops
 }  // namespace divco
+
+TORCH_LIBRARY_IMPL(divco, CPU, m) { m.impl("cotrain_loss_native", &divco::ops::cotrain_loss_cpu); }

@@ -1,13 +1,14 @@
 // CPU kernels of divco::ensemble_native and divco::ensemble_backward_native: rows in
-// parallel, each row converted once to float32, vectorised loops (row_loops.h).
+// parallel, each row converted once to float32, vectorised loops (row_loops.h). Host checks:
+// ../op_common.cpp; registered for the CPU dispatch key at the end.
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <vector>
 
 #include "../../cotrain_math.h"
 #include "../dtype_dispatch.h"
 #include "../op_common.h"
-#include "../ops.h"
 #include "row_loops.h"
 
 namespace divco {
@@ -288,6 +289,8 @@ void run_ensemble_backward(const EnsembleBackwardArgs& a) {
 
 }  // namespace cpu
 
+namespace {
+
 at::Tensor ensemble_cpu(const at::Tensor& logits, std::string_view mode, const std::optional<at::Tensor>& weights) {
   EnsembleCall call = prepare_ensemble(logits, mode, weights, c10::DeviceType::CPU);
   cpu::run_ensemble(call.args);
@@ -301,5 +304,12 @@ at::Tensor ensemble_backward_cpu(const at::Tensor& grad_out, const at::Tensor& l
   return call.grad_logits;
 }
 
+}  // namespace
+
 }  // namespace ops
 }  // namespace divco
+
+TORCH_LIBRARY_IMPL(divco, CPU, m) {
+  m.impl("ensemble_native", &divco::ops::ensemble_cpu);
+  m.impl("ensemble_backward_native", &divco::ops::ensemble_backward_cpu);
+}

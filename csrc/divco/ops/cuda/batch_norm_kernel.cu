@@ -17,6 +17,8 @@
 #include <cstdint>
 
 #include "../../batch_norm_math.h"
+#include "../kernel_args.h"
+#include "launchers.h"
 #include "typed_access.cuh"
 
 namespace divco {

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "../../cotrain_math.h"
+
 namespace divco {
 namespace ops {
 namespace cuda {
@@ -53,6 +55,24 @@ struct ShuffleFloat {
 __device__ __forceinline__ float block_sum(float value, float* scratch) {
   return block_allreduce(value, ShuffleFloat{}, AddFloat{}, scratch);
 }
+
+// A top-1 candidate, a value and its index, and the block-wide arg-max of them (torch.argmax:
+// NaN first, then the first maximum, math::argmax_prefers): the one arg-max reduction of every
+// kernel (the ensemble's branch top-1, the co-training loss's ensemble top-1).
+struct ArgMax {
+  float value;
+  int index;
+};
+struct ShuffleArgMax {
+  __device__ ArgMax operator()(ArgMax v, int offset) const {
+    return {shfl_down(v.value, offset), shfl_down(v.index, offset)};
+  }
+};
+struct CombineArgMax {
+  __device__ ArgMax operator()(ArgMax a, const ArgMax& b) const {
+    return divco::math::argmax_prefers(b.value, b.index, a.value, a.index) ? b : a;
+  }
+};
 
 // The largest block the row kernels are launched with (their __launch_bounds__).
 constexpr int kMaxThreadsPerBlock = 512;

@@ -1,5 +1,5 @@
 // CUDA kernel of divco::cotrain_loss_native. One block per row n handles all S branches, in
-// the stages of the Triton kernel (kernels/cotrain.py) and the CPU kernel:
+// the stages of the Triton kernel (kernels/cotrain_loss.py) and the CPU kernel:
 //   1. softmax statistics    per branch, an online softmax over the row's K logits (each
 //                            thread its strided share, then a block reduction): max, softmax
 //                            sums of z/T and z, top-1, soft-target dot; cross-entropy, hits
@@ -74,19 +74,6 @@ struct CombineBranchPartial {
       a.y_best_index = b.y_best_index;
     }
     return a;
-  }
-};
-
-struct ArgMax {
-  float value;
-  int index;
-};
-struct ShuffleArgMax {
-  __device__ ArgMax operator()(ArgMax v, int o) const { return {shfl_down(v.value, o), shfl_down(v.index, o)}; }
-};
-struct CombineArgMax {
-  __device__ ArgMax operator()(ArgMax a, const ArgMax& b) const {
-    return m::argmax_prefers(b.value, b.index, a.value, a.index) ? b : a;
   }
 };
 
@@ -299,7 +286,7 @@ __device__ __forceinline__ void gradient_stage(const CotrainArgs& a, int64_t n, 
         }
         const float ce_grad = m::ce_grad_element(q, y, target.y_sum);
         const float g = target.valid ? m::loss_grad_element(ce_grad, cot_grad, inv_rows, cot_scale) : m::quiet_nan();
-        store<scalar_t>(a.grad, (n * S + s) * K + k, g);
+        store<stored_grad_t<scalar_t>>(a.grad, (n * S + s) * K + k, g);
       }
     }
   }

@@ -65,30 +65,15 @@ __device__ __forceinline__ float branch_mean_logit(const LogitsView& v, int64_t 
   return weights != nullptr ? weighted_mean_logit<scalar_t>(v, row, k, weights) : mean_logit<scalar_t>(v, row, k);
 }
 
-// A branch's top-1 candidate: the value and class index (torch.argmax: NaN first, then the
-// first maximum; the index sentinel loses every tie).
-struct Top1 {
-  float value;
-  int index;
-};
-struct ShuffleTop1 {
-  __device__ Top1 operator()(Top1 v, int o) const { return {shfl_down(v.value, o), shfl_down(v.index, o)}; }
-};
-struct MergeTop1 {
-  __device__ Top1 operator()(Top1 a, const Top1& b) const {
-    return m::argmax_prefers(b.value, b.index, a.value, a.index) ? b : a;
-  }
-};
-
 // The top-1 class of one branch (all threads get it).
 template <typename scalar_t>
-__device__ int branch_top1(const LogitsView& v, int64_t branch, Top1* scratch) {
-  Top1 best{-m::positive_infinity(), 2147483647};
+__device__ int branch_top1(const LogitsView& v, int64_t branch, ArgMax* scratch) {
+  ArgMax best{-m::positive_infinity(), 2147483647};  // the index sentinel loses every tie
   for (int64_t k = threadIdx.x; k < v.classes; k += blockDim.x) {
     const float z = load<scalar_t>(v.data, branch + k * v.stride_class);
     if (m::argmax_prefers(z, k, best.value, best.index)) best = {z, static_cast<int>(k)};
   }
-  return block_allreduce(best, ShuffleTop1{}, MergeTop1{}, scratch).index;
+  return block_allreduce(best, ShuffleArgMax{}, CombineArgMax{}, scratch).index;
 }
 
 // p_sk from the branch statistics in shared memory (max, 1 / sum).
@@ -160,7 +145,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kMaxThreadsPerBlock) ensemble_kernel(const EnsembleArgs a) {
   extern __shared__ float branch_stats_smem[];
   __shared__ m::SoftmaxStats stats_scratch[32];
-  __shared__ Top1 top1_scratch[32];
+  __shared__ ArgMax top1_scratch[32];
   const LogitsView& v = a.logits;
   const int64_t n = blockIdx.x;
   const int S = static_cast<int>(v.branches);

@@ -1,5 +1,5 @@
-// Entry points of the CUDA kernels (cuda/*.cu). Plain arguments only, so the .cu files
-// include no ATen header; the host wrappers in ops_cuda.cpp own tensors and streams.
+// Entry points of the CUDA kernels (cuda/<op>_kernel.cu). Plain arguments only, so the .cu
+// files include no ATen header; the host code in cuda/<op>_cuda.cpp owns tensors and streams.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -31,6 +31,14 @@ constexpr int kMaxEnsembleBranches =
 cudaError_t launch_cotrain_loss(const CotrainArgs& args, cudaStream_t stream);
 cudaError_t launch_ensemble(const EnsembleArgs& args, cudaStream_t stream);
 cudaError_t launch_ensemble_backward(const EnsembleBackwardArgs& args, cudaStream_t stream);
+
+// Chunks of positions (n, hw) the reductions split each channel into; the caller allocates
+// `partial` as double [chunks, 2, C] and `coefficients` as float [3, C].
+int64_t batch_norm_chunks(const BatchNormLayout& layout);
+// Each enqueues its kernels on `stream` and returns cudaGetLastError().
+cudaError_t launch_batch_norm(const BatchNormArgs& args, double* partial, float* coefficients, cudaStream_t stream);
+cudaError_t launch_batch_norm_backward(const BatchNormArgs& args, double* partial, float* coefficients,
+                                       cudaStream_t stream);
 
 struct BuildInfo {
   std::vector<int> archs;  // __CUDA_ARCH_LIST__ of the compilation, e.g. {800, 900}

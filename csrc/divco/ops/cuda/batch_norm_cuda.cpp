@@ -1,13 +1,15 @@
-// Host side of the CUDA batch_norm: the checks and allocation shared with the CPU kernels
-// (prepare_batch_norm*), workspaces, then the launchers on the current stream of x's device.
-// Nothing here waits for the GPU (CUDA-graph capturable: the workspaces come from the
-// caching allocator).
+// Host side of the CUDA divco::batch_norm_native and divco::batch_norm_backward_native: checks
+// and allocation (../op_common.cpp), workspaces, then the launchers on the current stream of
+// x's device; registered for the CUDA dispatch key. Nothing here waits for the GPU
+// (CUDA-graph capturable: the workspaces come from the caching allocator).
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
 
-#include "../ops.h"
+#include "../op_common.h"
+#include "launchers.h"
 
 namespace divco {
 namespace ops {
@@ -22,8 +24,6 @@ Workspace workspace(const at::Tensor& x, const BatchNormLayout& layout) {
   return {at::empty({chunks * 2 * layout.channels}, x.options().dtype(at::kDouble)),
           at::empty({3 * layout.channels}, x.options().dtype(at::kFloat))};
 }
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_cuda(
     const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
@@ -49,6 +49,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
   C10_CUDA_CHECK(cuda::launch_batch_norm_backward(call.args, ws.partial.data_ptr<double>(),
                                                   ws.coefficients.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
   return {call.grad_x, call.grad_residual, call.grad_weight, call.grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(divco, CUDA, m) {
+  m.impl("batch_norm_native", &batch_norm_cuda);
+  m.impl("batch_norm_backward_native", &batch_norm_backward_cuda);
 }
 
 }  // namespace ops
