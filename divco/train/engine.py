@@ -38,10 +38,14 @@ from .checkpoint import (
     BEST_NAME,
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
+    checkpoint_config,
     checkpoint_name,
+    improved_best,
     list_checkpoints,
     load_latest,
+    nothing_to_resume,
     prune_checkpoints,
+    restore_best,
     save_checkpoint,
 )
 from .config import TrainConfig
@@ -50,7 +54,7 @@ from .evaluation import EvaluationResult, evaluate, predict
 from .export import spec_json
 from .members import CheckpointEnsemble, SnapshotLR
 from .run_lock import LOCK_NAME, RunLock
-from .run_log import CONFIG_NAME, RunLog, write_json
+from .run_log import CONFIG_NAME, RunLog, warning, write_json
 from .runtime import (
     SignalStop,
     branch_epoch_orders,
@@ -128,13 +132,13 @@ class locked_run_folder:  # noqa: N801 - used as a context manager, like open()
     def __enter__(self) -> Path:
         try:
             self.out.mkdir(parents=True, exist_ok=True)
-            self.lock = RunLock(self.out, announce=lambda line: status_line(line, self.verbose)).acquire()
+            self.lock = RunLock(self.out, announce=warning).acquire()
         except WriteError:
             raise
         except OSError as error:
             raise WriteError(f"cannot write in the run folder {self.out}: {error.strerror or error}") from None
         for leftover in remove_temporaries(self.out):  # of a killed process (the lock says none runs)
-            status_line(f"removed {leftover.name}, left by an interrupted write", self.verbose)
+            warning(f"removed {leftover.name}, left by an interrupted write")
         return self.out
 
     def __exit__(self, kind, error, traceback) -> None:
@@ -152,6 +156,8 @@ def train_in_folder(config: TrainConfig, processes: DistributedContext,
     processes.barrier()
     run = assemble_run(config, processes, device)
     epochs_done, steps_done = restore(run, *resume) if resume is not None else (0, 0)
+    if resume is not None and processes.is_main:  # a deleted best.pt belongs to the run: recreate it
+        run.best = restore_best(run.out, run.best, epochs_done)
     run.report(f"divco {__version__}: {config.model} x{config.branches} on {run.info['dataset']}; {device}, "
                f"{processes.world_size} process(es), {run.steps_per_epoch} steps/epoch, lr "
                f"{run.info['base_lr']:.4g}, wd {run.info['weight_decay']:.3g}, {run.info['precision']}; recipe "
@@ -239,7 +245,7 @@ class Run:
     steps_per_epoch: int
     amp_dtype: Optional[torch.dtype]
     info: dict
-    best: Optional[dict] = None  # {"epoch", "test_ensemble_acc"} of best.pt
+    best: Optional[dict] = None  # {"epoch", "selected_on", <that metric>} of best.pt (checkpoint.improved_best)
     members: Optional[CheckpointEnsemble] = None  # snapshot / cbnn: the member checkpoints and sample weights
 
     @property
@@ -265,10 +271,9 @@ def find_resume_point(config: TrainConfig, device: torch.device, *, verbose: boo
                              f"continue it, or choose another {option('out')}")
         return None
     if not existing:
-        status_line(f"no checkpoint in {out}: starting a new run", verbose)
-        return None
+        raise nothing_to_resume(out)
     path, state = load_latest(out)
-    differences = TrainConfig.from_dict(state["config"]).run_defining_differences(config)
+    differences = checkpoint_config(state).run_defining_differences(config)
     written_on = state.get("device_type", device.type)  # the device's type changes the numbers
     if written_on != device.type:
         differences.append(f"a {device.type} device (this run: {written_on})")
@@ -525,10 +530,8 @@ def take_member(run: Run, epochs_done: int, steps: int, iteration: int, boosting
 
 def save_epoch(run: Run, epoch: int, record: dict, keep_older: bool = False) -> Path:
     """Checkpoint the end of ``epoch`` (rank 0), update best.pt, prune old checkpoints (unless keep_older)."""
-    finite = math.isfinite(record["train_loss"]) and record["train_nonfinite_steps"] == 0
-    improved = finite and (run.best is None or record["test_ensemble_acc"] > run.best["test_ensemble_acc"])
-    if improved:
-        run.best = {"epoch": epoch + 1, "test_ensemble_acc": record["test_ensemble_acc"]}
+    improved = improved_best(run.best, record)  # on the validation split (the test set without one)
+    run.best = improved or run.best
     path = save_checkpoint(run.out / checkpoint_name(epoch + 1, 0), checkpoint_state(run, epoch + 1, 0, record))
     if improved:
         atomic_link_or_copy(path, run.out / BEST_NAME)
