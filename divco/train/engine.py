@@ -50,7 +50,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .distributed import DistributedContext, convert_sync_batchnorm
-from .evaluation import EvaluationResult, evaluate, predict
+from .evaluation import EvaluationResult, evaluate, evaluate_validation, predict
 from .export import spec_json
 from .members import CheckpointEnsemble, SnapshotLR
 from .run_lock import LOCK_NAME, RunLock
@@ -360,7 +360,7 @@ def _load_data(config: TrainConfig, processes: DistributedContext) -> ImageDatas
     data = load_dataset(config.data, image_size=config.image_size, cache_dir=config.cache_dir)
     if processes.is_main:
         processes.barrier()
-    return data.subset(config.train_subset, config.test_subset)
+    return data.with_validation(config.val_split, config.seed).subset(config.train_subset, config.test_subset)
 
 
 def _build_model(config: TrainConfig, processes: DistributedContext, device: torch.device, num_classes: int,
@@ -484,18 +484,21 @@ def finish_epoch(run: Run, epoch: int, first_step: int, started: float, test_ima
     elapsed = time.perf_counter() - started
     images_this_session = (run.steps_per_epoch - first_step) * config.batch_size
     eval_started = time.perf_counter()
-    evaluation = None
+    evaluation = validation = None
+    options = dict(batch_size=config.eval_batch_size or max(config.batch_size, 256), amp_dtype=run.amp_dtype,
+                   channels_last=run.channels_last, backend=config.backend)
     if run.processes.is_main:
-        evaluation = evaluate(unwrap_model(run.net), test_images, test_labels, run.augmenter.normalize,
-                              batch_size=config.eval_batch_size or max(config.batch_size, 256),
-                              amp_dtype=run.amp_dtype, channels_last=run.channels_last, backend=config.backend)
-    evaluation = run.processes.broadcast_object(evaluation)
+        evaluation = evaluate(unwrap_model(run.net), test_images, test_labels, run.augmenter.normalize, **options)
+        validation = evaluate_validation(unwrap_model(run.net), run.data, run.augmenter.normalize, run.device,
+                                         **options)  # best.pt is chosen on it (checkpoint.improved_best)
+    evaluation, validation = run.processes.broadcast_object((evaluation, validation))
     return {
         "epoch": epoch + 1,
         "lr": run.schedule.current_lr(),
         "cot_weight": _cot_weight(run, epoch),
         **train_metrics,
         **evaluation.to_dict(),
+        **validation,
         "images_per_s": images_this_session / elapsed if elapsed > 0 else math.inf,
         "epoch_time_s": elapsed,
         "eval_time_s": time.perf_counter() - eval_started,
@@ -585,6 +588,7 @@ def _local_state(run: Run) -> dict:
 
 def _epoch_line(record: dict, epochs: int) -> str:
     branches = " ".join(f"{100 * a:.2f}" for a in record["test_branch_acc"])
-    return (f"epoch {record['epoch']}/{epochs}: loss {record['train_loss']:.4f}  test acc ensemble "
+    validation = f"val acc {100 * record['val_ensemble_acc']:.2f} %  " if "val_ensemble_acc" in record else ""
+    return (f"epoch {record['epoch']}/{epochs}: loss {record['train_loss']:.4f}  {validation}test acc ensemble "
             f"{100 * record['test_ensemble_acc']:.2f} %  branches [{branches}]  NLL {record['test_nll']:.4f}  "
             f"{record['images_per_s']:.1f} img/s")

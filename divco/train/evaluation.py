@@ -172,6 +172,18 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, normalize: Callab
     return metrics_from_logits(logits, labels.to(logits.device), backend=backend)
 
 
+def evaluate_validation(model: nn.Module, data, normalize: Callable[[Tensor], Tensor], device: torch.device,
+                        **options) -> dict:
+    """The validation split's metrics as record fields (``val_`` instead of ``test_``); {} without a split.
+
+    ``data`` is an :class:`divco.data.ImageDataset`; ``options`` are :func:`evaluate`'s.
+    """
+    if data.val_images is None:
+        return {}
+    result = evaluate(model, data.val_images.to(device), data.val_labels.to(device), normalize, **options)
+    return {"val_" + key[len("test_"):]: value for key, value in result.to_dict().items()}
+
+
 #: Temperature scaling in ``divco eval``: T is fitted on the run's validation split and the metrics are
 #: reported on the test set; without a validation split T is fitted on one half of the test set (a seeded
 #: permutation, :func:`divco.calibration.held_out_split`) and every metric is reported on the other half.
