@@ -22,6 +22,11 @@ def small(out, **overrides):
     return tiny_config(out, **{**dict(epochs=2, train_subset=32, test_subset=16), **overrides})
 
 
+def after_epoch(epochs: int):
+    """A stop request at the last step (2 of 2) of epoch ``epochs``: the run stops with that epoch done."""
+    return lambda epoch, steps: epoch + 1 == epochs and steps == 2
+
+
 # -- --resume without a checkpoint -------------------------------------------------------------------
 
 
@@ -132,11 +137,11 @@ def test_eval_of_a_folder_whose_best_is_gone_or_a_directory_says_what_it_uses(tm
 
 def test_resume_recreates_a_deleted_best_and_refuses_a_directory_in_its_place(tmp_path, capsys):
     out = tmp_path / "run"
-    run_training(small(out, epochs=2, keep_checkpoints=2))
+    run_training(small(out, epochs=3, keep_checkpoints=3), should_stop=after_epoch(2))
     best = load_checkpoint(out / BEST_NAME)["best"]
     (out / BEST_NAME).unlink()
     capsys.readouterr()
-    run_training(small(out, epochs=3, resume=True, keep_checkpoints=3))
+    assert run_training(small(out, epochs=3, resume=True, keep_checkpoints=3)).completed
     assert (out / BEST_NAME).is_file()  # recreated from the checkpoint of its epoch (or a better epoch 3)
     assert f"{out / BEST_NAME} was missing: recreated from {checkpoint_name(best['epoch'], 0)}" in \
         capsys.readouterr().err
@@ -144,13 +149,13 @@ def test_resume_recreates_a_deleted_best_and_refuses_a_directory_in_its_place(tm
     (out / BEST_NAME).mkdir()
     with pytest.raises(ValueError, match=rf"cannot resume {out}: {out / BEST_NAME} is a directory, where the run "
                                          r"keeps its best checkpoint; move it away"):
-        run_training(small(out, epochs=4, resume=True))
+        run_training(small(out, epochs=3, resume=True, keep_checkpoints=3))
     assert (out / BEST_NAME).is_dir()
 
 
 def test_a_pruned_best_epoch_is_recreated_from_the_best_kept_one(tmp_path, capsys):
     out = tmp_path / "run"
-    run_training(small(out, epochs=3, keep_checkpoints=1))
+    run_training(small(out, epochs=4, keep_checkpoints=1), should_stop=after_epoch(3))
     for path in out.glob("checkpoint-*.pt"):
         state = torch.load(path, weights_only=True)
     (out / BEST_NAME).unlink()
@@ -184,7 +189,7 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_warning_and_rewritten(tmp_pa
 
 def test_a_run_killed_mid_append_resumes(tmp_path, capsys):
     out = tmp_path / "run"
-    run_training(small(out, epochs=1))
+    run_training(small(out, epochs=2), should_stop=after_epoch(1))
     with open(out / METRICS_NAME, "a") as f:
         f.write('{"epoch": 2, "train_loss": 0.')
     result = run_training(small(out, epochs=2, resume=True))

@@ -52,7 +52,7 @@ def test_compare_reports_the_checkpoint_eval_reports(run):
 
 def test_eval_fits_the_temperature_on_the_validation_split(run):
     config, _ = run
-    _, description = evaluate_checkpoint(config.out, device="cpu")
+    _, description = evaluate_checkpoint(config.out, device="cpu", temperature=True)
     scaling = description["temperature_scaling"]
     assert (scaling["fit_on"], scaling["fit_images"], scaling["eval_images"]) == ("validation", VALIDATION, 16)
     assert scaling["ensembles"]["vote"]["temperature"] is None
