@@ -4,7 +4,7 @@ One process (or one per GPU under torchrun) runs::
 
     for each epoch:   co-training weight <- warm-up schedule
         for each batch of its shard:   S augmented views -> TrainStep (no host sync)
-        read the epoch's metrics once, evaluate on the test set,
+        read the epoch's metrics once, evaluate on the validation split and the test set,
         append to metrics.jsonl, write a checkpoint (atomic), keep the last N and the best
 
 Everything random is drawn from generators whose state the checkpoint stores (torch
