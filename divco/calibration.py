@@ -11,16 +11,17 @@ tensors (no host synchronisation, except :func:`fit_temperature`, which optimise
     aurc                       area under the risk-coverage curve (selective classification,
                                Geifman & El-Yaniv 2017): mean over k = 1..N of the error rate of the
                                k most confident predictions
-    fit_temperature            post-hoc temperature scaling (Guo et al. 2017): the T > 0 minimising
-                               the NLL of softmax(logits / T), by LBFGS on log T
+    fit_temperature            post-hoc temperature scaling (Guo et al. 2017): the T in [0.05, 20]
+                               minimising the NLL of softmax(logits / T), by bisection in log space
 
 Confidence is the top-1 probability and the prediction its class (ties: the lowest index).
 A NaN anywhere in the probabilities gives a NaN metric (never an IndexError, never a silently
 dropped sample).
 
-Temperature scaling must be fitted on data the metrics are not reported on: the usual split is
-the test set's two halves under a fixed seed, :func:`held_out_split` (fit on one, report on the
-other); :func:`temperature_scaled` does both.
+Temperature scaling must be fitted on data the metrics are not reported on: a validation split
+(:func:`scaled_on`: fit on one set, report on another), or, without one, the test set's two
+halves under a fixed seed (:func:`held_out_split`; :func:`temperature_scaled` does both).  A
+fitted T that makes the reported NLL worse is not applied: T = 1 is reported, with a note.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ from torch import Tensor
 
 #: Confidence bins of the calibration errors (TorchUncertainty's and Guo et al.'s 15).
 DEFAULT_BINS = 15
+
+#: The temperatures :func:`fit_temperature` searches.  Beyond them the fit has degenerated: T -> 0
+#: (the fitting data are separated perfectly: a hard argmax, infinitely confident elsewhere) or
+#: T -> inf (the logits carry no information: the uniform distribution).
+TEMPERATURE_BOUNDS = (0.05, 20.0)
 
 
 def _check(probs: Tensor, labels: Tensor, what: str = "probs") -> None:
@@ -147,35 +153,39 @@ def held_out_split(num_samples: int, fit_fraction: float = 0.5, seed: int = 0) -
     return HeldOutSplit(permutation[:fit_count].sort().values, permutation[fit_count:].sort().values)
 
 
-def fit_temperature(logits: Tensor, labels: Tensor, *, max_iter: int = 100) -> float:
-    """The temperature T > 0 minimising mean NLL of softmax(logits / T) over (logits, labels).
+def fit_temperature(logits: Tensor, labels: Tensor, *, bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
+    """The temperature T in ``bounds`` minimising the mean NLL of softmax(logits / T) over (logits, labels).
 
-    LBFGS (strong-Wolfe line search) on log T in float64, starting from T = 1. Fit it on
-    held-out data (:func:`held_out_split`), never on the samples the metrics are reported on.
-    Logits that carry no information about the labels make the uniform distribution optimal:
-    T then grows very large (the NLL's infimum is at T -> inf), and that large T is returned.
+    The NLL is convex in 1/T, so its derivative in 1/T, mean_i (E_softmax(z_i / T)[z_i] - z_iy), is
+    increasing: T is its root, found by bisection on log T in float64 (to ~1e-13 relative), or the
+    bound the minimum lies beyond (T at a bound means the fit degenerated: check the data).  Fit it
+    on held-out data, never on the samples the metrics are reported on.
     """
     _check(logits, labels, "logits")
+    low_t, high_t = bounds
+    if not (0 < low_t < 1 < high_t and math.isfinite(high_t)):
+        raise ValueError(f"temperature bounds must satisfy 0 < low < 1 < high < inf, got {bounds!r}")
     logits = logits.detach().to(torch.float64)
     if not bool(torch.isfinite(logits).all()):
         raise ValueError("logits must be finite to fit a temperature")
-    labels = labels.long()
-    log_t = torch.zeros((), dtype=torch.float64, device=logits.device, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, tolerance_grad=1e-12,
-                                  tolerance_change=1e-14, line_search_fn="strong_wolfe")
+    true = logits.gather(1, labels.long()[:, None]).squeeze(1)
 
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(logits * torch.exp(-log_t), labels)
-        loss.backward()
-        return loss
+    def slope(log_t: float) -> float:  # d NLL / d(1/T) at T = exp(log_t)
+        probs = F.softmax(logits * math.exp(-log_t), dim=-1)
+        return float(((probs * logits).sum(dim=1) - true).mean())
 
-    optimizer.step(closure)
-    temperature = float(log_t.detach().exp())
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature scaling diverged (T = {temperature}); the logits may separate the "
-                         f"classes perfectly")
-    return temperature
+    low, high = math.log(low_t), math.log(high_t)  # slope(log T) decreases as T grows
+    if slope(high) >= 0:
+        return high_t  # the NLL still falls towards T -> inf
+    if slope(low) <= 0:
+        return low_t  # ... or towards T -> 0
+    while high - low > 1e-13:
+        middle = 0.5 * (low + high)
+        if slope(middle) > 0:
+            low = middle
+        else:
+            high = middle
+    return math.exp(0.5 * (low + high))
 
 
 def calibration_metrics(probs: Tensor, labels: Tensor, bins: int = DEFAULT_BINS) -> dict[str, Tensor]:
@@ -187,20 +197,37 @@ def calibration_metrics(probs: Tensor, labels: Tensor, bins: int = DEFAULT_BINS)
             "adaptive_ece": adaptive_calibration_error(probs, labels, bins), "aurc": aurc(probs, labels)}
 
 
+def scaled_on(fit_logits: Tensor, fit_labels: Tensor, logits: Tensor, labels: Tensor, *,
+              bins: int = DEFAULT_BINS) -> dict:
+    """Fit T on (fit_logits, fit_labels) and report softmax(logits / T) and softmax(logits) on (logits, labels).
+
+    Returns ``{"temperature": T, "fitted_temperature": T_fit, "fit_samples", "eval_samples", "scaled": {...},
+    "unscaled": {...}, "note"}`` with plain floats.  T is T_fit, or 1 when T_fit makes the reported NLL
+    worse (``note`` says so); ``note`` also says when T_fit lies on a bound of :data:`TEMPERATURE_BOUNDS`.
+    """
+    _check(logits, labels, "logits")
+    fitted = fit_temperature(fit_logits, fit_labels)
+    logits = logits.to(torch.float64)
+    unscaled = {k: float(v) for k, v in calibration_metrics(F.softmax(logits, dim=-1), labels, bins).items()}
+    scaled = {k: float(v) for k, v in calibration_metrics(F.softmax(logits / fitted, dim=-1), labels, bins).items()}
+    notes = []
+    if fitted in TEMPERATURE_BOUNDS:
+        notes.append(f"the fit stopped at the bound T = {fitted:g} of {list(TEMPERATURE_BOUNDS)} (a degenerate fit)")
+    temperature = fitted
+    if not scaled["nll"] <= unscaled["nll"]:
+        notes.append(f"the fitted T = {fitted:.3f} worsens the NLL ({unscaled['nll']:.4f} -> {scaled['nll']:.4f}): "
+                     f"T = 1 kept")
+        temperature, scaled = 1.0, dict(unscaled)
+    return {"temperature": temperature, "fitted_temperature": fitted, "fit_samples": int(fit_logits.shape[0]),
+            "eval_samples": int(logits.shape[0]), "scaled": scaled, "unscaled": unscaled,
+            "note": "; ".join(notes) or None}
+
+
 def temperature_scaled(logits: Tensor, labels: Tensor, *, fit_fraction: float = 0.5, seed: int = 0,
                        bins: int = DEFAULT_BINS) -> dict:
-    """Fit T on one part of (logits, labels) (:func:`held_out_split`) and report the metrics of
-    softmax(logits / T) and of softmax(logits) on the other part.
-
-    Returns ``{"temperature": T, "fit_samples": n_fit, "eval_samples": n_eval, "scaled": {...},
-    "unscaled": {...}}`` with plain floats.
-    """
+    """:func:`scaled_on` with T fitted on one part of (logits, labels) (:func:`held_out_split`) and the
+    metrics reported on the other part."""
     _check(logits, labels, "logits")
     split = held_out_split(logits.shape[0], fit_fraction, seed)
     fit, held = split.fit.to(logits.device), split.evaluate.to(logits.device)
-    temperature = fit_temperature(logits[fit], labels[fit])
-    held_logits = logits[held].to(torch.float64)
-    scaled = calibration_metrics(F.softmax(held_logits / temperature, dim=-1), labels[held], bins)
-    unscaled = calibration_metrics(F.softmax(held_logits, dim=-1), labels[held], bins)
-    return {"temperature": temperature, "fit_samples": int(fit.numel()), "eval_samples": int(held.numel()),
-            "scaled": {k: float(v) for k, v in scaled.items()}, "unscaled": {k: float(v) for k, v in unscaled.items()}}
+    return scaled_on(logits[fit], labels[fit], logits[held], labels[held], bins=bins)

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from divco.calibration import (adaptive_calibration_error, aurc, brier_score, calibration_metrics,
+from divco.calibration import (TEMPERATURE_BOUNDS, adaptive_calibration_error, aurc, brier_score, calibration_metrics,
                                expected_calibration_error, fit_temperature, held_out_split, risk_coverage_curve,
-                               temperature_scaled)
+                               scaled_on, temperature_scaled)
 
 F64 = torch.float64
 
@@ -170,3 +170,40 @@ def test_temperature_scaled_reports_on_the_held_out_part_only():
     assert out["unscaled"]["ece"] == pytest.approx(expected_calibration_error(held, labels[split.evaluate]).item())
     assert out["scaled"]["nll"] < out["unscaled"]["nll"]
     assert out["scaled"]["accuracy"] == out["unscaled"]["accuracy"]  # scaling keeps the argmax
+
+
+# -- degenerate fits: bounded, never a worse NLL reported silently --------------------------------------
+
+
+def test_temperature_of_perfectly_separated_logits_stops_at_the_lower_bound():
+    # every fitting sample right with a margin: the NLL falls towards T -> 0 (LBFGS returned T = 0.000)
+    logits = torch.tensor([[4.0, 0.0, 1.0], [0.0, 3.0, 1.0], [1.0, 0.0, 5.0]] * 4, dtype=F64)
+    assert fit_temperature(logits, torch.tensor([0, 1, 2] * 4)) == TEMPERATURE_BOUNDS[0]
+
+
+def test_temperature_of_uninformative_logits_stops_at_the_upper_bound():
+    g = torch.Generator().manual_seed(0)
+    logits = 5 * torch.randn(400, 4, generator=g, dtype=F64)
+    labels = torch.randint(0, 4, (400,), generator=g)  # independent of the logits: T -> inf is the infimum
+    assert fit_temperature(logits, labels) == TEMPERATURE_BOUNDS[1]
+
+
+def test_a_temperature_that_worsens_the_reported_nll_is_not_applied():
+    # fitted on separated samples (T -> 0.05), reported on samples the argmax gets wrong: 0.05 would
+    # multiply the logits by 20 (NLL 0.17 -> 23.6 in the report that asked for this rule)
+    fit = torch.tensor([[4.0, 0.0], [0.0, 4.0]] * 5, dtype=F64)
+    held = torch.tensor([[1.0, 0.0], [0.0, 1.0], [3.0, 0.0], [0.0, 3.0]], dtype=F64)
+    out = scaled_on(fit, torch.tensor([0, 1] * 5), held, torch.tensor([1, 1, 0, 1]))
+    assert out["fitted_temperature"] == TEMPERATURE_BOUNDS[0] and out["temperature"] == 1.0
+    assert out["scaled"] == out["unscaled"]
+    assert "the fit stopped at the bound T = 0.05" in out["note"] and "worsens the NLL" in out["note"] and \
+        "T = 1 kept" in out["note"]
+
+
+def test_a_helpful_temperature_is_applied_without_a_note():
+    probs, labels = _calibrated_case(9, 400, 5)
+    logits = 3 * probs.log()
+    out = scaled_on(logits[:200], labels[:200], logits[200:], labels[200:])
+    assert out["note"] is None and out["temperature"] == out["fitted_temperature"]
+    assert out["temperature"] == pytest.approx(3.0, rel=0.2)  # undoes the factor 3
+    assert out["scaled"]["nll"] < out["unscaled"]["nll"]

@@ -21,7 +21,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..train import train
+    from ..train import list_checkpoints, train
     from ..train.runtime import cli_option_names
     from ._train_options import exit_code, train_config_from_args
     from ..train.comparison import comparison_rows, comparison_table
@@ -32,7 +32,8 @@ def run(args) -> int:
     out = Path(args.out)
     results = []
     for S in args.branches:
-        config = train_config_from_args(args, out=str(out / f"S{S}"), branches=S, resume=True)
+        folder = out / f"S{S}"  # resumed where it holds a checkpoint, else started
+        config = train_config_from_args(args, out=str(folder), branches=S, resume=bool(list_checkpoints(folder)))
         with cli_option_names():  # errors name options as typed here: --resume, not resume=True
             result = train(config)
         if not result.completed:

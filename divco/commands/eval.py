@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 HELP = ("evaluate a checkpoint: per-branch and ensemble accuracy, NLL, ECE, adaptive ECE, Brier, AURC, "
         "disagreement, temperature scaling")
@@ -19,8 +21,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--no-temperature", dest="temperature", action="store_false",
-                        help="skip post-hoc temperature scaling (by default T is fitted on a seeded half of the "
-                             "test images and the metrics are reported on the other half)")
+                        help="skip post-hoc temperature scaling (by default T is fitted on the run's validation "
+                             "split and the metrics are reported on the test images; for a run without one, T is "
+                             "fitted on a seeded half of the test images and reported on the other half)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
 
 
@@ -40,6 +43,8 @@ def run(args) -> int:
         args.checkpoint, data=args.data, image_size=args.image_size, test_subset=args.test_subset,
         batch_size=args.batch_size, device=args.device, cache_dir=args.cache_dir,
         temperature=args.temperature)
+    if Path(args.checkpoint).is_dir():  # say which checkpoint of the run folder is evaluated, and why
+        print(f"divco eval: {chosen_checkpoint(description)}", file=sys.stderr)
     if args.json:
         print(json.dumps({**description, **result.to_dict()}))
     else:
@@ -48,3 +53,13 @@ def run(args) -> int:
         if args.temperature:
             print(temperature_table(description["temperature_scaling"]))
     return 0
+
+
+def chosen_checkpoint(description: dict) -> str:
+    """One line: the checkpoint of a run folder that is evaluated and why it is the one."""
+    best = description.get("best")
+    if best is None:
+        return f"evaluating {description['checkpoint']} (epoch {description['epochs_done']}: the run's newest checkpoint)"
+    metric = best.get("selected_on", "test_ensemble_acc")
+    return (f"evaluating {description['checkpoint']} (epoch {best['epoch']}: the best {metric}, "
+            f"{100 * best[metric]:.2f} %)")

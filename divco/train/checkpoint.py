@@ -13,20 +13,24 @@ Run folder layout::
 
     DIR/checkpoint-e0003-s000000.pt   end of epoch 3 (3 epochs done)
     DIR/checkpoint-e0003-s000017.pt   interrupted in epoch 4 after 17 of its steps
-    DIR/best.pt                       the epoch with the best test ensemble accuracy
+    DIR/best.pt                       the epoch with the best validation ensemble accuracy (the test
+                                      set's when the run has no validation split, val_split=0)
     DIR/metrics.jsonl, DIR/config.json
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 
-from ..io import atomic_torch_save
+from ..io import atomic_link_or_copy, atomic_torch_save
+from .run_lock import LOCK_NAME
+from .run_log import CONFIG_NAME, read_metrics, warning
 
 CHECKPOINT_FORMAT = "divco-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -90,17 +94,129 @@ def list_checkpoints(folder: Union[str, Path]) -> list[Path]:
 
 
 def checkpoint_of(path: Union[str, Path]) -> Path:
-    """``path`` itself for a file; for a run folder its best.pt, else its newest checkpoint."""
+    """``path`` itself for a file; for a run folder its best.pt, else (with a warning saying why and
+    what is used instead) its newest checkpoint."""
     path = Path(path)
     if not path.is_dir():
         return path
-    if (path / BEST_NAME).is_file():
-        return path / BEST_NAME
+    best = path / BEST_NAME
+    if best.is_file():
+        return best
     found = list_checkpoints(path)
     if not found:
         raise FileNotFoundError(f"{path} is a folder without checkpoints (expected {BEST_NAME} or "
                                 f"checkpoint-e*-s*.pt files of a divco training run)")
+    problem = f"{best} is {_kind(best)}, not a checkpoint" if best.exists() else f"{path} has no {BEST_NAME}"
+    warning(f"{problem}: using the newest checkpoint {found[-1].name} instead")
     return found[-1]
+
+
+def _kind(path: Path) -> str:
+    return "a directory" if path.is_dir() else "not a regular file"
+
+
+# -- the run's best checkpoint ----------------------------------------------------------------
+
+
+def selection_metric(record: dict) -> str:
+    """The record field best.pt is chosen on: the validation ensemble accuracy, the test set's without
+    a validation split."""
+    return "val_ensemble_acc" if "val_ensemble_acc" in record else "test_ensemble_acc"
+
+
+def improved_best(best: Optional[dict], record: dict) -> Optional[dict]:
+    """The new ``best`` entry when the epoch of ``record`` beats ``best`` (None: it does not).
+
+    An epoch with a non-finite loss never becomes best.
+    """
+    if not (math.isfinite(record["train_loss"]) and record.get("train_nonfinite_steps", 0) == 0):
+        return None
+    key = selection_metric(record)
+    if best is not None and key in best and not record[key] > best[key]:
+        return None
+    return {"epoch": record["epoch"], "selected_on": key, key: record[key]}
+
+
+def restore_best(folder: Union[str, Path], best: Optional[dict], epochs_done: int) -> Optional[dict]:
+    """On resume: recreate a missing best.pt (it belongs to the run) and return the ``best`` entry to go on with.
+
+    From the checkpoint of its epoch when it is still kept; else from the best epoch (metrics.jsonl)
+    whose checkpoint is kept, with a warning; else None (the next epoch becomes best), with a warning.
+    A best.pt that is not a file (a directory) is the user's: a ValueError, never removed.
+    """
+    folder = Path(folder)
+    path = folder / BEST_NAME
+    if path.is_file() or best is None:
+        return best
+    if path.exists() or path.is_symlink():
+        raise ValueError(f"cannot resume {folder}: {path} is {_kind(path)}, where the run keeps its best "
+                         f"checkpoint; move it away and resume again")
+    kept = {}
+    for record in read_metrics(folder, warn=False):
+        epoch = record.get("epoch")
+        source = folder / checkpoint_name(epoch, 0) if isinstance(epoch, int) else None
+        if source is not None and epoch <= epochs_done and source.is_file():
+            kept[epoch] = record
+    if best["epoch"] in kept or (folder / checkpoint_name(best["epoch"], 0)).is_file():
+        atomic_link_or_copy(folder / checkpoint_name(best["epoch"], 0), path)
+        warning(f"{path} was missing: recreated from {checkpoint_name(best['epoch'], 0)} (epoch {best['epoch']})")
+        return best
+    candidates = [c for c in (improved_best(None, r) for r in kept.values()) if c is not None]
+    if not candidates:
+        warning(f"{path} was missing and no checkpoint of a finished epoch is kept: the best epoch from here on "
+                f"becomes {BEST_NAME}")
+        return None
+    key = candidates[0]["selected_on"]
+    chosen = max(candidates, key=lambda c: (c[key], -c["epoch"]))
+    atomic_link_or_copy(folder / checkpoint_name(chosen["epoch"], 0), path)
+    warning(f"{path} was missing and the checkpoint of its epoch {best['epoch']} is pruned: recreated from the "
+            f"best kept epoch, {chosen['epoch']} ({key} {chosen[key]:.4f})")
+    return chosen
+
+
+# -- resuming ------------------------------------------------------------------------------------
+
+
+def checkpoint_config(state: dict):
+    """The TrainConfig of a checkpoint; one written before the validation split had none (val_split 0)."""
+    from .config import TrainConfig
+
+    return TrainConfig.from_dict({"val_split": 0, **state["config"]})
+
+
+def nothing_to_resume(folder: Union[str, Path]) -> ValueError:
+    """The error of a resume in a folder without checkpoints: what the folder holds instead (one line)."""
+    from .runtime import option
+
+    folder = Path(folder)
+    contents = [p for p in folder.iterdir() if p.name != LOCK_NAME] if folder.is_dir() else []
+    config = folder / CONFIG_NAME
+    if not contents:
+        holds = "the folder is empty"
+    elif config.is_file():
+        holds = f"its {CONFIG_NAME} {_config_problem(config) or 'is of a run stopped before its first checkpoint'}"
+    else:
+        holds = f"it holds no {CONFIG_NAME} either ({len(contents)} other entr{'y' if len(contents) == 1 else 'ies'})"
+    return ValueError(f"cannot resume {folder}: it holds no checkpoint (checkpoint-e*-s*.pt) and {holds}; run "
+                      f"without {option('resume', True)} to start a new run there")
+
+
+def _config_problem(path: Path) -> Optional[str]:
+    """Why ``path`` is not a run's config.json (None: it is one)."""
+    from .config import TrainConfig
+
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"is not valid JSON ({error})"
+    if not isinstance(values, dict):
+        return f"is not a JSON object (a {type(values).__name__})"
+    values.pop("resolved", None)
+    try:
+        TrainConfig.from_dict(values)
+    except (TypeError, ValueError) as error:
+        return f"is not a divco run configuration ({error})"
+    return None
 
 
 def load_latest(folder: Union[str, Path]) -> tuple[Path, dict]:
@@ -185,10 +301,8 @@ def validate_checkpoint(state: dict, source: Union[str, Path] = "the checkpoint"
     if len(classes) != num_classes:
         fail(f"dataset has {len(classes)} classes but model_info says {num_classes}")
 
-    from .config import TrainConfig
-
     try:
-        config = TrainConfig.from_dict(state["config"])
+        config = checkpoint_config(state)
     except (TypeError, ValueError) as error:
         fail(f"its config is invalid ({error})")
     if (config.model, config.branches, config.model_kwargs) != (name, branches, model_kwargs):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Union
 
 from ..data.augment import CROPS, AugmentConfig
+from ..data.dataset import DEFAULT_VAL_SPLIT, check_val_split, parse_val_split
 from ..data.policies import POLICIES
 from ..data.sources import describe_sources
 from ..ensembles.boosting import ERROR_KINDS as CBNN_ERROR_KINDS
@@ -135,6 +136,11 @@ class TrainConfig:
     image_size: Optional[int] = option_field(None, help="resize every image to this size (digits: 32)")
     train_subset: Optional[int] = option_field(None, help="train on at most this many images (a fixed choice)")
     test_subset: Optional[int] = option_field(None, help="test on at most this many images")
+    val_split: Union[float, int] = option_field(
+        DEFAULT_VAL_SPLIT, type=parse_val_split, metavar="FRACTION|COUNT",
+        help="validation images held out of the training set (a fraction, or a count such as 5000; stratified by "
+             "class, seeded; taken before --train-subset): best.pt is chosen and eval's temperature fitted on them, "
+             "the test set is only reported; 0 disables (best.pt is then chosen on the test set)")
     cache_dir: Union[str, None, bool] = option_field(
         None, type=str, false_flag="no-cache",
         help="decoded-data cache (default $DIVCO_CACHE_DIR/data or ~/.cache/divco/data); --no-cache: decode every time")
@@ -193,6 +199,7 @@ class TrainConfig:
         positive_int("eval_batch_size", self.eval_batch_size, allow_none=True)
         positive_int("train_subset", self.train_subset, allow_none=True)
         positive_int("test_subset", self.test_subset, allow_none=True)
+        check_val_split(self.val_split)
         positive_int("image_size", self.image_size, allow_none=True, minimum=8)
         positive_int("cot_warmup_epochs", self.cot_warmup_epochs, allow_none=True, minimum=0)
         number("lr", self.lr, 0.0, low_open=True, allow_none=True)

@@ -4,7 +4,7 @@ One process (or one per GPU under torchrun) runs::
 
     for each epoch:   co-training weight <- warm-up schedule
         for each batch of its shard:   S augmented views -> TrainStep (no host sync)
-        read the epoch's metrics once, evaluate on the test set,
+        read the epoch's metrics once, evaluate on the validation split and the test set,
         append to metrics.jsonl, write a checkpoint (atomic), keep the last N and the best
 
 Everything random is drawn from generators whose state the checkpoint stores (torch
@@ -38,19 +38,23 @@ from .checkpoint import (
     BEST_NAME,
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
+    checkpoint_config,
     checkpoint_name,
+    improved_best,
     list_checkpoints,
     load_latest,
+    nothing_to_resume,
     prune_checkpoints,
+    restore_best,
     save_checkpoint,
 )
 from .config import TrainConfig
 from .distributed import DistributedContext, convert_sync_batchnorm
-from .evaluation import EvaluationResult, evaluate, predict
+from .evaluation import EvaluationResult, evaluate, evaluate_validation, predict
 from .export import spec_json
 from .members import CheckpointEnsemble, SnapshotLR
 from .run_lock import LOCK_NAME, RunLock
-from .run_log import CONFIG_NAME, RunLog, write_json
+from .run_log import CONFIG_NAME, RunLog, warning, write_json
 from .runtime import (
     SignalStop,
     branch_epoch_orders,
@@ -128,13 +132,13 @@ class locked_run_folder:  # noqa: N801 - used as a context manager, like open()
     def __enter__(self) -> Path:
         try:
             self.out.mkdir(parents=True, exist_ok=True)
-            self.lock = RunLock(self.out, announce=lambda line: status_line(line, self.verbose)).acquire()
+            self.lock = RunLock(self.out, announce=warning).acquire()
         except WriteError:
             raise
         except OSError as error:
             raise WriteError(f"cannot write in the run folder {self.out}: {error.strerror or error}") from None
         for leftover in remove_temporaries(self.out):  # of a killed process (the lock says none runs)
-            status_line(f"removed {leftover.name}, left by an interrupted write", self.verbose)
+            warning(f"removed {leftover.name}, left by an interrupted write")
         return self.out
 
     def __exit__(self, kind, error, traceback) -> None:
@@ -152,6 +156,8 @@ def train_in_folder(config: TrainConfig, processes: DistributedContext,
     processes.barrier()
     run = assemble_run(config, processes, device)
     epochs_done, steps_done = restore(run, *resume) if resume is not None else (0, 0)
+    if resume is not None and processes.is_main:  # a deleted best.pt belongs to the run: recreate it
+        run.best = restore_best(run.out, run.best, epochs_done)
     run.report(f"divco {__version__}: {config.model} x{config.branches} on {run.info['dataset']}; {device}, "
                f"{processes.world_size} process(es), {run.steps_per_epoch} steps/epoch, lr "
                f"{run.info['base_lr']:.4g}, wd {run.info['weight_decay']:.3g}, {run.info['precision']}; recipe "
@@ -239,7 +245,7 @@ class Run:
     steps_per_epoch: int
     amp_dtype: Optional[torch.dtype]
     info: dict
-    best: Optional[dict] = None  # {"epoch", "test_ensemble_acc"} of best.pt
+    best: Optional[dict] = None  # {"epoch", "selected_on", <that metric>} of best.pt (checkpoint.improved_best)
     members: Optional[CheckpointEnsemble] = None  # snapshot / cbnn: the member checkpoints and sample weights
 
     @property
@@ -265,10 +271,9 @@ def find_resume_point(config: TrainConfig, device: torch.device, *, verbose: boo
                              f"continue it, or choose another {option('out')}")
         return None
     if not existing:
-        status_line(f"no checkpoint in {out}: starting a new run", verbose)
-        return None
+        raise nothing_to_resume(out)
     path, state = load_latest(out)
-    differences = TrainConfig.from_dict(state["config"]).run_defining_differences(config)
+    differences = checkpoint_config(state).run_defining_differences(config)
     written_on = state.get("device_type", device.type)  # the device's type changes the numbers
     if written_on != device.type:
         differences.append(f"a {device.type} device (this run: {written_on})")
@@ -355,7 +360,7 @@ def _load_data(config: TrainConfig, processes: DistributedContext) -> ImageDatas
     data = load_dataset(config.data, image_size=config.image_size, cache_dir=config.cache_dir)
     if processes.is_main:
         processes.barrier()
-    return data.subset(config.train_subset, config.test_subset)
+    return data.with_validation(config.val_split, config.seed).subset(config.train_subset, config.test_subset)
 
 
 def _build_model(config: TrainConfig, processes: DistributedContext, device: torch.device, num_classes: int,
@@ -479,18 +484,21 @@ def finish_epoch(run: Run, epoch: int, first_step: int, started: float, test_ima
     elapsed = time.perf_counter() - started
     images_this_session = (run.steps_per_epoch - first_step) * config.batch_size
     eval_started = time.perf_counter()
-    evaluation = None
+    evaluation = validation = None
+    options = dict(batch_size=config.eval_batch_size or max(config.batch_size, 256), amp_dtype=run.amp_dtype,
+                   channels_last=run.channels_last, backend=config.backend)
     if run.processes.is_main:
-        evaluation = evaluate(unwrap_model(run.net), test_images, test_labels, run.augmenter.normalize,
-                              batch_size=config.eval_batch_size or max(config.batch_size, 256),
-                              amp_dtype=run.amp_dtype, channels_last=run.channels_last, backend=config.backend)
-    evaluation = run.processes.broadcast_object(evaluation)
+        evaluation = evaluate(unwrap_model(run.net), test_images, test_labels, run.augmenter.normalize, **options)
+        validation = evaluate_validation(unwrap_model(run.net), run.data, run.augmenter.normalize, run.device,
+                                         **options)  # best.pt is chosen on it (checkpoint.improved_best)
+    evaluation, validation = run.processes.broadcast_object((evaluation, validation))
     return {
         "epoch": epoch + 1,
         "lr": run.schedule.current_lr(),
         "cot_weight": _cot_weight(run, epoch),
         **train_metrics,
         **evaluation.to_dict(),
+        **validation,
         "images_per_s": images_this_session / elapsed if elapsed > 0 else math.inf,
         "epoch_time_s": elapsed,
         "eval_time_s": time.perf_counter() - eval_started,
@@ -525,10 +533,8 @@ def take_member(run: Run, epochs_done: int, steps: int, iteration: int, boosting
 
 def save_epoch(run: Run, epoch: int, record: dict, keep_older: bool = False) -> Path:
     """Checkpoint the end of ``epoch`` (rank 0), update best.pt, prune old checkpoints (unless keep_older)."""
-    finite = math.isfinite(record["train_loss"]) and record["train_nonfinite_steps"] == 0
-    improved = finite and (run.best is None or record["test_ensemble_acc"] > run.best["test_ensemble_acc"])
-    if improved:
-        run.best = {"epoch": epoch + 1, "test_ensemble_acc": record["test_ensemble_acc"]}
+    improved = improved_best(run.best, record)  # on the validation split (the test set without one)
+    run.best = improved or run.best
     path = save_checkpoint(run.out / checkpoint_name(epoch + 1, 0), checkpoint_state(run, epoch + 1, 0, record))
     if improved:
         atomic_link_or_copy(path, run.out / BEST_NAME)
@@ -582,6 +588,7 @@ def _local_state(run: Run) -> dict:
 
 def _epoch_line(record: dict, epochs: int) -> str:
     branches = " ".join(f"{100 * a:.2f}" for a in record["test_branch_acc"])
-    return (f"epoch {record['epoch']}/{epochs}: loss {record['train_loss']:.4f}  test acc ensemble "
+    validation = f"val acc {100 * record['val_ensemble_acc']:.2f} %  " if "val_ensemble_acc" in record else ""
+    return (f"epoch {record['epoch']}/{epochs}: loss {record['train_loss']:.4f}  {validation}test acc ensemble "
             f"{100 * record['test_ensemble_acc']:.2f} %  branches [{branches}]  NLL {record['test_nll']:.4f}  "
             f"{record['images_per_s']:.1f} img/s")

@@ -9,7 +9,7 @@ from typing import Optional, Union
 import torch
 
 from ..data import ImageDataset, Normalize, load_dataset
-from .checkpoint import checkpoint_of, load_checkpoint
+from .checkpoint import BEST_NAME, checkpoint_config, checkpoint_of, load_checkpoint
 from .evaluation import EvaluationResult, metrics_from_logits, predict, temperature_scaling
 from .export import model_from_checkpoint
 from .runtime import resolve_device
@@ -35,7 +35,8 @@ class CheckpointOnTestData:
     def describe(self) -> dict:
         info = self.state["model_info"]
         return {"checkpoint": str(self.checkpoint), "model": info["name"], "branches": info["branches"],
-                "epochs_done": self.state["epochs_done"], "data": self.dataset.describe()}
+                "epochs_done": self.state["epochs_done"], "data": self.dataset.describe(),
+                "best": self.state.get("best") if self.checkpoint.name == BEST_NAME else None}
 
 
 def load_checkpoint_on_test_data(checkpoint: Union[str, Path], *, data: Optional[str] = None,
@@ -44,7 +45,8 @@ def load_checkpoint_on_test_data(checkpoint: Union[str, Path], *, data: Optional
     """The model of ``checkpoint`` (a file, or a run folder: its best.pt) and its test data.
 
     By default the test split of the data the checkpoint was trained on (same image
-    size and test subset).  Inputs are normalised with the training data's statistics,
+    size and test subset), and, on that data, the run's validation split (the same images,
+    :meth:`divco.data.ImageDataset.with_validation`; none on other data).  Inputs are normalised with the training data's statistics,
     as in training, whatever data is tested.  ``divco eval`` and ``divco ensemble-curve``
     both read checkpoints through here.
     """
@@ -56,7 +58,9 @@ def load_checkpoint_on_test_data(checkpoint: Union[str, Path], *, data: Optional
         image_size = config.get("image_size")
     if test_subset is None and data == config["data"]:
         test_subset = config.get("test_subset")
-    dataset = load_dataset(data, image_size=image_size, cache_dir=cache_dir).subset(test=test_subset)
+    split = checkpoint_config(state).val_split if data == config["data"] else 0
+    dataset = load_dataset(data, image_size=image_size, cache_dir=cache_dir).with_validation(
+        split, config["seed"]).subset(test=test_subset)
     info = state["model_info"]
     if dataset.num_classes != info["num_classes"]:
         raise ValueError(f"{data} has {dataset.num_classes} classes but checkpoint {checkpoint} predicts "
@@ -74,8 +78,9 @@ def evaluate_checkpoint(checkpoint: Union[str, Path], *, data: Optional[str] = N
     """Test metrics of ``checkpoint`` (see :func:`load_checkpoint_on_test_data`) and a description.
 
     With ``temperature``, the description also holds ``temperature_scaling``: post-hoc temperature
-    scaling of every branch and ensemble mode, fitted on a held-out half of the test images
-    (:func:`divco.train.evaluation.temperature_scaling`).
+    scaling of every branch and ensemble mode, fitted on the run's validation split and reported on
+    the test images, or, for a run without one (or on other data), fitted on a held-out half of the
+    test images and reported on the other half (:func:`divco.train.evaluation.temperature_scaling`).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -86,7 +91,12 @@ def evaluate_checkpoint(checkpoint: Union[str, Path], *, data: Optional[str] = N
                      amp_dtype=loaded.amp_dtype, channels_last=target.type == "cuda")
     labels = dataset.test_labels.to(logits.device)
     description = loaded.describe()
-    if temperature:
+    if temperature and dataset.has_validation:
+        fit_logits = predict(loaded.model, dataset.val_images.to(target), loaded.normalize, batch_size=batch_size,
+                             amp_dtype=loaded.amp_dtype, channels_last=target.type == "cuda")
+        description["temperature_scaling"] = temperature_scaling(logits, labels, fit_logits=fit_logits,
+                                                                 fit_labels=dataset.val_labels)
+    elif temperature:
         description["temperature_scaling"] = temperature_scaling(logits, labels)
     return metrics_from_logits(logits, labels), description
 

@@ -172,10 +172,27 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, normalize: Callab
     return metrics_from_logits(logits, labels.to(logits.device), backend=backend)
 
 
-#: Temperature scaling in ``divco eval``: T is fitted on one half of the test set (a seeded
+def evaluate_validation(model: nn.Module, data, normalize: Callable[[Tensor], Tensor], device: torch.device,
+                        **options) -> dict:
+    """The validation split's metrics as record fields (``val_`` instead of ``test_``); {} without a split.
+
+    ``data`` is an :class:`divco.data.ImageDataset`; ``options`` are :func:`evaluate`'s.
+    """
+    if data.val_images is None:
+        return {}
+    result = evaluate(model, data.val_images.to(device), data.val_labels.to(device), normalize, **options)
+    return {"val_" + key[len("test_"):]: value for key, value in result.to_dict().items()}
+
+
+#: Temperature scaling in ``divco eval``: T is fitted on the run's validation split and the metrics are
+#: reported on the test set; without a validation split T is fitted on one half of the test set (a seeded
 #: permutation, :func:`divco.calibration.held_out_split`) and every metric is reported on the other half.
 TEMPERATURE_FIT_FRACTION = 0.5
 TEMPERATURE_SEED = 0
+
+#: Ensemble modes temperature scaling does not apply to: vote's output is a share of the branches' votes,
+#: 0 for most classes, so softmax(log p / T) has no finite optimum (T grows without bound).
+UNSCALED_MODES = ("vote",)
 
 
 def _as_logits(out: Tensor, mode: str) -> Tensor:
@@ -185,48 +202,86 @@ def _as_logits(out: Tensor, mode: str) -> Tensor:
     return out.to(torch.float64).clamp_min(torch.finfo(torch.float64).tiny).log()
 
 
-def _scaled(logits: Tensor, labels: Tensor, seed: int) -> dict:
+def _scaled(logits: Tensor, labels: Tensor, seed: int, fit: Optional[tuple[Tensor, Tensor]]) -> dict:
     try:
+        if fit is not None:
+            return calibration.scaled_on(fit[0], fit[1], logits, labels, bins=ECE_BINS)
         return calibration.temperature_scaled(logits, labels, fit_fraction=TEMPERATURE_FIT_FRACTION, seed=seed,
                                               bins=ECE_BINS)
-    except ValueError as error:  # non-finite logits, or classes separated perfectly: said, never a guess
+    except ValueError as error:  # non-finite logits: said, never a guess
         return {"temperature": None, "error": str(error)}
 
 
+def _mode_rows(logits: Tensor, backend: Optional[str]) -> dict[str, Tensor]:
+    return {mode: _as_logits(ops.ensemble(logits, mode, backend=backend), mode) for mode in ENSEMBLE_MODES
+            if mode not in UNSCALED_MODES}
+
+
 def temperature_scaling(logits: Tensor, labels: Tensor, *, seed: int = TEMPERATURE_SEED,
-                        backend: Optional[str] = None) -> dict:
+                        backend: Optional[str] = None, fit_logits: Optional[Tensor] = None,
+                        fit_labels: Optional[Tensor] = None) -> dict:
     """Post-hoc temperature scaling of every branch and every ensemble mode of logits ``[N, S, K]``.
 
-    T is fitted on a held-out half of the images (the same half for every row) and the scaled
-    and unscaled metrics are reported on the other half (:func:`divco.calibration.temperature_scaled`).
-    A probability mode's output is scaled through its log-probabilities: softmax(log p / T) ∝ p^(1/T).
-    A row whose T cannot be fitted carries ``temperature: None`` and the reason; with fewer than
-    2 images (nothing to hold out) every row does.
+    With ``fit_logits`` ``[M, S, K]`` and ``fit_labels`` (the validation split) T is fitted on them and the
+    metrics are reported on all of (logits, labels); without, T is fitted on a held-out half of the images
+    (the same half for every row) and the metrics are reported on the other half
+    (:func:`divco.calibration.temperature_scaled`).  T lies in :data:`divco.calibration.TEMPERATURE_BOUNDS`;
+    a T that worsens the reported NLL is not applied (T = 1 and a ``note``).  A probability mode's output
+    is scaled through its log-probabilities: softmax(log p / T) ∝ p^(1/T); vote is not scaled.  A row whose
+    T cannot be fitted carries ``temperature: None`` and the reason (``error``); with fewer than 2 images
+    (nothing to hold out) every row does.
     """
     if logits.dim() != 3 or labels.shape != (logits.shape[0],):
         raise ValueError(f"expected logits [N, S, K] and labels [N], got {tuple(logits.shape)} and "
                          f"{tuple(labels.shape)}")
     logits = logits.to(torch.float32)
     N = int(logits.shape[0])
-    fit_images = len(calibration.held_out_split(N, TEMPERATURE_FIT_FRACTION, seed).fit) if N >= 2 else 0
+    on_validation = fit_logits is not None
+    if on_validation:
+        if fit_logits.dim() != 3 or fit_logits.shape[1:] != logits.shape[1:] or fit_labels is None or \
+                fit_labels.shape != (fit_logits.shape[0],) or fit_logits.shape[0] < 1:
+            raise ValueError(f"expected validation logits [M, {logits.shape[1]}, {logits.shape[2]}] and labels [M], "
+                             f"got {tuple(fit_logits.shape)} and "
+                             f"{None if fit_labels is None else tuple(fit_labels.shape)}")
+        fit_logits, fit_labels = fit_logits.to(torch.float32), fit_labels.to(logits.device)
+        fit_images, eval_images = int(fit_logits.shape[0]), N
+    else:
+        fit_images = len(calibration.held_out_split(N, TEMPERATURE_FIT_FRACTION, seed).fit) if N >= 2 else 0
+        eval_images = N - fit_images
+    test_modes, fit_modes = _mode_rows(logits, backend), _mode_rows(fit_logits, backend) if on_validation else {}
+
+    def fit_of(rows: Optional[Tensor]) -> Optional[tuple[Tensor, Tensor]]:
+        return (rows, fit_labels) if on_validation else None
+
+    ensembles = {mode: _scaled(rows, labels, seed, fit_of(fit_modes.get(mode))) for mode, rows in test_modes.items()}
+    for mode in UNSCALED_MODES:
+        if mode in ENSEMBLE_MODES:
+            ensembles[mode] = {"temperature": None, "error": f"{mode}'s output is a share of votes (0 for most "
+                                                            f"classes): temperature scaling does not apply"}
     return {
+        "fit_on": "validation" if on_validation else "test half",
         "fit_images": fit_images,
-        "eval_images": N - fit_images,
+        "eval_images": eval_images,
         "seed": seed,
-        "branches": [_scaled(logits[:, s].to(torch.float64), labels, seed) for s in range(logits.shape[1])],
-        "ensembles": {mode: _scaled(_as_logits(ops.ensemble(logits, mode, backend=backend), mode), labels, seed)
-                      for mode in ENSEMBLE_MODES},
+        "branches": [_scaled(logits[:, s].to(torch.float64), labels, seed,
+                             fit_of(fit_logits[:, s].to(torch.float64) if on_validation else None))
+                     for s in range(logits.shape[1])],
+        "ensembles": {mode: ensembles[mode] for mode in ENSEMBLE_MODES},
     }
 
 
 def temperature_table(report: dict) -> str:
-    """Temperature scaling as text: T and NLL / ECE / Brier before -> after on the held-out half."""
+    """Temperature scaling as text: T and NLL / ECE / Brier before -> after on the images reported."""
     rows = [(f"branch {s}", r) for s, r in enumerate(report["branches"])]
     rows += [(f"ensemble {mode}", r) for mode, r in report["ensembles"].items()]
     width = max(len(name) for name, _ in rows)
-    lines = [f"temperature scaling: T fitted on {report['fit_images']} test images, metrics on the other "
-             f"{report['eval_images']} (seed {report['seed']})",
-             f"{'':<{width}}  {'T':>7}  {'NLL':>17}  {'ECE %':>15}  {'Brier':>15}"]
+    if report.get("fit_on") == "validation":
+        title = (f"temperature scaling: T fitted on the {report['fit_images']} validation images, metrics on the "
+                 f"{report['eval_images']} test images")
+    else:
+        title = (f"temperature scaling: T fitted on {report['fit_images']} test images, metrics on the other "
+                 f"{report['eval_images']} (seed {report['seed']})")
+    lines = [title, f"{'':<{width}}  {'T':>7}  {'NLL':>17}  {'ECE %':>15}  {'Brier':>15}"]
     for name, r in rows:
         if r["temperature"] is None:
             lines.append(f"{name:<{width}}  not fitted: {r['error']}")
@@ -235,4 +290,6 @@ def temperature_table(report: dict) -> str:
         lines.append(f"{name:<{width}}  {r['temperature']:7.3f}  {before['nll']:7.4f} -> {after['nll']:7.4f}  "
                      f"{100 * before['ece']:6.2f} -> {100 * after['ece']:6.2f}  "
                      f"{before['brier']:6.4f} -> {after['brier']:6.4f}")
+        if r.get("note"):
+            lines.append(f"{'':<{width}}  note: {r['note']}")
     return "\n".join(lines)

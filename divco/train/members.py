@@ -45,6 +45,7 @@ from ..io import atomic_write_text
 from ..models.base import BranchBatchedNetwork
 from ..stacking import stack
 from .checkpoint import load_checkpoint, save_checkpoint
+from .members_record import checked_members_weights
 from .recipe import StepSchedule
 
 MEMBERS_NAME = "members.json"
@@ -247,5 +248,5 @@ def load_members(folder: Union[str, Path]) -> RunMembers:
             raise ValueError(f"{folder / entry['file']} is not member {position} of this run (its member entry: "
                              f"{state.get('member')!r})")
         states.append(state)
-    weights = ensemble_weights(record["method"], record["members"])
+    weights = checked_members_weights(path, record, states)  # members.json against its checkpoints
     return RunMembers(folder, record, states, weights)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -13,17 +14,37 @@ METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.json"
 
 
-def read_metrics(folder) -> list[dict]:
+def warning(message: str) -> None:
+    """A warning about the run folder on stderr, always (``progress=False`` hides status lines, not these)."""
+    line = f"divco: warning: {message}"
+    try:
+        from tqdm.auto import tqdm
+
+        tqdm.write(line, file=sys.stderr)  # does not break a progress bar
+    except ImportError:
+        print(line, file=sys.stderr, flush=True)
+
+
+def read_metrics(folder, *, warn: bool = True) -> list[dict]:
+    """The records of metrics.jsonl.  A last line cut short (a process killed mid-append: no newline,
+    not JSON) is dropped with a warning; any other line that is not JSON is an error."""
     path = Path(folder) / METRICS_NAME
     if not path.is_file():
         return []
+    text = path.read_text()
+    lines = text.splitlines()
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as error:
+            if number == len(lines) and not text.endswith("\n"):
+                if warn:
+                    warning(f"{path} line {number} was cut short by an interrupted write (not JSON: "
+                            f"{line[:40]!r}): dropped")
+                break
             raise ValueError(f"{path} line {number} is not JSON ({error})") from None
     return records
 

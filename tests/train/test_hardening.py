@@ -150,7 +150,8 @@ def test_a_file_size_limit_ends_with_one_line_and_leaves_the_run_intact(tmp_path
     out = tmp_path / "run"
     command = [sys.executable, "-m", "divco", "train", "--model", "wide_resnet16_4", "--branches", "2",
                "--image-size", "8", "--crop-padding", "1", "--train-subset", "32", "--test-subset", "16",
-               "--epochs", "2", "--batch-size", "16", "--out", str(out), "--device", "cpu", "--no-progress"]
+               "--epochs", "2", "--batch-size", "16", "--out", str(out), "--device", "cpu", "--no-progress",
+               "--val-split", "0"]  # as small() trains
     run_training(small(out, epochs=2), should_stop=lambda epoch, steps: epoch == 1)  # epoch 1 done
     good = {p.name: p.read_bytes() for p in list_checkpoints(out)}
     limit = "import resource; resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))"
