@@ -131,3 +131,15 @@ def test_models_do_not_import_higher_layers():
             if isinstance(node, ast.ImportFrom) and node.module:
                 assert not node.module.startswith(("stacking", "train")) or node.level == 0, (path.name, node.module)
                 assert not (node.level == 2 and node.module.split(".")[0] in ("stacking", "train")), path.name
+
+
+@pytest.mark.parametrize("name", [None, 3, b"resnet18"])
+def test_a_name_that_is_not_a_string_is_a_value_error(name):
+    with pytest.raises(ValueError, match=rf"model name must be a str .*got {name!r}"):
+        divco.models.create(name)
+
+
+def test_the_branch_limit_is_one_check():
+    registry.check_branch_count(registry.MAX_BRANCHES)
+    with pytest.raises(ValueError, match=r"between 1 and 64 \(divco supports at most MAX_BRANCHES = 64"):
+        registry.check_branch_count(registry.MAX_BRANCHES + 1)
