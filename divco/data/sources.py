@@ -267,8 +267,30 @@ def _archive_stem(path: Path) -> str:
 def _open_archive(path: Path) -> tarfile.TarFile:
     try:
         return tarfile.open(path, mode="r:*")
+    except tarfile.ReadError:  # tarfile lists every compression it tried, one line each: say it in one
+        raise ValueError(f"cannot read archive {path}: {_unreadable_archive(path)}") from None
     except (tarfile.TarError, OSError, EOFError) as error:
-        raise ValueError(f"cannot read archive {path}: {error}") from None
+        raise ValueError(f"cannot read archive {path}: {_one_line(error)}") from None
+
+
+_COMPRESSIONS = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"))
+
+
+def _unreadable_archive(path: Path) -> str:
+    """What a file tarfile cannot open is not, from its first bytes."""
+    with open(path, "rb") as file:
+        head = file.read(8)
+    if not head:
+        return "the file is empty, not a tar archive"
+    compression = next((name for magic, name in _COMPRESSIONS if head.startswith(magic)), None)
+    if compression is not None:
+        return f"a {compression} file that is truncated or does not hold a tar archive"
+    return "the file is not a tar archive (neither plain nor gzip, bzip2 or xz compressed)"
+
+
+def _one_line(error: BaseException) -> str:
+    """An error's message on one line (a CLI user's error is one line)."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def load_archive_splits(path: Path, image_size: Optional[int]) -> DecodedSplits:
@@ -294,7 +316,7 @@ def load_archive_splits(path: Path, image_size: Optional[int]) -> DecodedSplits:
                 else:
                     files[member.name] = data
     except (tarfile.TarError, EOFError, OSError) as error:
-        raise ValueError(f"archive {path} is truncated or corrupt: {error}") from None
+        raise ValueError(f"archive {path} is truncated or corrupt: {_one_line(error)}") from None
 
     def cifar_reader(layout: str) -> Optional[Callable[[str], bytes]]:
         train_files, test_files, meta_file, _, _ = CIFAR_LAYOUTS[layout]
@@ -471,7 +493,7 @@ def _archive_classes(path: Path) -> tuple[Optional[str], tuple[str, ...]]:
                 if match is not None and match.group(1) == "train":
                     classes.add(match.group(2))
     except (tarfile.TarError, EOFError, OSError) as error:
-        raise ValueError(f"archive {path} is truncated or corrupt: {error}") from None
+        raise ValueError(f"archive {path} is truncated or corrupt: {_one_line(error)}") from None
     return None, tuple(classes)
 
 
