@@ -51,6 +51,7 @@ from .export import spec_json
 from .members import CheckpointEnsemble, SnapshotLR
 from .run_lock import LOCK_NAME, RunLock
 from .run_log import CONFIG_NAME, RunLog, write_json
+from .run_checks import check_run_options
 from .runtime import (
     SignalStop,
     branch_epoch_orders,
@@ -104,6 +105,7 @@ def train(config: TrainConfig, *, should_stop: Optional[StopRequest] = None) -> 
     if not isinstance(config, TrainConfig):
         raise ValueError(f"train expects a TrainConfig, got {type(config).__name__}")
     config.validate()
+    check_run_options(config)  # what a run refuses, before any allocation or process group (also --print-config)
     processes = DistributedContext.from_env(resolve_device(config.device).type)
     try:
         out = Path(config.out)

@@ -283,3 +283,24 @@ def test_an_unreadable_archive_is_one_line_naming_the_file(tmp_path, content, sa
             read()
         message = str(caught.value)
         assert "\n" not in message and re.search(rf"cannot read archive .*bad\.tar\.gz: {says}", message), message
+
+
+def test_one_class_data_is_refused(tmp_path, digits):
+    one_class = digits.subset(train=60, test=40)
+    write_image_folder(tmp_path, one_class, per_class=2)
+    for split in ("train", "test"):
+        for folder in (tmp_path / split).iterdir():
+            if folder.name != "0":
+                for image in folder.iterdir():
+                    image.unlink()
+                folder.rmdir()
+    with pytest.raises(ValueError, match=r"has 1 class under train/ \(\['0'\]\): classification needs at least 2"):
+        load_dataset(str(tmp_path), cache_dir=False)
+
+
+def test_decoding_is_announced_once(tmp_path, capsys):
+    load_dataset("digits", image_size=8, cache_dir=tmp_path)
+    assert capsys.readouterr().err == f"divco: decoding scikit-learn digits (later runs read the decoded cache in " \
+                                      f"{tmp_path})\n"
+    load_dataset("digits", image_size=8, cache_dir=tmp_path)  # a cache hit decodes nothing
+    assert capsys.readouterr().err == ""
