@@ -160,7 +160,9 @@ def train_in_folder(config: TrainConfig, processes: DistributedContext,
                f"{run.info['resolved']['recipe']}: "
                + (f"{config.members} snapshot cycles (no lr warm-up), " if config.method == "snapshot" else
                   f"lr warm-up {run.info['resolved']['warmup_epochs']:g} epoch(s), ")
-               + f"co-training warm-up {run.info['resolved']['cot_warmup_epochs']} epoch(s)")
+               + (f"co-training warm-up {run.info['resolved']['cot_warmup_epochs']} epoch(s)"
+                  if config.branches > 1 and config.method == "cotrain" else "no co-training (one network)"
+                  if config.branches == 1 else "no co-training (independent networks)"))
 
     log = None
     if processes.is_main:
