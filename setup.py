@@ -46,7 +46,17 @@ def env_flag(name: str) -> bool:
 
 
 def log(message: str) -> None:
-    print(f"divco setup: {message}", file=sys.stderr)
+    print(f"divco setup: {message}", file=sys.stderr, flush=True)
+
+
+def describe_build(ext) -> str:
+    """What compiling ``ext`` builds, in words: its kernels, source counts and CUDA archs."""
+    cuda = [s for s in ext.sources if str(s).endswith(".cu")]
+    cpp = len(ext.sources) - len(cuda)
+    kernels = "CPU and CUDA kernels" if cuda else "CPU kernels"
+    archs = f", TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPUs')}" if cuda else ""
+    sources = f"{cpp} C++ source{'s' if cpp != 1 else ''}" + (f" and {len(cuda)} CUDA sources" if cuda else "")
+    return f"{kernels} from {sources}{archs}, {os.environ.get('MAX_JOBS', 'all')} parallel jobs"
 
 
 def toolkit_from_nvcc(nvcc: str) -> Path | None:
@@ -204,7 +214,8 @@ def with_build_cache(build_ext_class: type) -> type:
                 log(f"{ext.name}: sources, torch and flags unchanged, reusing {cached}")
                 copy_atomically(cached, output)
             else:
-                log(f"{ext.name}: compiling in {folder}")
+                log(f"{ext.name}: compiling in {folder}: {describe_build(ext)} (minutes from scratch, silent until "
+                    f"it links; later builds recompile only what changed)")
                 self.build_temp = str(folder / "objects")
                 digest_file.unlink(missing_ok=True)  # a build that fails leaves no stale claim
                 super().build_extension(ext)

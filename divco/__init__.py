@@ -4,6 +4,7 @@
     model = divco.models.create("wide_resnet16_8", num_classes=100, branches=4)
     logits = model(images)                   # [N, 4, 100]
     print(divco.summary(model, (3, 32, 32)))
+    print(divco.build_info())                # torch, the native extension's build (or why not loaded)
 
 The subpackages and functions below are imported on first use (PEP 562), so that
 ``import divco`` - and ``divco --help`` - do not load torch, the extension or Triton.
@@ -27,9 +28,11 @@ _LAZY = {
     "branch_state_dict": ("divco.stacking", "branch_state_dict"),
     "summary": ("divco.summary", "summary"),
     "ModelSummary": ("divco.summary", "ModelSummary"),
+    "build_info": ("divco.native", "build_info"),
 }
 
-__all__ = ["models", "nn", "ops", "stack", "unstack", "branch_state_dict", "summary", "ModelSummary", "__version__"]
+__all__ = ["models", "nn", "ops", "stack", "unstack", "branch_state_dict", "summary", "ModelSummary", "build_info",
+           "__version__"]
 
 
 def __getattr__(name: str):

@@ -112,3 +112,21 @@ def load_extension() -> tuple[Optional[ModuleType], str]:
             warn_unusable(reason)
         _loaded = (module, reason)
     return _loaded
+
+
+def build_info() -> dict:
+    """What this divco runs with: its version, the running torch, and the native extension's build
+    (``divco._C.build_info()``: the torch it was built against, its CPU/CUDA kernels and archs) or why
+    it is not loaded. Works in a fresh interpreter: torch is imported first, then the extension
+    through :func:`load_extension` (importing ``divco._C`` alone fails with ``libc10.so`` not found)."""
+    from . import __version__
+
+    extension, reason = load_extension()
+    native = {"loaded": extension is not None}
+    if extension is not None:
+        native.update(extension.build_info())
+    else:
+        native["reason"] = reason
+    return {"divco_version": __version__, "torch_version": torch.__version__,
+            "torch_cuda_version": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
+            "native": native}

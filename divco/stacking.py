@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .models.base import BranchBatchedNetwork
+from .models.registry import check_branch_count
 from .models.standalone import describe_standalone, known_kinds, register_standalone  # noqa: F401  (the public hook)
 from .nn import BRANCH_LAYERS
 
@@ -84,6 +85,7 @@ def stack(models: Sequence[nn.Module], *, execution: str = "auto") -> BranchBatc
     models = list(models)
     if not models:
         raise ValueError("stack expects a non-empty sequence of models")
+    check_branch_count(len(models))  # before any copy: the limit of divco.models.create
     described = [_describe(m, i) for i, m in enumerate(models)]
     cls, spec = described[0]
     for i, (cls_i, spec_i) in enumerate(described[1:], start=1):

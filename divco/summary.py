@@ -21,6 +21,7 @@ class ModelSummary:
     params_per_branch: int
     macs_total: int  # multiply-accumulates of one forward pass of one image, all branches
     macs_per_branch: int
+    num_classes: Optional[int] = None  # K, the classes each branch predicts (None: not a [N, S, K] / [N, K] output)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -30,6 +31,7 @@ class ModelSummary:
             ("model", self.name),
             ("branches", str(self.branches)),
             ("input", "x".join(str(d) for d in self.input_size)),
+            ("classes", str(self.num_classes) if self.num_classes is not None else "-"),
             ("params / branch", f"{self.params_per_branch / 1e6:.3f} M"),
             ("params total", f"{self.params_total / 1e6:.3f} M"),
             ("MACs / branch", f"{self.macs_per_branch / 1e9:.4f} G"),
@@ -81,7 +83,7 @@ def summary(model: nn.Module, input_size: Sequence[int] = (3, 32, 32), name: Opt
         model.eval()
         if isinstance(model, BranchBatchedNetwork):
             model.execution = "batched"
-        model(torch.zeros((1,) + input_size, device=param.device, dtype=param.dtype))
+        output = model(torch.zeros((1,) + input_size, device=param.device, dtype=param.dtype))
     finally:
         for h in handles:
             h.remove()
@@ -97,4 +99,5 @@ def summary(model: nn.Module, input_size: Sequence[int] = (3, 32, 32), name: Opt
         params_per_branch=params // branches,
         macs_total=macs[0],
         macs_per_branch=macs[0] // branches,
+        num_classes=int(output.shape[-1]) if isinstance(output, torch.Tensor) and output.dim() in (2, 3) else None,
     )

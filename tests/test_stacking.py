@@ -210,3 +210,13 @@ def test_stacked_copies_are_independent_of_the_inputs():
     with torch.no_grad():
         models[0].conv1.weight.add_(1.0)
     assert torch.equal(batched.conv1.weight, before)
+
+
+def test_stack_refuses_more_models_than_create_builds_branches():
+    """65 models would build the 65-branch network create refuses: the same limit, checked before any copy."""
+    a, _ = build("wide_resnet", 1)
+    with pytest.raises(ValueError, match=r"between 1 and 64 \(divco supports at most MAX_BRANCHES = 64 branches\), "
+                                         r"got 65"):
+        divco.stack([a] * (divco.models.MAX_BRANCHES + 1))
+    with pytest.raises(ValueError, match="branches must be between 1 and 64 for model 'resnet18'"):
+        divco.models.create("resnet18", branches=65)

@@ -62,3 +62,9 @@ def test_summary_counts_the_same_on_the_cpu_and_on_meta():
     with shapes_only():
         on_meta = divco.summary(divco.models.create("wide_resnet16_4", branches=2), (3, 32, 32))
     assert divco.summary(model, (3, 32, 32)) == on_meta
+
+
+def test_summary_shows_the_class_count():
+    result = divco.summary(divco.models.create("wide_resnet16_1", num_classes=7, branches=2), (3, 32, 32))
+    assert result.num_classes == 7 and result.as_dict()["num_classes"] == 7
+    assert "classes          7" in str(result)

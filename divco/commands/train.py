@@ -19,6 +19,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--print-config", action="store_true",
                         help="print the fully resolved run (model, optimiser groups, schedules, augmentation) as "
                              "JSON and exit without training")
+    parser.add_argument("--num-classes", type=int, default=None, metavar="K",
+                        help="with --print-config and data not on disk: the class count (default: that of the "
+                             "--recipe's dataset)")
     parser.epilog = ("SIGINT/SIGTERM save a checkpoint and stop (exit status 128 + signal); run the same command "
                      "with --resume to continue. Multi-GPU: torchrun --nproc_per_node=N -m divco train ...")
 
@@ -33,9 +36,17 @@ def run(args) -> int:
         import json
 
         from ..train.recipe import resolve_run
+        from ..train.run_checks import check_run_options
 
-        print(json.dumps(resolve_run(config), indent=2))
+        with cli_option_names():
+            check_run_options(config, print_config=True, num_classes=args.num_classes)  # what train refuses
+        print(json.dumps(resolve_run(config, num_classes=args.num_classes), indent=2))
         return 0
+    if args.num_classes is not None:
+        raise ValueError("--num-classes is an option of --print-config (a run counts the classes of its data)")
+    from ..train.threads import configure_threads
+
+    configure_threads()  # intra-op threads: this process's share of the cores (DIVCO_NUM_THREADS overrides)
     with cli_option_names():  # errors name options as typed here: --resume, not resume=True
         result = train(config)
     is_main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints the table

@@ -25,6 +25,7 @@ import json
 import os
 import pickle
 import re
+import sys
 import tarfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +53,17 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2")
 DIGITS_TEST_SIZE = 360
 DIGITS_IMAGE_SIZE = 32
+#: The largest ``image_size`` divco resizes to (the paper's largest is ImageNet's 224 / 320): beyond it
+#: decoding asks for terabytes (100,000 x 100,000 pixels) and fails inside the allocator.
+MAX_IMAGE_SIZE = 2048
+
+
+def check_image_size(image_size: object) -> None:
+    """``image_size`` is None or an int in [8, MAX_IMAGE_SIZE], else a ValueError saying so."""
+    if image_size is None:
+        return
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or not 8 <= image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size (--image-size) must be an int in [8, {MAX_IMAGE_SIZE}], got {image_size!r}")
 
 
 @dataclass
@@ -224,6 +236,9 @@ def load_image_folder_splits(name: str, files: Iterable[tuple[str, str, str, Cal
         if not decoded[split]:
             raise ValueError(f"{where} has no images under {split}/<class>/ (expected {', '.join(IMAGE_EXTENSIONS)})")
     classes = tuple(sorted({cls for cls, _, _ in decoded["train"]}))
+    if len(classes) < 2:
+        raise ValueError(f"{where} has {len(classes)} class under train/ ({list(classes)}): classification needs "
+                         f"at least 2 class folders")
     unknown = sorted({cls for cls, _, _ in decoded["test"]} - set(classes))
     if unknown:
         raise ValueError(f"{where}: test classes {unknown} have no training images (train classes: {list(classes)})")
@@ -267,8 +282,30 @@ def _archive_stem(path: Path) -> str:
 def _open_archive(path: Path) -> tarfile.TarFile:
     try:
         return tarfile.open(path, mode="r:*")
+    except tarfile.ReadError:  # tarfile lists every compression it tried, one line each: say it in one
+        raise ValueError(f"cannot read archive {path}: {_unreadable_archive(path)}") from None
     except (tarfile.TarError, OSError, EOFError) as error:
-        raise ValueError(f"cannot read archive {path}: {error}") from None
+        raise ValueError(f"cannot read archive {path}: {_one_line(error)}") from None
+
+
+_COMPRESSIONS = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"))
+
+
+def _unreadable_archive(path: Path) -> str:
+    """What a file tarfile cannot open is not, from its first bytes."""
+    with open(path, "rb") as file:
+        head = file.read(8)
+    if not head:
+        return "the file is empty, not a tar archive"
+    compression = next((name for magic, name in _COMPRESSIONS if head.startswith(magic)), None)
+    if compression is not None:
+        return f"a {compression} file that is truncated or does not hold a tar archive"
+    return "the file is not a tar archive (neither plain nor gzip, bzip2 or xz compressed)"
+
+
+def _one_line(error: BaseException) -> str:
+    """An error's message on one line (a CLI user's error is one line)."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def load_archive_splits(path: Path, image_size: Optional[int]) -> DecodedSplits:
@@ -294,7 +331,7 @@ def load_archive_splits(path: Path, image_size: Optional[int]) -> DecodedSplits:
                 else:
                     files[member.name] = data
     except (tarfile.TarError, EOFError, OSError) as error:
-        raise ValueError(f"archive {path} is truncated or corrupt: {error}") from None
+        raise ValueError(f"archive {path} is truncated or corrupt: {_one_line(error)}") from None
 
     def cifar_reader(layout: str) -> Optional[Callable[[str], bytes]]:
         train_files, test_files, meta_file, _, _ = CIFAR_LAYOUTS[layout]
@@ -374,9 +411,7 @@ def load_dataset(source: str, *, image_size: Optional[int] = None, cache_dir: Ca
     ``image_size`` resizes every image to ``image_size x image_size`` (digits default
     to 32; other sources keep their size).  ``cache_dir``: see :mod:`divco.data.cache`.
     """
-    if image_size is not None and (not isinstance(image_size, int) or isinstance(image_size, bool)
-                                   or image_size < 8):
-        raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
+    check_image_size(image_size)
     if source == "digits":
         import sklearn
 
@@ -417,6 +452,9 @@ def _cached(name: str, key: str, cache_dir: CacheDir, decode: Callable[[], Decod
                 )
             except (KeyError, ValueError):
                 pass  # an incomplete cache entry: decode again and overwrite it
+    # decoding takes seconds to minutes (60,000 JPEGs): one line before it, not silence
+    after = f"later runs read the decoded cache in {folder}" if folder is not None else "--no-cache: decoded every time"
+    print(f"divco: decoding {source} ({after})", file=sys.stderr, flush=True)
     splits = decode()
     mean, std = channel_statistics(splits.train_images)
     dataset = ImageDataset(name=splits.name, source=source, classes=splits.classes, mean=mean, std=std,
@@ -471,7 +509,7 @@ def _archive_classes(path: Path) -> tuple[Optional[str], tuple[str, ...]]:
                 if match is not None and match.group(1) == "train":
                     classes.add(match.group(2))
     except (tarfile.TarError, EOFError, OSError) as error:
-        raise ValueError(f"archive {path} is truncated or corrupt: {error}") from None
+        raise ValueError(f"archive {path} is truncated or corrupt: {_one_line(error)}") from None
     return None, tuple(classes)
 
 

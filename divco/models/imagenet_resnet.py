@@ -350,5 +350,6 @@ for _name, (_layers, _groups, _wpg) in RESNEXTS.items():
               max_branches=_groups)
 
 for _name, (_layers, _k) in WIDE_RESNETS.items():
-    _register(_name, f"{_name} (torchvision layout); divided: S=2 -> k=1, S>=4 -> base width / sqrt(S)",
+    _register(_name, f"{_name} (torchvision layout); divided: k' = int(max(k/sqrt(S) + 0.4, 1)) at base "
+              f"width 64 while sqrt(S) < k (S=2, 3: k'=1), then k kept and base width 64 -> 32/24 for S=4/8",
               lambda nc, S, divide, ly=_layers, k=_k: wide_resnet_spec(ly, k, nc, S, divide))

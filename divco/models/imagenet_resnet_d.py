@@ -154,6 +154,9 @@ RESNET_D_NETWORKS: dict[str, tuple[str, tuple[int, int, int, int], int, int, flo
 def _register_resnet_d(name: str) -> None:
     block, layers, groups, width_per_group, official_dropout = RESNET_D_NETWORKS[name]
     rule = "cardinality / S" if groups > 1 else "base width 64 -> 44/32/24 for S=2/4/8"
+    if name in _S2_WIDE_RESNET_WIDTHS:  # the official special case, as resnet_d_spec applies it
+        rule += (f", except S=2: base width {_S2_WIDE_RESNET_WIDTHS[name][0]}, width per group "
+                 f"{_S2_WIDE_RESNET_WIDTHS[name][1]}")
     extra = f"; Dropout({official_dropout}/S) before fc" if official_dropout else ""
 
     @register(name, family="imagenet", default_num_classes=1000, input_size=(3, 224, 224),

@@ -69,7 +69,23 @@ def register(
     return wrap
 
 
+def check_branch_count(branches: object, limit: int = MAX_BRANCHES, model: Optional[str] = None) -> None:
+    """The one branch-count check (``create``, ``divco.stack``): an int in [1, limit], else a ValueError.
+
+    ``limit`` is :data:`MAX_BRANCHES`, or less where a family's dividing rule runs out.
+    """
+    if not isinstance(branches, int) or isinstance(branches, bool) or branches < 1:
+        raise ValueError(f"branches must be a positive int, got {branches!r}")
+    if branches > limit:
+        why = (f"its dividing rule makes at most {limit} branches" if limit < MAX_BRANCHES
+               else f"divco supports at most MAX_BRANCHES = {MAX_BRANCHES} branches")
+        where = f" for model {model!r}" if model else ""
+        raise ValueError(f"branches must be between 1 and {limit}{where} ({why}), got {branches}")
+
+
 def get_entry(name: str) -> ModelEntry:
+    if not isinstance(name, str):
+        raise ValueError(f"model name must be a str (a name from divco.models.list()), got {name!r}")
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -110,11 +126,7 @@ def create(name: str, num_classes: Optional[int] = None, branches: int = 1, **kw
     if unknown:
         raise ValueError(f"unexpected keyword argument(s) {unknown} for model {name!r}; it takes: "
                          f"{', '.join(allowed)}")
-    limit = entry.branch_limit(bool(kwargs.get("divide", True)))
-    if branches > limit:
-        why = (f"its dividing rule makes at most {limit} branches" if limit < MAX_BRANCHES
-               else f"divco supports at most MAX_BRANCHES = {MAX_BRANCHES} branches")
-        raise ValueError(f"branches must be between 1 and {limit} for model {name!r} ({why}), got {branches}")
+    check_branch_count(branches, entry.branch_limit(bool(kwargs.get("divide", True))), name)
     model = entry.builder(num_classes=num_classes, branches=branches, **kwargs)
     model.model_name = name
     return model

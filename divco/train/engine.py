@@ -54,6 +54,7 @@ from .evaluation import EvaluationResult, evaluate, evaluate_validation, predict
 from .export import spec_json
 from .members import CheckpointEnsemble, SnapshotLR
 from .run_lock import LOCK_NAME, RunLock
+from .run_checks import check_run_options
 from .run_log import CONFIG_NAME, RunLog, warning, write_json
 from .runtime import (
     SignalStop,
@@ -108,6 +109,7 @@ def train(config: TrainConfig, *, should_stop: Optional[StopRequest] = None) -> 
     if not isinstance(config, TrainConfig):
         raise ValueError(f"train expects a TrainConfig, got {type(config).__name__}")
     config.validate()
+    check_run_options(config)  # what a run refuses, before any allocation or process group (also --print-config)
     processes = DistributedContext.from_env(resolve_device(config.device).type)
     try:
         out = Path(config.out)
@@ -164,7 +166,9 @@ def train_in_folder(config: TrainConfig, processes: DistributedContext,
                f"{run.info['resolved']['recipe']}: "
                + (f"{config.members} snapshot cycles (no lr warm-up), " if config.method == "snapshot" else
                   f"lr warm-up {run.info['resolved']['warmup_epochs']:g} epoch(s), ")
-               + f"co-training warm-up {run.info['resolved']['cot_warmup_epochs']} epoch(s)")
+               + (f"co-training warm-up {run.info['resolved']['cot_warmup_epochs']} epoch(s)"
+                  if config.branches > 1 and config.method == "cotrain" else "no co-training (one network)"
+                  if config.branches == 1 else "no co-training (independent networks)"))
 
     log = None
     if processes.is_main:

@@ -82,8 +82,7 @@ class EvaluationResult:
         return cls(record["test_images"], branches, ensembles, record["test_disagreement_matrix"])
 
     def table(self, title: Optional[str] = None) -> str:
-        rows = [(f"branch {s}", b) for s, b in enumerate(self.branches)]
-        rows += [(f"ensemble {mode}", s) for mode, s in self.ensembles.items()]
+        rows = table_rows(self.branches, self.ensembles)
         width = max(len(name) for name, _ in rows)
         lines = [title] if title else []
         lines.append(f"{'test images: ' + str(self.images):<{width}}  {'acc %':>7}  {'NLL':>7}  {'ECE %':>6}  "
@@ -96,6 +95,13 @@ class EvaluationResult:
             lines.append(f"pairwise disagreement: {100 * self.mean_disagreement:.2f} % mean over {len(pairs)} "
                          f"pair(s) (min {100 * min(pairs):.2f} %, max {100 * max(pairs):.2f} %)")
         return "\n".join(lines)
+
+
+def table_rows(branches: list, ensembles: dict) -> list[tuple[str, object]]:
+    """The named rows of a results table: every branch, then every ensemble mode where there are
+    several branches (the ensemble of one network is that network: six copies of its row)."""
+    rows = [(f"branch {s}", b) for s, b in enumerate(branches)]
+    return rows + ([(f"ensemble {mode}", e) for mode, e in ensembles.items()] if len(branches) > 1 else [])
 
 
 def expected_calibration_error(probs: Tensor, labels: Tensor, bins: int = ECE_BINS) -> Tensor:
@@ -272,8 +278,7 @@ def temperature_scaling(logits: Tensor, labels: Tensor, *, seed: int = TEMPERATU
 
 def temperature_table(report: dict) -> str:
     """Temperature scaling as text: T and NLL / ECE / Brier before -> after on the images reported."""
-    rows = [(f"branch {s}", r) for s, r in enumerate(report["branches"])]
-    rows += [(f"ensemble {mode}", r) for mode, r in report["ensembles"].items()]
+    rows = table_rows(report["branches"], report["ensembles"])
     width = max(len(name) for name, _ in rows)
     if report.get("fit_on") == "validation":
         title = (f"temperature scaling: T fitted on the {report['fit_images']} validation images, metrics on the "

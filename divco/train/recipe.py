@@ -376,14 +376,14 @@ def _augment_pipeline(augment: AugmentConfig) -> list[str]:
 
 def _departures(config: Any, resolved: ResolvedRecipe, table: DatasetRecipe) -> list[str]:
     """Options of this run that differ from the official recipe of its dataset."""
-    if not table.official:
-        return [f"recipe {resolved.recipe!r} is divco's small preset, not the paper's recipe"]
     notes = []
+    if not table.official:  # and the options set explicitly on top of it
+        notes.append(f"recipe {resolved.recipe!r} is divco's small preset, not the paper's recipe")
     for name in ("lr", "lr_scaling", "weight_decay", "divide_weight_decay", "exempt_norm_weight_decay",
                  "warmup_epochs", "min_lr", "label_smoothing", "cot_warmup_epochs"):
         if getattr(config, name) is not None:
             notes.append(f"{name}={getattr(config, name)!r} set explicitly")
-    if config.epochs not in table.fixed_warmups:
+    if table.official and config.epochs not in table.fixed_warmups:
         notes.append(f"{config.epochs} epochs: not an official run length, warm-ups scaled from "
                      f"{table.reference_epochs} epochs")
     for name in ("crop", "policy", "erase_scale", "erase_ratio"):
@@ -396,14 +396,15 @@ def _departures(config: Any, resolved: ResolvedRecipe, table: DatasetRecipe) -> 
     return notes
 
 
-def resolve_run(config: Any, identified: Optional[str] = None) -> dict:
+def resolve_run(config: Any, identified: Optional[str] = None, num_classes: Optional[int] = None) -> dict:
     """The fully resolved run of ``config`` as a JSON-ready dict (``divco train --print-config``).
 
     Builds the model on the meta device (no memory) to list the optimiser's parameter
     groups; reads the data only where its size cannot be known otherwise (digits, image
     folders), through the cache.  Keys (stable, listed in the README): recipe, model,
     epochs, batch_size, train_images, steps_per_epoch, optimizer, lr_schedule, cotrain,
-    augmentation, mixup, label_smoothing, precision, execution, departures.
+    augmentation, mixup, label_smoothing, precision, execution, departures. Data that is not on
+    disk takes the size of the ``--recipe``'s dataset (``num_classes``: its class count instead).
     """
     import torch
 
@@ -411,14 +412,18 @@ def resolve_run(config: Any, identified: Optional[str] = None) -> dict:
     from ..data.sources import identify_dataset, load_dataset
     from .runtime import resolve_precision
 
-    if identified is None:
+    from .run_checks import data_on_disk
+
+    on_disk = data_on_disk(config.data)
+    if identified is None and on_disk:
         identified = identify_dataset(config.data)
     name = recipe_name(config, identified)
     resolved = resolve(config, name)
     table = _RECIPES[name]
-    train_images = _TRAIN_IMAGES.get(identified)
-    num_classes = _NUM_CLASSES.get(identified)
-    if train_images is None or num_classes is None:  # digits or an image folder: read (or reuse) its cache
+    sized_as = identified if on_disk else name  # no data here: the size of the recipe's dataset
+    train_images = _TRAIN_IMAGES.get(sized_as)
+    num_classes = num_classes or _NUM_CLASSES.get(sized_as)
+    if on_disk and (train_images is None or num_classes is None):  # digits or an image folder: read (or reuse) its cache
         data = load_dataset(config.data, image_size=config.image_size, cache_dir=config.cache_dir)
         train_images, num_classes = len(data.train_labels), data.num_classes
     if config.train_subset is not None:
@@ -472,6 +477,9 @@ def resolve_run(config: Any, identified: Optional[str] = None) -> dict:
         "execution": config.execution,
         "departures": _departures(config, resolved, table),
     }
+    if not on_disk:
+        run["data"] = {"source": config.data, "on_disk": False,
+                       "sizes": f"{train_images} training images of {name}, {num_classes} classes"}
     if getattr(config, "checkpoint_ensemble", False):
         run["lr_schedule"], run["checkpoint_ensemble"] = _checkpoint_ensemble_plan(
             config, resolved.lr, run["lr_schedule"], total_steps)

@@ -46,3 +46,10 @@ def test_models_lists_each_family(capsys):
     assert main(["models"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert names == divco.models.list() and "pyramidnet272" in names and "wide_resnet101_2" in names
+
+
+def test_summary_shows_the_class_count(capsys):
+    assert main(["summary", "--model", "resnet18", "--num-classes", "37", "--input-size", "3", "32", "32"]) == 0
+    assert "classes          37" in capsys.readouterr().out.splitlines()
+    assert main(["summary", "--model", "wide_resnet16_1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_classes"] == 10  # the family's default

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tarfile
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from divco.data import load_dataset
+from divco.data.sources import identify_dataset
 from divco.data.cache import default_cache_dir
 
 #: The shared CIFAR-10 JPEG archive (../shared/data beside the repository, or $DIVCO_CIFAR10_ARCHIVE).
@@ -266,3 +268,39 @@ def test_identify_dataset_reads_names_only(tmp_path, digits):
     assert identify_dataset(str(packed)) == "cifar10"
     (folder / "train" / "extra").mkdir()
     assert identify_dataset(str(folder)) is None
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"", "the file is empty, not a tar archive"),
+    (b"hello, not an archive at all" * 30, r"the file is not a tar archive \(neither plain nor gzip, bzip2 or xz"),
+    (b"\x1f\x8b\x08\x00" + b"\x00" * 30, "a gzip file that is truncated or does not hold a tar archive"),
+], ids=["empty", "text", "broken-gzip"])
+def test_an_unreadable_archive_is_one_line_naming_the_file(tmp_path, content, says):
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(content)
+    for read in (lambda: load_dataset(str(bad), cache_dir=False), lambda: identify_dataset(str(bad))):
+        with pytest.raises(ValueError) as caught:
+            read()
+        message = str(caught.value)
+        assert "\n" not in message and re.search(rf"cannot read archive .*bad\.tar\.gz: {says}", message), message
+
+
+def test_one_class_data_is_refused(tmp_path, digits):
+    one_class = digits.subset(train=60, test=40)
+    write_image_folder(tmp_path, one_class, per_class=2)
+    for split in ("train", "test"):
+        for folder in (tmp_path / split).iterdir():
+            if folder.name != "0":
+                for image in folder.iterdir():
+                    image.unlink()
+                folder.rmdir()
+    with pytest.raises(ValueError, match=r"has 1 class under train/ \(\['0'\]\): classification needs at least 2"):
+        load_dataset(str(tmp_path), cache_dir=False)
+
+
+def test_decoding_is_announced_once(tmp_path, capsys):
+    load_dataset("digits", image_size=8, cache_dir=tmp_path)
+    assert capsys.readouterr().err == f"divco: decoding scikit-learn digits (later runs read the decoded cache in " \
+                                      f"{tmp_path})\n"
+    load_dataset("digits", image_size=8, cache_dir=tmp_path)  # a cache hit decodes nothing
+    assert capsys.readouterr().err == ""

@@ -131,3 +131,45 @@ def test_models_do_not_import_higher_layers():
             if isinstance(node, ast.ImportFrom) and node.module:
                 assert not node.module.startswith(("stacking", "train")) or node.level == 0, (path.name, node.module)
                 assert not (node.level == 2 and node.module.split(".")[0] in ("stacking", "train")), path.name
+
+
+@pytest.mark.parametrize("name", [None, 3, b"resnet18"])
+def test_a_name_that_is_not_a_string_is_a_value_error(name):
+    with pytest.raises(ValueError, match=rf"model name must be a str .*got {name!r}"):
+        divco.models.create(name)
+
+
+def test_the_branch_limit_is_one_check():
+    registry.check_branch_count(registry.MAX_BRANCHES)
+    with pytest.raises(ValueError, match=r"between 1 and 64 \(divco supports at most MAX_BRANCHES = 64"):
+        registry.check_branch_count(registry.MAX_BRANCHES + 1)
+
+
+@pytest.mark.parametrize("name, branches, stem, width_per_group, described", [
+    ("wide_resnet50_2", 2, 64, 64, "(S=2, 3: k'=1)"),
+    ("wide_resnet50_2", 3, 64, 64, "(S=2, 3: k'=1)"),
+    ("wide_resnet50_2", 4, 32, 128, "base width 64 -> 32/24 for S=4/8"),
+    ("wide_resnet50_2_d", 2, 64, 64, "except S=2: base width 64, width per group 64"),
+    ("wide_resnet50_3_d", 2, 64, 128, "except S=2: base width 64, width per group 128"),
+    ("wide_resnet101_2_d", 2, 44, 128, "base width 64 -> 44/32/24 for S=2/4/8"),
+])
+def test_divco_models_describes_the_dividing_rule_the_code_applies(name, branches, stem, width_per_group, described):
+    """`divco models` prints these descriptions: each states what create builds."""
+    import torch
+
+    with torch.device("meta"):
+        spec = divco.models.create(name, branches=branches).spec
+    assert (getattr(spec, "stem_width", None) or spec.base_width, spec.width_per_group) == (stem, width_per_group)
+    description = divco.models.get_entry(name).description
+    assert described in description
+    if name == "wide_resnet101_2_d":
+        assert "except" not in description
+
+
+def test_pyramidnet_description_names_both_divided_quantities():
+    import torch
+
+    with torch.device("meta"):
+        one, four = (divco.models.create("pyramidnet164", branches=S).spec for S in (1, 4))
+    assert four.alpha == one.alpha / 2 and four.final_shakedrop_p == one.final_shakedrop_p / 2
+    assert "alpha and ShakeDrop p / sqrt(S)" in divco.models.get_entry("pyramidnet164").description

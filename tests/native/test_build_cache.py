@@ -76,6 +76,7 @@ def test_unchanged_build_reuses_everything_changes_recompile(probe):
     folder, cache = probe
     log = build(folder, cache)
     assert "compiling in" in log and probe_value(folder) == 1
+    assert "probe_ext: compiling in" in log and ": CPU kernels from 1 C++ source, 1 parallel jobs (minutes" in log, log
     first = objects(cache)
     assert len(first) == 1, first
     record = json.loads((folder / "_C_build.json").read_text())  # beside the in-place module
