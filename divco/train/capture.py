@@ -231,6 +231,7 @@ class CudaGraphStep:
         else:
             raise ValueError(f"capture='cuda-graph' runs torch.optim.SGD, Adam or AdamW, got "
                              f"{type(optimizer).__name__}")
+        step.autocast_cache = False  # cached casts would be graph-private memory read outside the graph
         self.step = step
         self.device = device
         self.warmup_steps = warmup_steps

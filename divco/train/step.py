@@ -175,6 +175,7 @@ class TrainStep:
         self.temperature = temperature
         self.backend = backend
         self.amp_dtype = amp_dtype
+        self.autocast_cache = True
         self.scaler = scaler
         device = cot_weight.device
         self.device_type = device.type
@@ -195,7 +196,8 @@ class TrainStep:
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.amp_dtype)
+        # the cast cache must be off while a CUDA graph is captured (cached casts would be graph-private memory)
+        return torch.autocast(self.device_type, dtype=self.amp_dtype, cache_enabled=self.autocast_cache)
 
     def forward_loss(self, images: Tensor, targets: Tensor, sample_weight: Optional[Tensor] = None) -> ops.CotrainLoss:
         with self.autocast():
