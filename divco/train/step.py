@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from .capture import check_capture, whole_step_capture
 
 
 #: What a TrainStep does with a step whose loss is not finite (TrainConfig.on_nan).
@@ -185,8 +186,6 @@ class TrainStep:
         self._no_cotraining = torch.zeros((), dtype=torch.float32, device=device)
         self.metrics = RunningMetrics(branches, device, ensemble=not independent)
         self._forward_loss: Callable[..., ops.CotrainLoss] = self.forward_loss
-        from .capture import check_capture, whole_step_capture  # capture builds on this module
-
         capture = check_capture(capture, compile)
         if capture == "compile":
             self._forward_loss = torch.compile(self.forward_loss)
