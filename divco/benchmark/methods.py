@@ -9,6 +9,10 @@ term), and the ensemble of the branches at inference time.
                       (grouped convolutions), with the fused divco.ops.cotrain_loss
     divco-per-branch  the same model executed one branch at a time on slices of
                       the shared weights (divco's default on CPUs)
+    divco-grouped     divco-batched with every BranchConv2d one grouped convolution
+    divco-split       divco-batched with every BranchConv2d S dense convolutions on
+                      channel slices (these two measure what divco-batched's per-layer
+                      "auto" choice of divco.nn.conv chooses between)
     loop              the official code's way: S separate models called in a Python
                       loop, the loss written in plain PyTorch as its SplitNet does
     vmap              the S separate models' parameters stacked with
@@ -35,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import models as divco_models
-from ..nn import BranchConv2d
+from ..nn import BranchConv2d, set_conv_impl
 from ..stacking import unstack
 from ..summary import summary
 
@@ -43,6 +47,10 @@ from ..summary import summary
 METHODS = ("divco-batched", "divco-per-branch", "loop", "vmap", "packed", "undivided")
 #: The methods that run a divided network (all but the undivided reference).
 DIVIDED_METHODS = METHODS[:-1]
+#: divco-batched with one convolution implementation forced (the CUDA profiles measure them).
+CONV_METHODS = ("divco-grouped", "divco-split")
+#: Every method build_method knows.
+ALL_METHODS = METHODS + CONV_METHODS
 #: The co-training weight every method uses (the paper's default, after warm-up).
 COTRAIN_WEIGHT = 0.5
 
@@ -178,17 +186,20 @@ def _macs(model: nn.Module, workload: Workload) -> int:
 class DivcoMethod(Method):
     """divco's branch-batched model and the fused co-training loss."""
 
-    def __init__(self, workload: Workload, execution: str, divided: Optional[nn.Module] = None) -> None:
+    def __init__(self, workload: Workload, execution: str, divided: Optional[nn.Module] = None,
+                 conv_impl: Optional[str] = None) -> None:
         super().__init__(workload)
         try:
             from .. import ops
         except ImportError as error:  # the ops package is part of divco; say what broke
             raise MethodUnavailable(f"divco.ops does not import: {error}") from error
         self._ops = ops
-        self.name = f"divco-{execution.replace('_', '-')}"
+        self.name = f"divco-{conv_impl}" if conv_impl else f"divco-{execution.replace('_', '-')}"
         self.execution = execution
         model = copy.deepcopy(divided) if divided is not None else _create(workload, workload.branches)
         model.execution = execution
+        if conv_impl is not None:
+            set_conv_impl(model, conv_impl)
         self.model = _place(model, workload)
         self.weight = torch.tensor(COTRAIN_WEIGHT, device=workload.device)
 
@@ -402,8 +413,8 @@ def build_method(name: str, workload: Workload, divided: Optional[nn.Module] = N
     weights the divided methods start from, so that they compute the same function.
     Raises :class:`MethodUnavailable` when the method cannot run here.
     """
-    if name not in METHODS:
-        raise ValueError(f"unknown benchmark method {name!r}; expected one of {METHODS}")
+    if name not in ALL_METHODS:
+        raise ValueError(f"unknown benchmark method {name!r}; expected one of {ALL_METHODS}")
     if name == "undivided":
         return UndividedMethod(workload)
     if name == "packed":
@@ -414,6 +425,8 @@ def build_method(name: str, workload: Workload, divided: Optional[nn.Module] = N
         return DivcoMethod(workload, "batched", divided)
     if name == "divco-per-branch":
         return DivcoMethod(workload, "per_branch", divided)
+    if name in CONV_METHODS:
+        return DivcoMethod(workload, "batched", divided, conv_impl=name.removeprefix("divco-"))
     if name == "loop":
         return LoopMethod(workload, divided)
     return VmapMethod(workload, divided)

@@ -85,7 +85,8 @@ def default_profile(device: str, quick: bool = False) -> Profile:
             return Profile(
                 device="cuda", quick=True,
                 cases=(model_case("wide_resnet16_8", (4, 1), 128, (1, 32)),),
-                methods=("divco-batched", "loop", "vmap", "packed", "undivided"),
+                # divco-grouped / divco-split: the two convolution implementations "auto" chooses from
+                methods=("divco-batched", "divco-grouped", "divco-split", "loop", "vmap", "packed", "undivided"),
                 train_variants=(Variant(bf16), Variant(bf16, cuda_graphs=True)),
                 infer_variants=(Variant(bf16),),
                 repeats=10, warmup=3, channels_last=True, time_budget_s=180.0,
@@ -193,7 +194,8 @@ def methods_at(profile: Profile, S: int, variant: Variant) -> tuple[str, ...]:
     if S == 1:
         return tuple(m for m in ("divco-batched", "undivided") if m in profile.methods)
     if profile.device == "cuda":
-        order = ("divco-batched", "loop", "undivided", "vmap", "packed", "divco-per-branch")
+        order = ("divco-batched", "loop", "undivided", "divco-grouped", "divco-split", "vmap", "packed",
+                 "divco-per-branch")
         if variant.compile:
             order = order[:-1]
     else:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .goals import DIVCO_DEFAULT, REFERENCES, check_goals, group_index, ratio
-from .methods import METHODS
+from .methods import ALL_METHODS
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -94,7 +94,7 @@ def _machine_line(machine: dict) -> str:
 
 
 def _method_order(name: str) -> int:
-    return METHODS.index(name) if name in METHODS else len(METHODS)
+    return ALL_METHODS.index(name) if name in ALL_METHODS else len(ALL_METHODS)
 
 
 def markdown(results: dict) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -14,19 +14,56 @@ from .branching import active_branch, branch_slice, check_branches
 
 _IMPLS = ("auto", "grouped", "split")
 
+#: ``timer(run) -> seconds``: the time of one call of ``run`` (a zero-argument callable).
+ConvTimer = Callable[[Callable[[], None]], float]
+
 
 def default_conv_impl(x: Tensor) -> str:
-    """The faster of the two all-branch implementations for this input.
+    """The static rule: the faster of the two all-branch implementations for this input, by device.
 
     Measured on a 2-core x86 CPU (WRN-16-8 divided by 4, batch 64): a grouped
     convolution in NCHW runs through a slow oneDNN path, while S dense
     convolutions on channel slices do not; in channels_last the grouped
     convolution is as fast as the dense ones and saves the slicing copies.  On
-    CUDA, cuDNN's grouped kernels run all branches in one launch.
+    CUDA, cuDNN's grouped kernels run all branches in one launch (the rule where
+    no measurement is possible: while torch.compile traces or a CUDA graph captures).
     """
     if x.device.type == "cpu" and not x.is_contiguous(memory_format=torch.channels_last):
         return "split"
     return "grouped"
+
+
+def cuda_event_timer(run: Callable[[], None], *, warmup: int = 2, repeats: int = 5) -> float:
+    """Seconds per call of ``run`` on the current CUDA stream (CUDA events; synchronises once)."""
+    for _ in range(warmup):
+        run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1000.0 / repeats
+
+
+#: The measured choices of "auto", one per layer configuration and input: (shape, device, ...) -> impl.
+_MEASURED: dict[tuple, str] = {}
+
+
+def measured_conv_impls() -> dict[tuple, str]:
+    """What "auto" measured so far (a copy): the key of a layer and input, and the implementation chosen."""
+    return dict(_MEASURED)
+
+
+def clear_measured_conv_impls() -> None:
+    _MEASURED.clear()
+
+
+def _can_measure(x: Tensor) -> bool:
+    """Measuring runs the convolution and waits for the device: not while compiling or capturing a graph."""
+    if x.device.type != "cuda" or torch.compiler.is_compiling():
+        return False
+    return not torch.cuda.is_current_stream_capturing()
 
 
 class BranchConv2d(nn.Module):
@@ -46,8 +83,9 @@ class BranchConv2d(nn.Module):
         branches: S.
         impl: how all branches are computed together: ``"grouped"`` (one
             convolution with ``S*groups`` groups), ``"split"`` (S convolutions on
-            channel slices) or ``"auto"`` (chosen per device and memory format by
-            :func:`default_conv_impl`).  Both give the same result.
+            channel slices) or ``"auto"`` (on CUDA the faster of the two, measured
+            once per layer and input shape; elsewhere :func:`default_conv_impl`;
+            see :meth:`choose_impl`).  Both give the same result.
     """
 
     def __init__(
@@ -121,6 +159,63 @@ class BranchConv2d(nn.Module):
     def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 
+    def _all_branches(self, x: Tensor, impl: str, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        if impl == "grouped":
+            return self._conv(x, weight, bias, self.branches * self.groups)
+        inputs = x.split(self.in_channels, dim=1)
+        outputs = [
+            self._conv(inputs[s], branch_slice(weight, s, self.out_channels),
+                       None if bias is None else branch_slice(bias, s, self.out_channels), self.groups)
+            for s in range(self.branches)
+        ]
+        return torch.cat(outputs, dim=1)
+
+    def measure_key(self, x: Tensor) -> tuple:
+        """What the speed of the two implementations depends on: the layer's shape, the input's
+        shape, dtype (autocast's included), memory format and device, and whether a backward follows."""
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return (tuple(self.weight.shape), self.stride, self.padding, self.dilation, self.groups, self.branches,
+                self.bias is not None, tuple(x.shape), dtype, x.is_contiguous(memory_format=torch.channels_last),
+                str(x.device), torch.is_grad_enabled())
+
+    def choose_impl(self, x: Tensor, timer: Optional[ConvTimer] = None) -> str:
+        """The implementation "auto" runs for ``x``: measured once per :meth:`measure_key` where the
+        device can be timed (CUDA, outside compilation and graph capture), else :func:`default_conv_impl`.
+
+        The measurement (``timer``, default :func:`cuda_event_timer`: forward, plus backward when
+        gradients are on) happens at the first call with a new key, i.e. in the first training step,
+        and is cached: later steps look the choice up (no timing, no synchronisation).  Both
+        implementations compute the same convolution, so the choice changes only the speed.
+        """
+        if timer is None and not _MEASURED and not _can_measure(x):
+            return default_conv_impl(x)  # nothing measured, nothing to measure: no key to build (CPUs)
+        key = self.measure_key(x)
+        known = _MEASURED.get(key)
+        if known is not None:
+            return known
+        if timer is None:
+            if not _can_measure(x):
+                return default_conv_impl(x)
+            timer = cuda_event_timer
+        times = {impl: timer(self._timed_call(x, impl)) for impl in ("grouped", "split")}
+        _MEASURED[key] = choice = min(times, key=times.get)  # a tie keeps grouped: one launch
+        return choice
+
+    def _timed_call(self, x: Tensor, impl: str) -> Callable[[], None]:
+        """One forward (and backward, if gradients are on) of ``impl`` on copies: the model's graph is untouched."""
+        train = torch.is_grad_enabled()
+        weight = self.weight.detach().requires_grad_(train)
+        bias = None if self.bias is None else self.bias.detach().requires_grad_(train)
+        x = x.detach().requires_grad_(train and x.requires_grad)
+
+        def run() -> None:
+            y = self._all_branches(x, impl, weight, bias)
+            if train:
+                y.sum().backward()
+
+        run.impl = impl  # what is timed, for timers that report per implementation
+        return run
+
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4:
             raise ValueError(
@@ -138,14 +233,8 @@ class BranchConv2d(nn.Module):
 
         S = self.branches
         if channels == S * self.in_channels:
-            if S == 1 or (default_conv_impl(x) if self.impl == "auto" else self.impl) == "grouped":
-                return self._conv(x, self.weight, self.bias, S * self.groups)
-            inputs = x.split(self.in_channels, dim=1)
-            outputs = [
-                self._conv(inputs[s], self.branch_weight(s), self.branch_bias(s), self.groups)
-                for s in range(S)
-            ]
-            return torch.cat(outputs, dim=1)
+            impl = "grouped" if S == 1 else self.choose_impl(x) if self.impl == "auto" else self.impl
+            return self._all_branches(x, impl, self.weight, self.bias)
         if channels == self.in_channels and self.groups == 1:
             # Every branch sees the same input: one dense convolution with all S filters.
             return self._conv(x, self.weight, self.bias, 1)
@@ -174,7 +263,12 @@ class BranchConv2d(nn.Module):
 
 
 def set_conv_impl(module: nn.Module, impl: str) -> nn.Module:
-    """Set the all-branch implementation of every BranchConv2d inside ``module``."""
+    """Set the all-branch implementation of every BranchConv2d inside ``module``.
+
+    ``"auto"`` chooses per layer and input (:meth:`BranchConv2d.choose_impl`): on CUDA the faster
+    of the two, measured once per layer shape and input shape at its first call and cached; on
+    CPUs (and while compiling or capturing) the static rule :func:`default_conv_impl`.
+    """
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
     for m in module.modules():

@@ -15,6 +15,7 @@ from ..ensembles.boosting import ERROR_KINDS as CBNN_ERROR_KINDS
 from ..vocabulary import BACKENDS, CHECKPOINT_ENSEMBLE_METHODS, DEFAULT_TRAINING_METHOD, PRECISIONS, TRAINING_METHODS
 from ..vocabulary import COTRAIN_KINDS as COT_KINDS
 from ..vocabulary import EXECUTION_MODES as EXECUTIONS
+from .capture import CAPTURE_MODES, check_capture
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -151,7 +152,14 @@ class TrainConfig:
     precision: str = option_field("auto", choices=PRECISIONS,
                                   help="auto: bf16 autocast on GPUs (fp16 + GradScaler without bf16), fp32 on CPUs")
     channels_last: Optional[bool] = option_field(None, help="channels-last memory format (default: on for CUDA)")
-    compile: bool = option_field(False, help="torch.compile the forward pass and loss")
+    compile: bool = option_field(False, help="torch.compile the forward pass and loss (the same as --capture compile)")
+    capture: str = option_field(
+        "none", choices=CAPTURE_MODES,
+        help="how the training step is captured: none (eager), compile (forward + loss compiled), compile-step "
+             "(forward, loss, backward and SGD step in one compiled graph) or cuda-graph (the whole step replayed "
+             "as one CUDA graph; CUDA only, fixed batch shape); see divco/train/capture.py")
+    cudnn_benchmark: bool = option_field(
+        True, help="on CUDA, let cuDNN time its convolution algorithms once per shape and keep the fastest")
     execution: str = option_field("auto", choices=EXECUTIONS, help="BranchBatchedNetwork.execution")
     sync_bn: bool = option_field(False, help="synchronised BatchNorm across processes (CUDA)")
     on_nan: str = option_field("stop", choices=ON_NAN_CHOICES,
@@ -234,6 +242,9 @@ class TrainConfig:
             raise ValueError(f"on_nan must be one of {ON_NAN_CHOICES}, got {self.on_nan!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check_capture(self.capture, self.compile)  # one of CAPTURE_MODES, not contradicting compile
+        if self.cudnn_benchmark not in (True, False):
+            raise ValueError(f"cudnn_benchmark must be True or False, got {self.cudnn_benchmark!r}")
         if self.execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
         device = str(self.device)

@@ -49,6 +49,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
+from .cudnn import configure_cudnn
 from .distributed import DistributedContext, convert_sync_batchnorm
 from .evaluation import EvaluationResult, evaluate, evaluate_validation, predict
 from .export import spec_json
@@ -298,6 +299,7 @@ def assemble_run(config: TrainConfig, processes: DistributedContext, device: tor
         raise ValueError(f"method {config.method!r} runs on one process (its members and sample weights are not "
                          f"sharded yet); this launch has {processes.world_size}: run it without torchrun")
     amp_dtype, needs_scaler = resolve_precision(config.precision, device)
+    configure_cudnn(config.cudnn_benchmark, device)
     channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
     seed_everything(config.seed)
     data = _load_data(config, processes)
@@ -341,7 +343,8 @@ def assemble_run(config: TrainConfig, processes: DistributedContext, device: tor
     step = TrainStep(train_model, optimizer, cot_weight=cot_weight, branches=config.branches,
                      cot_kind=config.cot_kind, temperature=config.temperature, backend=config.backend,
                      scheduler=schedule, amp_dtype=amp_dtype, scaler=scaler, compile=config.compile,
-                     on_nonfinite=config.on_nan, independent=config.method == "independent")
+                     on_nonfinite=config.on_nan, independent=config.method == "independent",
+                     capture=config.capture)
     # every process draws its own augmentations
     augment_seed = int(np.random.SeedSequence([config.seed, processes.rank]).generate_state(1)[0])
     augmenter = BatchAugmenter(resolved.augment_config(), data.mean, data.std, device, seed=augment_seed,

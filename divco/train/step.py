@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from .capture import check_capture, whole_step_capture
 
 
 #: What a TrainStep does with a step whose loss is not finite (TrainConfig.on_nan).
@@ -42,18 +43,34 @@ class RunningMetrics:
         self.reset()
 
     def reset(self) -> None:
+        if hasattr(self, "sums"):  # zeroed in place: a captured step writes into these very tensors
+            for t in (self.sums, self.correct, self.nonfinite, self.steps):
+                t.zero_()
+            self.count = 0
+            return
         # float64 sums: thousands of float32 batch means add up without visible rounding.
         self.sums = torch.zeros(self.branches + 2, dtype=torch.float64, device=self.device)  # loss, ce[S], cot
         self.correct = torch.zeros(self.branches + 1, dtype=torch.int64, device=self.device)
         # non-finite steps, the first of them (1-based step of the epoch, 0: none), images of skipped steps
         self.nonfinite = torch.zeros(3, dtype=torch.int64, device=self.device)
         self.count = 0  # images: a host number, known without asking the device
-        self.steps = 0
+        # steps added, on the device: a Python counter would be baked into a captured step as a constant
+        self.steps = torch.zeros((), dtype=torch.int64, device=self.device)
 
     def add(self, out: ops.CotrainLoss, batch_size: int, *, bad: Optional[Tensor] = None,
             skipped: bool = False) -> None:
         """Add a step's outputs; ``bad`` (0-dim bool) marks a non-finite step, left out of the sums if ``skipped``."""
-        self.steps += 1
+        self.accumulate(out, batch_size, bad=bad, skipped=skipped)
+        self.count_images(batch_size)
+
+    def count_images(self, batch_size: int) -> None:
+        """The host half of :meth:`add`: a captured step replays :meth:`accumulate` only."""
+        self.count += batch_size
+
+    def accumulate(self, out: ops.CotrainLoss, batch_size: int, *, bad: Optional[Tensor] = None,
+                   skipped: bool = False) -> None:
+        """The device half of :meth:`add` (no host state: safe inside torch.compile and CUDA graphs)."""
+        self.steps.add_(1)
         packed = torch.cat([out.loss.detach().reshape(1), out.ce, out.cot.reshape(1)]).to(torch.float64)
         correct = out.correct
         if bad is None:
@@ -66,7 +83,6 @@ class RunningMetrics:
         first = torch.where(self.nonfinite[1] == 0, self.steps, self.nonfinite[1])
         self.nonfinite.add_(torch.stack([bad.long(), (first - self.nonfinite[1]) * bad,
                                          bad.long() * batch_size * int(skipped)]))
-        self.count += batch_size
 
     def read(self, process_group=None) -> dict:
         """Means over the images seen (summed over processes when distributed); syncs once."""
@@ -103,14 +119,14 @@ class RunningMetrics:
 
     def state_dict(self) -> dict:
         return {"sums": self.sums.cpu(), "correct": self.correct.cpu(), "count": self.count,
-                "nonfinite": self.nonfinite.cpu(), "steps": self.steps}
+                "nonfinite": self.nonfinite.cpu(), "steps": int(self.steps)}
 
     def load_state_dict(self, state: dict) -> None:
         self.sums.copy_(state["sums"])
         self.correct.copy_(state["correct"])
         self.count = int(state["count"])
         self.nonfinite.copy_(state["nonfinite"])
-        self.steps = int(state["steps"])
+        self.steps.fill_(int(state["steps"]))
 
 
 class TrainStep:
@@ -127,7 +143,11 @@ class TrainStep:
         amp_dtype: autocast dtype (torch.bfloat16 / torch.float16) or None for full precision.
         scaler: a ``torch.amp.GradScaler`` for float16 (it reads its overflow flag on the
             host: the one synchronisation float16 training needs).
-        compile: wrap forward + loss in ``torch.compile``.
+        compile: wrap forward + loss in ``torch.compile`` (the same as ``capture="compile"``).
+        capture: how the step is captured (:data:`divco.train.capture.CAPTURE_MODES`): ``"none"``,
+            ``"compile"`` (forward + loss compiled), ``"compile-step"`` (forward, loss, backward
+            and optimiser step in one compiled graph) or ``"cuda-graph"`` (the whole step
+            replayed as one CUDA graph); see :mod:`divco.train.capture`.
         independent: S independent networks (``--method independent``): targets are per branch,
             ``[B, S]`` or ``[B, S, K]`` (branch s's view holds other images than branch t's), and
             the loss is Σ_s CE_s with no co-training term (``cot_weight`` is not read).
@@ -141,7 +161,8 @@ class TrainStep:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, cot_weight: Tensor,
                  branches: Optional[int] = None, cot_kind: str = "js", temperature: float = 1.0,
                  backend: Optional[str] = None, scheduler=None, amp_dtype: Optional[torch.dtype] = None,
-                 scaler=None, compile: bool = False, on_nonfinite: str = "stop", independent: bool = False) -> None:
+                 scaler=None, compile: bool = False, on_nonfinite: str = "stop", independent: bool = False,
+                 capture: str = "none") -> None:
         if not isinstance(cot_weight, Tensor) or cot_weight.dim() != 0:
             raise ValueError(f"cot_weight must be a 0-dim tensor, got {cot_weight!r}")
         if on_nonfinite not in NONFINITE_POLICIES:
@@ -155,6 +176,7 @@ class TrainStep:
         self.temperature = temperature
         self.backend = backend
         self.amp_dtype = amp_dtype
+        self.autocast_cache = True
         self.scaler = scaler
         device = cot_weight.device
         self.device_type = device.type
@@ -164,13 +186,17 @@ class TrainStep:
         self._no_cotraining = torch.zeros((), dtype=torch.float32, device=device)
         self.metrics = RunningMetrics(branches, device, ensemble=not independent)
         self._forward_loss: Callable[..., ops.CotrainLoss] = self.forward_loss
-        if compile:
+        capture = check_capture(capture, compile)
+        if capture == "compile":
             self._forward_loss = torch.compile(self.forward_loss)
+        # compile-step / cuda-graph: the whole step runs through this object (None: eager)
+        self._captured = whole_step_capture(self, capture)
 
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.amp_dtype)
+        # the cast cache must be off while a CUDA graph is captured (cached casts would be graph-private memory)
+        return torch.autocast(self.device_type, dtype=self.amp_dtype, cache_enabled=self.autocast_cache)
 
     def forward_loss(self, images: Tensor, targets: Tensor, sample_weight: Optional[Tensor] = None) -> ops.CotrainLoss:
         with self.autocast():
@@ -211,6 +237,20 @@ class TrainStep:
                                correct=correct)
 
     def __call__(self, images: Tensor, targets: Tensor, sample_weight: Optional[Tensor] = None) -> ops.CotrainLoss:
+        if self._captured is not None:
+            return self._captured(images, targets, sample_weight)
+        out, bad = self.update(images, targets, sample_weight)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.metrics.add(out, images.shape[0], bad=bad, skipped=bad is not None)
+        return out
+
+    def update(self, images: Tensor, targets: Tensor, sample_weight: Optional[Tensor] = None, *,
+               optimizer_step: Optional[Callable[[], None]] = None) -> tuple[ops.CotrainLoss, Optional[Tensor]]:
+        """Forward, loss, backward, optimiser step (``optimizer_step``, default ``optimizer.step``): the
+        eager step without the scheduler and metrics; returns the loss outputs and the non-finite flag
+        (None unless skip-step)."""
+        optimizer_step = optimizer_step or self.optimizer.step
         # skip-step also undoes the forward pass's BatchNorm statistics: copy them before it
         buffers = list(unwrap_model(self.model).buffers()) if self.skip_nonfinite else []
         buffers_before = [b.clone() for b in buffers]
@@ -229,15 +269,13 @@ class TrainStep:
         else:
             out.loss.backward()
             if self.skip_nonfinite:
-                bad = self._step_unless_nonfinite(out.loss, list(zip(buffers, buffers_before)))
+                bad = self._step_unless_nonfinite(out.loss, list(zip(buffers, buffers_before)), optimizer_step)
             else:
-                self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self.metrics.add(out, images.shape[0], bad=bad, skipped=bad is not None)
-        return out
+                optimizer_step()
+        return out, bad
 
-    def _step_unless_nonfinite(self, loss: Tensor, restore: list[tuple[Tensor, Tensor]]) -> Tensor:
+    def _step_unless_nonfinite(self, loss: Tensor, restore: list[tuple[Tensor, Tensor]],
+                               optimizer_step: Optional[Callable[[], None]] = None) -> Tensor:
         """Step, then put back weights, optimiser state and ``restore`` if the loss or a gradient is not finite.
 
         The select happens on the device (``torch.where``): no host sync.
@@ -254,7 +292,7 @@ class TrainStep:
                         self.optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
         state = [t for p in params for t in [p.data, *self.optimizer.state[p].values()] if isinstance(t, Tensor)]
         restore = restore + [(t, t.clone()) for t in state]
-        self.optimizer.step()
+        (optimizer_step or self.optimizer.step)()
         with torch.no_grad():
             for now, then in restore:
                 now.copy_(torch.where(bad, then, now))
