@@ -66,10 +66,23 @@ OPERATOR_SUFFIX: dict[str, str] = {"cpu": "native", "cuda": "native", "triton": 
 EXECUTION_MODES: tuple[str, ...] = ("batched", "per_branch", "auto")
 
 #: Convolution strategies of the batched path.
-CONV_IMPLS: tuple[str, ...] = ("grouped", "split", "auto")
+CONV_IMPLS: tuple[str, ...] = ("auto", "grouped", "split")
 
 #: BatchNorm implementations: the fused kernels or PyTorch's eager ops.
 NORM_IMPLS: tuple[str, ...] = ("fused", "eager", "auto")
+
+#: Dataset recipes of a training run (divco.train.recipe): "auto" identifies the dataset from
+#: its source (digits -> quick), the official cifar10/cifar100/imagenet, divco's small "quick" preset.
+RECIPES: tuple[str, ...] = ("auto", "cifar10", "cifar100", "imagenet", "quick")
+
+#: How the peak lr follows the batch size: "none" (the official default: 0.1 at any batch),
+#: "linear" (the official is_linear_lr: lr x B/B0 and momentum ** (B/B0)), "linear_lr_only"
+#: (lr x B/B0, momentum kept: the quick preset's rule).
+LR_SCALINGS: tuple[str, ...] = ("none", "linear", "linear_lr_only")
+
+#: What a training step does with a loss that is not finite (TrainConfig.on_nan): apply it,
+#: count it and stop at the end of the epoch, or skip the step (weights and state restored).
+NONFINITE_POLICIES: tuple[str, ...] = ("stop", "skip-step")
 
 #: Mixed-precision settings of a training run.
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")

@@ -41,8 +41,6 @@ from ..summary import summary
 
 #: Every method, in the order tables and plots show them.
 METHODS = ("divco-batched", "divco-per-branch", "loop", "vmap", "packed", "undivided")
-#: The methods that run a divided network (all but the undivided reference).
-DIVIDED_METHODS = METHODS[:-1]
 #: The co-training weight every method uses (the paper's default, after warm-up).
 COTRAIN_WEIGHT = 0.5
 

@@ -10,9 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
+from ..vocabulary import CONV_IMPLS, check_choice
 from .branching import active_branch, branch_slice, check_branches
-
-_IMPLS = ("auto", "grouped", "split")
 
 
 def default_conv_impl(x: Tensor) -> str:
@@ -73,8 +72,7 @@ class BranchConv2d(nn.Module):
                 f"in_channels ({in_channels}) and out_channels ({out_channels}) must be "
                 f"divisible by groups ({groups})"
             )
-        if impl not in _IMPLS:
-            raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+        check_choice("impl", impl, CONV_IMPLS)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = _pair(kernel_size)
@@ -175,8 +173,7 @@ class BranchConv2d(nn.Module):
 
 def set_conv_impl(module: nn.Module, impl: str) -> nn.Module:
     """Set the all-branch implementation of every BranchConv2d inside ``module``."""
-    if impl not in _IMPLS:
-        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    check_choice("impl", impl, CONV_IMPLS)
     for m in module.modules():
         if isinstance(m, BranchConv2d):
             m.impl = impl

@@ -11,7 +11,8 @@ from ..data.augment import CROPS, AugmentConfig
 from ..data.policies import POLICIES
 from ..data.sources import describe_sources
 from ..ensembles.boosting import ERROR_KINDS as CBNN_ERROR_KINDS
-from ..vocabulary import BACKENDS, CHECKPOINT_ENSEMBLE_METHODS, DEFAULT_TRAINING_METHOD, PRECISIONS, TRAINING_METHODS
+from ..vocabulary import (BACKENDS, CHECKPOINT_ENSEMBLE_METHODS, DEFAULT_TRAINING_METHOD, LR_SCALINGS, NONFINITE_POLICIES,
+                          PRECISIONS, RECIPES, TRAINING_METHODS)
 from ..vocabulary import COTRAIN_KINDS as COT_KINDS
 from ..vocabulary import EXECUTION_MODES as EXECUTIONS
 
@@ -25,9 +26,6 @@ OPERATIONAL_FIELDS = frozenset({"out", "resume", "device", "progress", "tensorbo
 
 #: M, the member checkpoints of a snapshot or cbnn run, when ``checkpoints`` is not given.
 DEFAULT_CHECKPOINTS = 3
-
-#: What training does with a step whose loss is not finite (see divco.train.step).
-ON_NAN_CHOICES = ("stop", "skip-step")
 
 
 def option_field(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, **option: Any) -> Any:
@@ -60,7 +58,7 @@ class TrainConfig:
     # -- the recipe (None: the dataset recipe's value, see divco.train.recipe) ----------------
     recipe: str = option_field(
         "auto", group="recipe (default: the official recipe of the dataset)",
-        choices=("auto", "cifar10", "cifar100", "imagenet", "quick"),
+        choices=RECIPES,
         help="dataset recipe: auto (identified from --data; digits -> quick), cifar10, cifar100, imagenet "
              "(the official recipes) or quick (divco's small CPU preset, not the paper's)")
     # -- optimiser and schedule (the recipe's when None) -------------------------------------
@@ -68,7 +66,7 @@ class TrainConfig:
         None, group="optimiser and schedule (default: the recipe's)",
         help="peak learning rate (official: 0.1 at any batch size; 0.05 for ResNeXt-29 16x64d)")
     lr_scaling: Optional[str] = option_field(
-        None, choices=("none", "linear", "linear_lr_only"),
+        None, choices=LR_SCALINGS,
         help="none (official: lr 0.1 at any batch), linear (the official is_linear_lr: lr x B/B0 and "
              "momentum ** (B/B0); B0 128 CIFAR, 256 ImageNet), linear_lr_only (the quick preset)")
     momentum: float = option_field(0.9)
@@ -148,7 +146,7 @@ class TrainConfig:
     compile: bool = option_field(False, help="torch.compile the forward pass and loss")
     execution: str = option_field("auto", choices=EXECUTIONS, help="BranchBatchedNetwork.execution")
     sync_bn: bool = option_field(False, help="synchronised BatchNorm across processes (CUDA)")
-    on_nan: str = option_field("stop", choices=ON_NAN_CHOICES,
+    on_nan: str = option_field("stop", choices=NONFINITE_POLICIES,
                                help="a NaN/inf loss: stop at the end of the epoch (exit status 1), or skip-step "
                                     "(not applied, counted in train_nonfinite_steps)")
     # -- output -------------------------------------------------------------------------------
@@ -208,8 +206,7 @@ class TrainConfig:
         number("label_smoothing", self.label_smoothing, 0.0, low_open=False, allow_none=True)
         if self.label_smoothing is not None and self.label_smoothing >= 1:
             raise ValueError(f"label_smoothing must be < 1, got {self.label_smoothing!r}")
-        for name in ("recipe", "lr_scaling"):
-            choices = _choices(name)
+        for name, choices in (("recipe", RECIPES), ("lr_scaling", LR_SCALINGS)):
             value = getattr(self, name)
             if value is not None and value not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
@@ -223,8 +220,8 @@ class TrainConfig:
         number("temperature", self.temperature, 0.0, low_open=True)
         if self.cot_kind not in COT_KINDS:
             raise ValueError(f"cot_kind must be one of {COT_KINDS}, got {self.cot_kind!r}")
-        if self.on_nan not in ON_NAN_CHOICES:
-            raise ValueError(f"on_nan must be one of {ON_NAN_CHOICES}, got {self.on_nan!r}")
+        if self.on_nan not in NONFINITE_POLICIES:
+            raise ValueError(f"on_nan must be one of {NONFINITE_POLICIES}, got {self.on_nan!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.execution not in EXECUTIONS:
@@ -293,10 +290,6 @@ class TrainConfig:
         """``"name: mine vs other"`` for every option that changes what a run computes."""
         a, b = self.to_dict(), other.to_dict()
         return [f"{k}={b[k]!r} (this run: {a[k]!r})" for k in a if k not in OPERATIONAL_FIELDS and a[k] != b[k]]
-
-
-def _choices(name: str) -> tuple:
-    return next(f.metadata["option"]["choices"] for f in fields(TrainConfig) if f.name == name)
 
 
 def _lists(value):

@@ -38,15 +38,6 @@ from torch import nn
 
 from ..data.augment import AUGMENT_PRESETS, AugmentConfig
 
-#: Dataset recipes: the official ones and divco's small CPU preset; "auto" identifies the
-#: dataset from the data source (digits -> quick).
-RECIPES: tuple[str, ...] = ("auto", "cifar10", "cifar100", "imagenet", "quick")
-
-#: How the peak lr follows the batch size: "none" (the official default: 0.1 at any batch),
-#: "linear" (the official is_linear_lr: lr x B/B0 and momentum ** (B/B0)), "linear_lr_only"
-#: (lr x B/B0, momentum kept: the quick preset's rule).
-LR_SCALINGS: tuple[str, ...] = ("none", "linear", "linear_lr_only")
-
 COT_WEIGHT_FLOOR = 0.005
 
 #: The official code's CIFAR weight decay of 5e-4 ("a larger weight decay for large model").

@@ -26,10 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-
-
-#: What a TrainStep does with a step whose loss is not finite (TrainConfig.on_nan).
-NONFINITE_POLICIES = ("stop", "skip-step")
+from ..vocabulary import NONFINITE_POLICIES
 
 
 class RunningMetrics:
