@@ -44,11 +44,14 @@ from ..ensembles.snapshot import SnapshotSchedule
 from ..io import atomic_write_text
 from ..models.base import BranchBatchedNetwork
 from ..stacking import stack
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .recipe import StepSchedule
 
 MEMBERS_NAME = "members.json"
 MEMBERS_FORMAT = "divco-checkpoint-ensemble"
+
+#: How a checkpoint ensemble combines its members: the weighted mean of their probabilities.
+MEMBERS_ENSEMBLE_MODE = "mean_probs"
 
 
 def member_name(index: int) -> str:
@@ -208,8 +211,6 @@ class RunMembers:
         return self.record["method"]
 
     def models(self) -> list[BranchBatchedNetwork]:
-        from .export import model_from_checkpoint
-
         return [model_from_checkpoint(state) for state in self.states]
 
     def stacked(self) -> BranchBatchedNetwork:

@@ -18,7 +18,7 @@ from divco.data import AugmentConfig, load_dataset
 from divco.ensembles import BoostingState, SnapshotSchedule, loss_weights
 from divco.train import TrainConfig, load_checkpoint, train
 from divco.train.evaluation import predict
-from divco.train.export import model_from_checkpoint
+from divco.train.checkpoint import model_from_checkpoint
 from divco.train.members import MEMBERS_NAME, load_members, member_name
 from divco.train.runtime import epoch_order
 from divco.train.step import TrainStep
