@@ -25,18 +25,18 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from ..train import train
-    from ..train.runtime import cli_option_names
-    from ._train_options import exit_code, train_config_from_args
+    from ..train.runtime import option_spelling
+    from ._train_options import cli_spelling, exit_code, train_config_from_args
 
     config = train_config_from_args(args, out=args.out, resume=args.resume)
-    if args.print_config:
-        import json
+    with option_spelling(cli_spelling):  # errors name options as typed here: --resume, not resume=True
+        if args.print_config:  # the run's plan, as the engine would run it
+            import json
 
-        from ..train.recipe import resolve_run
+            from ..train.plan import describe, plan_from_config
 
-        print(json.dumps(resolve_run(config), indent=2))
-        return 0
-    with cli_option_names():  # errors name options as typed here: --resume, not resume=True
+            print(json.dumps(describe(plan_from_config(config)), indent=2))
+            return 0
         result = train(config)
     is_main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints the table
     if result.final is not None and result.completed and is_main:

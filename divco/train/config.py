@@ -11,10 +11,11 @@ from ..data.augment import CROPS, AugmentConfig
 from ..data.policies import POLICIES
 from ..data.sources import describe_sources
 from ..ensembles.boosting import ERROR_KINDS as CBNN_ERROR_KINDS
-from ..vocabulary import (BACKENDS, CHECKPOINT_ENSEMBLE_METHODS, DEFAULT_TRAINING_METHOD, LR_SCALINGS, NONFINITE_POLICIES,
-                          PRECISIONS, RECIPES, TRAINING_METHODS)
+from ..vocabulary import BACKENDS, LR_SCALINGS, NONFINITE_POLICIES, PRECISIONS, RECIPES
 from ..vocabulary import COTRAIN_KINDS as COT_KINDS
 from ..vocabulary import EXECUTION_MODES as EXECUTIONS
+from . import methods
+from .methods import DEFAULT_CHECKPOINTS
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -23,9 +24,6 @@ DEVICES = ("auto", "cpu", "cuda")
 #: run is resumed.  Of ``device`` only the index may change (cuda:0 -> cuda:1), not the type
 #: (the training engine compares the device type a checkpoint was written on).
 OPERATIONAL_FIELDS = frozenset({"out", "resume", "device", "progress", "tensorboard", "keep_checkpoints", "cache_dir"})
-
-#: M, the member checkpoints of a snapshot or cbnn run, when ``checkpoints`` is not given.
-DEFAULT_CHECKPOINTS = 3
 
 
 def option_field(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, **option: Any) -> Any:
@@ -87,13 +85,8 @@ class TrainConfig:
         None, help="label smoothing e of the targets (default 0.1 on ImageNet, 0 on CIFAR)")
     # -- co-training --------------------------------------------------------------------------
     method: str = option_field(
-        DEFAULT_TRAINING_METHOD, group="co-training", choices=TRAINING_METHODS,
-        help="cotrain (Divide-and-Co-training); independent (S independent networks in one launch: no "
-             "co-training term, so --cot-weight is not used, and each branch its own order of the training set, "
-             "branch s the order a separate run with seed + s would see); snapshot (Snapshot Ensembles: M cosine "
-             "cycles with restarts, one member checkpoint per cycle, equal weights; --branches 1); cbnn (boosting "
-             "by checkpoints: M member checkpoints at equal intervals of the normal schedule, the training samples "
-             "re-weighted at each as SAMME does, members weighted by alpha; --branches 1)")
+        methods.DEFAULT_METHOD, group="co-training", choices=methods.names(),
+        help="; ".join(methods.METHODS[name].summary for name in methods.names()))
     checkpoints: Optional[int] = option_field(
         None, metavar="M", help=f"M, the member checkpoints of a snapshot or cbnn run (default "
                                 f"{DEFAULT_CHECKPOINTS}; 1 <= M <= epochs; only with those methods)")
@@ -213,9 +206,7 @@ class TrainConfig:
         for name in ("divide_weight_decay", "exempt_norm_weight_decay"):
             if getattr(self, name) not in (None, True, False):
                 raise ValueError(f"{name} must be True, False or None (the recipe's), got {getattr(self, name)!r}")
-        if self.method not in TRAINING_METHODS:
-            raise ValueError(f"method must be one of {TRAINING_METHODS}, got {self.method!r}")
-        self._validate_checkpoint_ensemble(positive_int, number)
+        self._validate_method()
         number("cot_weight", self.cot_weight, 0.0, low_open=False)
         number("temperature", self.temperature, 0.0, low_open=True)
         if self.cot_kind not in COT_KINDS:
@@ -234,28 +225,14 @@ class TrainConfig:
         if not isinstance(self.augment, AugmentConfig):
             raise ValueError(f"augment must be an AugmentConfig, got {type(self.augment).__name__}")
 
-    def _validate_checkpoint_ensemble(self, positive_int, number) -> None:
-        """--checkpoints, --cbnn-shrinkage and --cbnn-errors: only where they mean something."""
-        ensemble_options = {"checkpoints": self.checkpoints, "cbnn_shrinkage": self.cbnn_shrinkage,
-                            "cbnn_errors": self.cbnn_errors}
-        allowed = {"snapshot": {"checkpoints"}, "cbnn": set(ensemble_options)}.get(self.method, set())
-        for name, value in ensemble_options.items():
-            if value is not None and name not in allowed:
-                methods = "methods snapshot and cbnn" if name == "checkpoints" else "method cbnn"
-                raise ValueError(f"{name} is an option of the {methods}; this run's method is "
-                                 f"{self.method!r}")
-        if self.method not in CHECKPOINT_ENSEMBLE_METHODS:
-            return
-        positive_int("checkpoints", self.checkpoints, allow_none=True)
-        if self.members > self.epochs:
-            raise ValueError(f"checkpoints must be <= epochs ({self.epochs}): each member needs at least one "
-                             f"epoch of its own; got {self.members}")
-        if self.branches != 1:
-            raise ValueError(f"method {self.method!r} trains one network and stacks its {self.members} member "
-                             f"checkpoints into the ensemble: branches must be 1, got {self.branches}")
-        number("cbnn_shrinkage", self.cbnn_shrinkage, 0.0, low_open=True, allow_none=True)
-        if self.cbnn_errors is not None and self.cbnn_errors not in CBNN_ERROR_KINDS:
-            raise ValueError(f"cbnn_errors must be one of {CBNN_ERROR_KINDS}, got {self.cbnn_errors!r}")
+    def _validate_method(self) -> None:
+        """The method's name, its own options only with it, then the method's checks."""
+        method = methods.method_class(self.method)
+        for name, owners in methods.method_options().items():
+            if getattr(self, name) is not None and name not in method.options:
+                whose = f"methods {' and '.join(owners)}" if len(owners) > 1 else f"method {owners[0]}"
+                raise ValueError(f"{name} is an option of the {whose}; this run's method is {self.method!r}")
+        method().validate(self)
 
     @property
     def members(self) -> int:
@@ -265,7 +242,7 @@ class TrainConfig:
     @property
     def checkpoint_ensemble(self) -> bool:
         """Whether this run's ensemble is made of its checkpoints (snapshot, cbnn)."""
-        return self.method in CHECKPOINT_ENSEMBLE_METHODS
+        return methods.method_class(self.method).checkpoint_ensemble
 
     # -- (de)serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict:

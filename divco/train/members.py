@@ -11,15 +11,8 @@ members of an ensemble. Run folder additions::
                                          alpha, error) and the ensemble weights, rewritten
                                          atomically after each member
 
-    snapshot  Huang et al. 2017: the learning rate follows M cosine cycles with restarts over the
-              run's iterations (divco.ensembles.SnapshotSchedule, no warm-up), a member at the end of
-              each cycle (mid-epoch when a cycle ends there), equal weights.
-    cbnn      divco's reading of Wang et al. 2021 (SAMME applied to checkpoints, the rule in
-              divco.ensembles.boosting.samme_update): the normal schedule; after the epochs of
-              checkpoint_epochs(E, M) the model in eval mode predicts the un-augmented training set,
-              BoostingState.record gives the member's alpha and the new sample weights, and the loss
-              weighs each image by its sample weight from then on (mean 1 over the training set).
-              The ensemble weights are the alphas normalised to sum 1.
+When a member is taken, with which weight and how the samples are weighted is the method's
+(divco.train.methods.snapshot and .cbnn); this module keeps the members and reads them back.
 
 Everything a resumed run needs (sample weights, alphas, members taken, the schedule's counter)
 is in every progress checkpoint (``checkpoint_ensemble``), so a resumed run takes the same members
@@ -36,16 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-import torch
 from torch import Tensor
 
-from ..ensembles.boosting import BoostingState, checkpoint_errors
-from ..ensembles.snapshot import SnapshotSchedule
 from ..io import atomic_write_text
 from ..models.base import BranchBatchedNetwork
 from ..stacking import stack
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from .recipe import StepSchedule
 
 MEMBERS_NAME = "members.json"
 MEMBERS_FORMAT = "divco-checkpoint-ensemble"
@@ -59,89 +48,36 @@ def member_name(index: int) -> str:
     return f"member-{index + 1:02d}.pt"
 
 
-class SnapshotLR(StepSchedule):
-    """The learning rate of a snapshot run: ``lr0 * SnapshotSchedule.factor(t)`` at iteration t
-    (the step counter and its state are :class:`divco.train.recipe.StepSchedule`'s)."""
-
-    def __init__(self, optimizer, *, base_lr: float, total_steps: int, cycles: int) -> None:
-        super().__init__(optimizer)
-        self.base_lr = base_lr
-        self.cycles = SnapshotSchedule(total_steps, cycles)
-        self._apply(self.lr(0))
-
-    def lr(self, step: int) -> float:
-        """The rate of 0-based iteration ``step`` (iteration t = step + 1; held after the last)."""
-        return self.cycles.lr(min(step + 1, self.cycles.total_iterations), self.base_lr)
-
-
 class CheckpointEnsemble:
-    """The members of a snapshot/cbnn run as it trains: when to take one, the sample weights, resume.
+    """The members of a snapshot/cbnn run as it trains: the members taken, members.json, resume.
 
-    The engine calls :meth:`after_step` after every optimiser step and :meth:`after_epoch` after
-    every epoch; either takes a member when one is due (``take`` writes it). :meth:`batch_weights`
-    gives the loss weights of a batch (None for snapshot: unweighted).
+    When a member is due and with which weight is the run's method's (divco.train.methods):
+    it calls :meth:`take` with the member's checkpoint and, for a weighted member, its
+    ``alpha`` (and ``error``) and the per-sample ``errors`` that gave them.
     """
 
-    def __init__(self, method: str, members: int, *, total_steps: int, epochs: int, num_samples: int,
-                 num_classes: int, shrinkage: Optional[float], error_kind: Optional[str],
-                 device: torch.device) -> None:
+    def __init__(self, method: str, members: int) -> None:
         self.method = method
         self.count = members
-        self.total_steps = total_steps
         self.taken: list[dict] = []  # the members.json entries of the members taken so far
-        self.boosting: Optional[BoostingState] = None
-        self.snapshots: Optional[SnapshotSchedule] = None
-        self._loss_weights: Optional[Tensor] = None
-        self.device = device
-        if method == "snapshot":
-            self.snapshots = SnapshotSchedule(total_steps, members)
-        else:
-            self.boosting = BoostingState(num_samples, num_classes, epochs, members,
-                                          shrinkage=1.0 if shrinkage is None else float(shrinkage),
-                                          error_kind=error_kind or "zero_one")
-            self._refresh_loss_weights()
 
-    # -- when -------------------------------------------------------------------------------
-    def snapshot_due(self, iteration: int) -> bool:
-        """Snapshot: whether iteration ``iteration`` (1-based, over the run) ends a cycle."""
-        return self.snapshots is not None and self.snapshots.is_snapshot_iteration(iteration)
-
-    def boosting_due(self, epochs_done: int) -> bool:
-        """CBNN: whether a member is due after ``epochs_done`` epochs."""
-        return self.boosting is not None and self.boosting.is_checkpoint_epoch(epochs_done)
-
-    # -- the sample weights -------------------------------------------------------------------
-    def _refresh_loss_weights(self) -> None:
-        self._loss_weights = self.boosting.loss_weights().to(device=self.device, dtype=torch.float32)
-
-    def batch_weights(self, index: Tensor) -> Optional[Tensor]:
-        """The loss weights [B] of the training images ``index`` (None: an unweighted loss)."""
-        if self._loss_weights is None:
-            return None
-        return self._loss_weights.index_select(0, index)
-
-    def boosting_round(self, train_logits: Tensor, train_labels: Tensor) -> dict:
-        """CBNN's round at a member: errors of its training-set logits [N, 1, K] -> alpha, new weights."""
-        errors = checkpoint_errors(train_logits, train_labels, self.boosting.error_kind).cpu()
-        result = self.boosting.record(errors)
-        self._refresh_loss_weights()
-        return {"alpha": result.alpha, "error": result.error, "errors": errors}
-
-    # -- members ------------------------------------------------------------------------------
     def weights(self) -> list[float]:
         """The ensemble weights of the members taken so far (sum 1)."""
-        return ensemble_weights(self.method, self.taken)
+        return ensemble_weights(self.taken)
 
     def take(self, out: Path, state: dict, *, epochs_done: int, steps: int, iteration: int,
-             boosting: Optional[dict] = None) -> Path:
-        """Write member ``len(taken)`` (the checkpoint ``state`` plus its entry), then members.json."""
+             weighting: Optional[dict] = None, errors: Optional[Tensor] = None) -> Path:
+        """Write member ``len(taken)`` (the checkpoint ``state`` plus its entry), then members.json.
+
+        ``weighting``: the member's ``alpha`` and ``error`` (None: an equally weighted member).
+        """
         index = len(self.taken)
         entry = {"index": index, "file": member_name(index), "epochs_done": epochs_done, "steps_into_epoch": steps,
                  "iteration": iteration}
-        if boosting is not None:
-            entry.update(alpha=boosting["alpha"], error=boosting["error"])
+        if weighting is not None:
+            entry.update(weighting)
         member_state = dict(state)
-        member_state["member"] = {**entry, "errors": boosting["errors"] if boosting is not None else None}
+        member_state["member"] = {**entry, "errors": errors}
         member_state["checkpoint_ensemble"] = None  # a member is not a resume point
         path = save_checkpoint(out / member_name(index), member_state)
         self.taken.append(entry)
@@ -163,28 +99,25 @@ class CheckpointEnsemble:
 
     # -- resume ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"method": self.method, "members": [dict(e) for e in self.taken],
-                "boosting": self.boosting.to_dict() if self.boosting is not None else None}
+        return {"method": self.method, "members": [dict(e) for e in self.taken]}
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("method") != self.method:
             raise ValueError(f"the checkpoint holds no {self.method} state (checkpoint_ensemble is "
                              f"{None if not isinstance(state, dict) else state.get('method')!r})")
         self.taken = [dict(e) for e in state["members"]]
-        if self.boosting is not None:
-            self.boosting = BoostingState.from_dict(state["boosting"])
-            self._refresh_loss_weights()
 
 
-def ensemble_weights(method: str, entries: list[dict]) -> list[float]:
-    """Snapshot: equal weights; cbnn: the alphas normalised to sum 1.
+def ensemble_weights(entries: list[dict]) -> list[float]:
+    """The members' weights: their alphas normalised to sum 1 where they carry one (cbnn),
+    else equal (snapshot).
 
-    A cbnn run whose every member so far has alpha 0 (none better than chance) has no ensemble
+    Members whose every alpha so far is 0 (none better than chance) have no ensemble
     weights: a ValueError, never invented weights.
     """
     if not entries:
         return []
-    if method == "cbnn":
+    if "alpha" in entries[0]:
         alphas = [float(e["alpha"]) for e in entries]
         total = sum(alphas)
         if not total > 0:
@@ -248,5 +181,5 @@ def load_members(folder: Union[str, Path]) -> RunMembers:
             raise ValueError(f"{folder / entry['file']} is not member {position} of this run (its member entry: "
                              f"{state.get('member')!r})")
         states.append(state)
-    weights = ensemble_weights(record["method"], record["members"])
+    weights = ensemble_weights(record["members"])
     return RunMembers(folder, record, states, weights)
