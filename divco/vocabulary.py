@@ -11,21 +11,6 @@ from __future__ import annotations
 #: Co-training terms: the paper's Jensen-Shannon divergence, or pairwise KL with detached targets.
 COTRAIN_KINDS: tuple[str, ...] = ("js", "kl")
 
-#: How ``divco train`` trains the S branches (TrainConfig.method):
-#:   cotrain      Divide-and-Co-training: one order of the training set, Σ_s CE_s + weight · J
-#:   independent  S independent networks in one launch (Kondratyuk et al. 2020): no co-training
-#:                term, and each branch its own order of the training set (as S separate runs)
-#:   snapshot     Snapshot Ensembles (Huang et al. 2017): one network, M cosine cycles with restarts, a
-#:                member checkpoint at the end of each cycle, the M members averaged with equal weights
-#:   cbnn         boosting by checkpoints (Wang et al. 2021, read as SAMME): one network with the normal
-#:                schedule, M member checkpoints at equal intervals; at each the training samples are
-#:                re-weighted (misclassified ones gain weight) and the member gets its weight alpha
-TRAINING_METHODS: tuple[str, ...] = ("cotrain", "independent", "snapshot", "cbnn")
-
-#: The methods whose ensemble is made of M checkpoints of one network (``--checkpoints M``).
-CHECKPOINT_ENSEMBLE_METHODS: tuple[str, ...] = ("snapshot", "cbnn")
-DEFAULT_TRAINING_METHOD = "cotrain"
-
 #: How branch outputs [N, S, K] are combined into one prediction [N, K].
 #:   mean_logits  mean of the logits
 #:   mean_probs   mean of the softmax probabilities

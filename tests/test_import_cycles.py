@@ -5,7 +5,8 @@ module B (``from . import x`` and ``from .x import y`` resolve to the module the
 package's ``__init__`` is a module like the others, but the implicit load of a parent package
 is not an edge (it is not a dependency the code wrote). Two graphs are checked: the top-level
 imports of all of divco (those run when a module loads), and every import, lazy ones included,
-inside divco.train (a lazy import only hides a circle there; it does not remove it).
+inside divco.train (a lazy import only hides a circle there; it does not remove it). Imports
+under ``if TYPE_CHECKING`` (for annotations) never run and are no edges.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _imports(module: str, path: Path, known: set[str], *, top_level_only: bool) 
     """The divco modules ``module`` imports (at the top of the file, or anywhere)."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     tree = ast.parse(path.read_text(), filename=str(path))
-    nodes = _top_level_nodes(tree) if top_level_only else ast.walk(tree)
+    nodes = _top_level_nodes(tree) if top_level_only else _all_nodes(tree)
     found = set()
     for node in nodes:
         if isinstance(node, ast.Import):
@@ -57,13 +58,29 @@ def _imports(module: str, path: Path, known: set[str], *, top_level_only: bool) 
     return found
 
 
+def _is_type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def _all_nodes(tree: ast.Module):
+    """Every node but those of ``if TYPE_CHECKING`` blocks (imports for annotations only, never run)."""
+    pending = [tree]
+    while pending:
+        node = pending.pop()
+        yield node
+        if _is_type_checking(node):
+            pending.extend(node.orelse)
+            continue
+        pending.extend(ast.iter_child_nodes(node))
+
+
 def _top_level_nodes(tree: ast.Module):
     """The statements run when the module loads: its body, into if/try blocks, not into functions,
     classes' methods or ``if TYPE_CHECKING`` blocks."""
     pending = list(tree.body)
     while pending:
         node = pending.pop()
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+        if _is_type_checking(node):
             pending.extend(node.orelse)
             continue
         if isinstance(node, (ast.If, ast.Try, ast.With)):
@@ -137,11 +154,13 @@ def test_a_cycle_is_found():
 
 
 def test_relative_imports_resolve(tmp_path):
-    path = tmp_path / "engine.py"
-    path.write_text("from . import recipe\nfrom .members import x\nfrom .. import models\n"
+    """Relative imports resolve to modules; lazy ones count in the full graph; TYPE_CHECKING ones never."""
+    path = tmp_path / "step.py"
+    path.write_text("from typing import TYPE_CHECKING\nfrom . import recipe\nfrom .members import x\n"
+                    "from .. import models\nif TYPE_CHECKING:\n    from .engine import Run\n"
                     "def f():\n    from .export import y\n")
     known = {"divco", "divco.models", "divco.train", "divco.train.recipe", "divco.train.members",
-             "divco.train.export", "divco.train.engine"}
-    assert _imports("divco.train.engine", path, known, top_level_only=True) == {
-        "divco.train.recipe", "divco.train.members", "divco.models"}
-    assert "divco.train.export" in _imports("divco.train.engine", path, known, top_level_only=False)
+             "divco.train.export", "divco.train.engine", "divco.train.step"}
+    loaded = {"divco.train.recipe", "divco.train.members", "divco.models"}
+    assert _imports("divco.train.step", path, known, top_level_only=True) == loaded
+    assert _imports("divco.train.step", path, known, top_level_only=False) == loaded | {"divco.train.export"}

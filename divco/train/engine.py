@@ -273,6 +273,11 @@ class Run:
         """:func:`checkpoint_state` of this run (what a method writes a member checkpoint with)."""
         return checkpoint_state(self, epochs_done, steps, last_record)
 
+    @staticmethod
+    def write_checkpoint(path: Path, state: dict) -> Path:
+        """Write a checkpoint (atomic); what a method writes its member checkpoints with."""
+        return save_checkpoint(path, state)
+
 
 def find_resume_point(config: TrainConfig, device: torch.device, *, verbose: bool) -> Optional[tuple[Path, dict]]:
     """The checkpoint to resume, or None for a new run; refuses to overwrite a run."""

@@ -12,7 +12,8 @@ from ..data import ImageDataset, Normalize, load_dataset
 from .checkpoint import checkpoint_of, load_checkpoint
 from .evaluation import EvaluationResult, metrics_from_logits, predict, temperature_scaling
 from .checkpoint import model_from_checkpoint
-from .members import MEMBERS_ENSEMBLE_MODE, load_members
+from .member_record import MEMBERS_ENSEMBLE_MODE
+from .members import load_members
 from .runtime import resolve_device
 
 

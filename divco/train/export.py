@@ -27,7 +27,8 @@ from ..models.base import BranchBatchedNetwork
 from ..nn.fold import apply_fold_structure, fold_batchnorm
 from ..stacking import unstack
 from .checkpoint import checkpoint_of, load_checkpoint, model_from_checkpoint
-from .members import MEMBERS_ENSEMBLE_MODE, is_members_run, load_members
+from .member_record import MEMBERS_ENSEMBLE_MODE
+from .members import is_members_run, load_members
 
 EXPORT_FORMAT = "divco-branch"
 

@@ -81,6 +81,7 @@ def plan_from_config(config: Any) -> RunPlan:
     from ..data.sources import identify_dataset, load_dataset
 
     identified = identify_dataset(config.data)
+    recipe_name(config, identified)  # an unknown dataset without --recipe fails before any data is read
     train_images = _TRAIN_IMAGES.get(identified)
     num_classes = _NUM_CLASSES.get(identified)
     if train_images is None or num_classes is None:  # digits or an image folder: read (or reuse) its cache

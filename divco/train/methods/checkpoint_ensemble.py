@@ -1,7 +1,7 @@
 """What the checkpoint-ensemble methods (snapshot, cbnn) share: ONE network, M member checkpoints.
 
 Not a method itself: snapshot and cbnn derive from :class:`CheckpointEnsembleMethod`, which
-checks their options, keeps the members (divco.train.members.CheckpointEnsemble), writes a
+checks their options, keeps the members (divco.train.member_record.CheckpointEnsemble), writes a
 member when the method says one is due, resumes them, and adds the member plan to
 ``--print-config``.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from ..members import CheckpointEnsemble
+from ..member_record import CheckpointEnsemble
 from .base import TrainingMethod
 
 #: M, the member checkpoints of a snapshot or cbnn run, when ``checkpoints`` is not given.
@@ -43,8 +43,8 @@ class CheckpointEnsembleMethod(TrainingMethod):
                     errors=None, record: Optional[dict] = None) -> None:
         """Write the next member checkpoint (single process: these methods refuse distributed runs)."""
         state = run.checkpoint_state(epochs_done, steps, record)
-        path = self.members.take(run.out, state, epochs_done=epochs_done, steps=steps, iteration=iteration,
-                                 weighting=weighting, errors=errors)
+        path = self.members.take(run.out, state, run.write_checkpoint, epochs_done=epochs_done, steps=steps,
+                                 iteration=iteration, weighting=weighting, errors=errors)
         run.report(f"member {len(self.members.taken)}/{self.members.count}: {path.name} (iteration {iteration})")
 
     def member_plan(self, plan) -> dict:
