@@ -209,14 +209,14 @@ class TrainConfig:
         self._validate_method()
         number("cot_weight", self.cot_weight, 0.0, low_open=False)
         number("temperature", self.temperature, 0.0, low_open=True)
-        if self.cot_kind not in COT_KINDS:
-            raise ValueError(f"cot_kind must be one of {COT_KINDS}, got {self.cot_kind!r}")
-        if self.on_nan not in NONFINITE_POLICIES:
-            raise ValueError(f"on_nan must be one of {NONFINITE_POLICIES}, got {self.on_nan!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.execution not in EXECUTIONS:
-            raise ValueError(f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
+        self._validate_choices()
+
+    def _validate_choices(self) -> None:
+        """The options that name a choice, and the two structured ones."""
+        for name, choices in (("cot_kind", COT_KINDS), ("on_nan", NONFINITE_POLICIES), ("precision", PRECISIONS),
+                              ("execution", EXECUTIONS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         device = str(self.device)
         if not (device in DEVICES or device.startswith("cuda:")):
             raise ValueError(f"device must be one of {DEVICES} or 'cuda:N', got {self.device!r}")

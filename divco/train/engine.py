@@ -152,22 +152,14 @@ def train_in_folder(config: TrainConfig, processes: DistributedContext,
     processes.barrier()
     run = assemble_run(config, processes, device)
     epochs_done, steps_done = restore(run, *resume) if resume is not None else (0, 0)
-    run.report(f"divco {__version__}: {config.model} x{config.branches} on {run.info['dataset']}; {device}, "
-               f"{processes.world_size} process(es), {run.steps_per_epoch} steps/epoch, lr "
-               f"{run.info['base_lr']:.4g}, wd {run.info['weight_decay']:.3g}, {run.info['precision']}; recipe "
-               f"{run.info['resolved']['recipe']}: {run.method.schedule_summary(run.plan)}, "
-               f"co-training warm-up {run.info['resolved']['cot_warmup_epochs']} epoch(s)")
+    run.report(_start_line(run))
 
     log = None
     if processes.is_main:
         write_json(run.out / CONFIG_NAME, {**config.to_dict(), "resolved": run.info["resolved"]})
         log = RunLog(run.out, tensorboard=config.tensorboard, epochs_done=epochs_done)
-    result = TrainResult(out=run.out, epochs_done=epochs_done, history=list(log.records) if log else [],
-                         final=None, info=run.info)
-    if log is not None and log.last is not None and "test_ensembles" in log.last:
-        result.final = EvaluationResult.from_dict(log.last)
+    result = _result_so_far(run, log, epochs_done)
     best_path = run.out / BEST_NAME
-    result.best_checkpoint = best_path if best_path.exists() else None
 
     train_images, train_labels = run.data.train_images.to(device), run.data.train_labels.to(device)
     test_images, test_labels = run.data.test_images.to(device), run.data.test_labels.to(device)
@@ -209,6 +201,26 @@ def train_in_folder(config: TrainConfig, processes: DistributedContext,
     finally:
         if log is not None:
             log.close()
+    return result
+
+
+def _start_line(run: "Run") -> str:
+    config, info = run.config, run.info
+    return (f"divco {__version__}: {config.model} x{config.branches} on {info['dataset']}; {run.device}, "
+            f"{run.processes.world_size} process(es), {run.steps_per_epoch} steps/epoch, lr "
+            f"{info['base_lr']:.4g}, wd {info['weight_decay']:.3g}, {info['precision']}; recipe "
+            f"{info['resolved']['recipe']}: {run.method.schedule_summary(run.plan)}, "
+            f"co-training warm-up {info['resolved']['cot_warmup_epochs']} epoch(s)")
+
+
+def _result_so_far(run: "Run", log: Optional[RunLog], epochs_done: int) -> TrainResult:
+    """The result of the epochs already done (of a resumed run: its records, last metrics and best.pt)."""
+    result = TrainResult(out=run.out, epochs_done=epochs_done, history=list(log.records) if log else [],
+                         final=None, info=run.info)
+    if log is not None and log.last is not None and "test_ensembles" in log.last:
+        result.final = EvaluationResult.from_dict(log.last)
+    best_path = run.out / BEST_NAME
+    result.best_checkpoint = best_path if best_path.exists() else None
     return result
 
 
