@@ -106,22 +106,3 @@ def ensemble_weights(entries: list[dict]) -> list[float]:
                              f"chance): the ensemble has no weights (alphas {alphas})")
         return [a / total for a in alphas]
     return [1.0 / len(entries)] * len(entries)
-
-
-def ensemble_weights(entries: list[dict]) -> list[float]:
-    """The members' weights: their alphas normalised to sum 1 where they carry one (cbnn),
-    else equal (snapshot).
-
-    Members whose every alpha so far is 0 (none better than chance) have no ensemble
-    weights: a ValueError, never invented weights.
-    """
-    if not entries:
-        return []
-    if "alpha" in entries[0]:
-        alphas = [float(e["alpha"]) for e in entries]
-        total = sum(alphas)
-        if not total > 0:
-            raise ValueError(f"every cbnn member so far has alpha 0 (a weighted training error no better than "
-                             f"chance): the ensemble has no weights (alphas {alphas})")
-        return [a / total for a in alphas]
-    return [1.0 / len(entries)] * len(entries)

@@ -15,12 +15,12 @@ from .independent import Independent
 from .snapshot import Snapshot
 
 #: name -> strategy class, in the order ``--method`` lists them.
-METHODS: dict[str, type[TrainingMethod]] = {
-    "cotrain": Cotrain,
-    "independent": Independent,
-    "snapshot": Snapshot,
-    "cbnn": Cbnn,
-}
+METHODS: dict[str, type[TrainingMethod]] = {method.name: method for method in (
+    Cotrain,
+    Independent,
+    Snapshot,
+    Cbnn,
+)}
 
 DEFAULT_METHOD = "cotrain"
 
