@@ -36,6 +36,7 @@ from typing import Any, Optional
 from torch import nn
 
 from ..data.augment import AUGMENT_PRESETS, AugmentConfig
+from .runtime import option
 
 #: The official code's CIFAR weight decay of 5e-4 ("a larger weight decay for large model").
 LARGE_WEIGHT_DECAY_MODELS = frozenset({
@@ -196,8 +197,8 @@ def recipe_name(config: Any, identified: Optional[str]) -> str:
     if identified in _RECIPES:
         return identified
     raise ValueError(
-        f"cannot tell which dataset recipe fits --data {config.data!r} (not CIFAR-10/100's python layout, nor "
-        f"an image folder with CIFAR-10, CIFAR-100 or ImageNet classes); pass --recipe "
+        f"cannot tell which dataset recipe fits {option('data', config.data)} (not CIFAR-10/100's python "
+        f"layout, nor an image folder with CIFAR-10, CIFAR-100 or ImageNet classes); pass {option('recipe')} "
         f"cifar10|cifar100|imagenet (the official recipes) or quick (divco's small preset)"
     )
 
