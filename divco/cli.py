@@ -31,10 +31,6 @@ def _command_modules() -> dict[str, str]:
     return {module.replace("_", "-"): module for module in sorted(modules)}
 
 
-def _command_names() -> list[str]:
-    return sorted(_command_modules())
-
-
 def _requested_command(argv: Sequence[str], names: list[str]) -> Optional[str]:
     """The subcommand ``argv`` names (its first non-option word), if it is one."""
     first = next((a for a in argv if not a.startswith("-")), None)

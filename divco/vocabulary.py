@@ -11,21 +11,6 @@ from __future__ import annotations
 #: Co-training terms: the paper's Jensen-Shannon divergence, or pairwise KL with detached targets.
 COTRAIN_KINDS: tuple[str, ...] = ("js", "kl")
 
-#: How ``divco train`` trains the S branches (TrainConfig.method):
-#:   cotrain      Divide-and-Co-training: one order of the training set, Σ_s CE_s + weight · J
-#:   independent  S independent networks in one launch (Kondratyuk et al. 2020): no co-training
-#:                term, and each branch its own order of the training set (as S separate runs)
-#:   snapshot     Snapshot Ensembles (Huang et al. 2017): one network, M cosine cycles with restarts, a
-#:                member checkpoint at the end of each cycle, the M members averaged with equal weights
-#:   cbnn         boosting by checkpoints (Wang et al. 2021, read as SAMME): one network with the normal
-#:                schedule, M member checkpoints at equal intervals; at each the training samples are
-#:                re-weighted (misclassified ones gain weight) and the member gets its weight alpha
-TRAINING_METHODS: tuple[str, ...] = ("cotrain", "independent", "snapshot", "cbnn")
-
-#: The methods whose ensemble is made of M checkpoints of one network (``--checkpoints M``).
-CHECKPOINT_ENSEMBLE_METHODS: tuple[str, ...] = ("snapshot", "cbnn")
-DEFAULT_TRAINING_METHOD = "cotrain"
-
 #: How branch outputs [N, S, K] are combined into one prediction [N, K].
 #:   mean_logits  mean of the logits
 #:   mean_probs   mean of the softmax probabilities
@@ -66,10 +51,23 @@ OPERATOR_SUFFIX: dict[str, str] = {"cpu": "native", "cuda": "native", "triton": 
 EXECUTION_MODES: tuple[str, ...] = ("batched", "per_branch", "auto")
 
 #: Convolution strategies of the batched path.
-CONV_IMPLS: tuple[str, ...] = ("grouped", "split", "auto")
+CONV_IMPLS: tuple[str, ...] = ("auto", "grouped", "split")
 
 #: BatchNorm implementations: the fused kernels or PyTorch's eager ops.
 NORM_IMPLS: tuple[str, ...] = ("fused", "eager", "auto")
+
+#: Dataset recipes of a training run (divco.train.recipe): "auto" identifies the dataset from
+#: its source (digits -> quick), the official cifar10/cifar100/imagenet, divco's small "quick" preset.
+RECIPES: tuple[str, ...] = ("auto", "cifar10", "cifar100", "imagenet", "quick")
+
+#: How the peak lr follows the batch size: "none" (the official default: 0.1 at any batch),
+#: "linear" (the official is_linear_lr: lr x B/B0 and momentum ** (B/B0)), "linear_lr_only"
+#: (lr x B/B0, momentum kept: the quick preset's rule).
+LR_SCALINGS: tuple[str, ...] = ("none", "linear", "linear_lr_only")
+
+#: What a training step does with a loss that is not finite (TrainConfig.on_nan): apply it,
+#: count it and stop at the end of the epoch, or skip the step (weights and state restored).
+NONFINITE_POLICIES: tuple[str, ...] = ("stop", "skip-step")
 
 #: Mixed-precision settings of a training run.
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")

@@ -45,8 +45,6 @@ from ..summary import summary
 
 #: Every method, in the order tables and plots show them.
 METHODS = ("divco-batched", "divco-per-branch", "loop", "vmap", "packed", "undivided")
-#: The methods that run a divided network (all but the undivided reference).
-DIVIDED_METHODS = METHODS[:-1]
 #: divco-batched with one convolution implementation forced (the CUDA profiles measure them).
 CONV_METHODS = ("divco-grouped", "divco-split")
 #: Every method build_method knows.

@@ -43,6 +43,12 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def cli_spelling(name: str, value: object = None) -> str:
+    """How the command line names a TrainConfig option in messages: ``--batch-size 8``, ``--resume``
+    (divco.train.runtime.option_spelling puts it in place)."""
+    return _flag(name) if value is None or value is True else f"{_flag(name)} {value}"
+
+
 def _value_type(annotation: Any) -> Any:
     """``int`` for ``int`` and ``Optional[int]``; None when argparse cannot read the annotation."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]

@@ -22,10 +22,10 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..train import list_checkpoints, train
-    from ..train.runtime import cli_option_names
-    from ._train_options import exit_code, train_config_from_args
     from ..train.comparison import comparison_rows, comparison_table
     from ..train.run_log import write_json
+    from ..train.runtime import option_spelling
+    from ._train_options import cli_spelling, exit_code, train_config_from_args
 
     if len(set(args.branches)) != len(args.branches):
         raise ValueError(f"--branches lists a value twice: {args.branches}")
@@ -34,7 +34,7 @@ def run(args) -> int:
     for S in args.branches:
         folder = out / f"S{S}"  # resumed where it holds a checkpoint, else started
         config = train_config_from_args(args, out=str(folder), branches=S, resume=bool(list_checkpoints(folder)))
-        with cli_option_names():  # errors name options as typed here: --resume, not resume=True
+        with option_spelling(cli_spelling):  # errors name options as typed here: --resume, not resume=True
             result = train(config)
         if not result.completed:
             return exit_code(result.interrupted)

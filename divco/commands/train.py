@@ -28,26 +28,25 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from ..train import train
-    from ..train.runtime import cli_option_names
-    from ._train_options import exit_code, train_config_from_args
+    from ..train.runtime import option_spelling
+    from ._train_options import cli_spelling, exit_code, train_config_from_args
 
     config = train_config_from_args(args, out=args.out, resume=args.resume)
-    if args.print_config:
-        import json
+    with option_spelling(cli_spelling):  # errors name options as typed here: --resume, not resume=True
+        if args.print_config:  # the run's plan, as the engine would run it
+            import json
 
-        from ..train.recipe import resolve_run
-        from ..train.run_checks import check_run_options
+            from ..train.plan import describe, plan_from_config
+            from ..train.run_checks import check_run_options
 
-        with cli_option_names():
             check_run_options(config, print_config=True, num_classes=args.num_classes)  # what train refuses
-        print(json.dumps(resolve_run(config, num_classes=args.num_classes), indent=2))
-        return 0
-    if args.num_classes is not None:
-        raise ValueError("--num-classes is an option of --print-config (a run counts the classes of its data)")
-    from ..train.threads import configure_threads
+            print(json.dumps(describe(plan_from_config(config, num_classes=args.num_classes)), indent=2))
+            return 0
+        if args.num_classes is not None:
+            raise ValueError("--num-classes is an option of --print-config (a run counts the classes of its data)")
+        from ..train.threads import configure_threads
 
-    configure_threads()  # intra-op threads: this process's share of the cores (DIVCO_NUM_THREADS overrides)
-    with cli_option_names():  # errors name options as typed here: --resume, not resume=True
+        configure_threads()  # intra-op threads: this process's share of the cores (DIVCO_NUM_THREADS overrides)
         result = train(config)
     is_main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints the table
     if result.final is not None and result.completed and is_main:

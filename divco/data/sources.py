@@ -472,9 +472,6 @@ def _cached(name: str, key: str, cache_dir: CacheDir, decode: Callable[[], Decod
 
 # -- which data set is this (for the dataset's training recipe) ----------------------------------
 
-#: The data sets whose official recipe divco knows (divco.train.recipe), plus the bundled digits.
-KNOWN_DATASETS = ("cifar10", "cifar100", "imagenet", "digits")
-
 _CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 _WORDNET_ID = re.compile(r"^n\d{8}$")
 

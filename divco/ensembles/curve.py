@@ -34,8 +34,6 @@ DEFAULT_CURVE_MODE = "geo_mean"
 #: Subsets averaged per ensemble size when C(S, n) is larger.
 DEFAULT_MAX_SUBSETS = 64
 
-CURVE_FILES = ("curve.json", "curve.md", "curve.png")
-
 
 @dataclass(frozen=True)
 class RunMembers:

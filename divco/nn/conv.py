@@ -10,9 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
+from ..vocabulary import CONV_IMPLS, check_choice
 from .branching import active_branch, branch_slice, check_branches
-
-_IMPLS = ("auto", "grouped", "split")
 
 #: ``timer(run) -> seconds``: the time of one call of ``run`` (a zero-argument callable).
 ConvTimer = Callable[[Callable[[], None]], float]
@@ -111,8 +110,7 @@ class BranchConv2d(nn.Module):
                 f"in_channels ({in_channels}) and out_channels ({out_channels}) must be "
                 f"divisible by groups ({groups})"
             )
-        if impl not in _IMPLS:
-            raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+        check_choice("impl", impl, CONV_IMPLS)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = _pair(kernel_size)
@@ -269,8 +267,7 @@ def set_conv_impl(module: nn.Module, impl: str) -> nn.Module:
     of the two, measured once per layer shape and input shape at its first call and cached; on
     CPUs (and while compiling or capturing) the static rule :func:`default_conv_impl`.
     """
-    if impl not in _IMPLS:
-        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    check_choice("impl", impl, CONV_IMPLS)
     for m in module.modules():
         if isinstance(m, BranchConv2d):
             m.impl = impl

@@ -9,13 +9,14 @@ The command line equivalents are ``divco train``, ``divco eval``, ``divco export
 ``divco compare``; distributed runs go through ``torchrun -m divco train``.
 """
 
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .engine import TIMING_FIELDS, TrainResult, train
 from .evaluation import ENSEMBLE_MODES, EvaluationResult, Scores, evaluate, metrics_from_logits, predict
-from .export import export_branches, load_branch, model_from_checkpoint, read_branch_metadata
-from .recipe import WarmupCosineSchedule, default_weight_decay, divided_weight_decay, parameter_groups
+from .export import export_branches, load_branch, read_branch_metadata
+from .recipe import default_weight_decay, divided_weight_decay, parameter_groups
 from .run_log import read_metrics
+from .schedules import WarmupCosineSchedule
 from .step import RunningMetrics, TrainStep
 
 __all__ = [

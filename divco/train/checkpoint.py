@@ -24,13 +24,16 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
 from ..io import atomic_link_or_copy, atomic_torch_save
 from .run_lock import LOCK_NAME
 from .run_log import CONFIG_NAME, read_metrics, warning
+
+if TYPE_CHECKING:
+    from ..models.base import BranchBatchedNetwork
 
 CHECKPOINT_FORMAT = "divco-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -336,3 +339,19 @@ def _check_weights_match(weights: dict, name: str, num_classes: int, branches: i
 
 def _as_tuple(kinds) -> tuple:
     return kinds if isinstance(kinds, tuple) else (kinds,)
+
+
+def model_from_checkpoint(checkpoint: Union[str, Path, dict]) -> BranchBatchedNetwork:
+    """The trained branch-batched model of a training checkpoint (on the CPU, eval mode)."""
+    if isinstance(checkpoint, dict):
+        validate_checkpoint(checkpoint)
+        state = checkpoint
+    else:
+        state = load_checkpoint(checkpoint)
+    from .. import models  # the model layer, loaded when a model is rebuilt
+
+    info = state["model_info"]
+    model = models.create(info["name"], num_classes=info["num_classes"], branches=info["branches"],
+                          **info.get("model_kwargs", {}))
+    model.load_state_dict(state["model"])
+    return model.eval()

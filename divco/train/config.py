@@ -12,10 +12,12 @@ from ..data.dataset import DEFAULT_VAL_SPLIT, check_val_split, parse_val_split
 from ..data.policies import POLICIES
 from ..data.sources import describe_sources
 from ..ensembles.boosting import ERROR_KINDS as CBNN_ERROR_KINDS
-from ..vocabulary import BACKENDS, CHECKPOINT_ENSEMBLE_METHODS, DEFAULT_TRAINING_METHOD, PRECISIONS, TRAINING_METHODS
+from ..vocabulary import BACKENDS, LR_SCALINGS, NONFINITE_POLICIES, PRECISIONS, RECIPES
 from ..vocabulary import COTRAIN_KINDS as COT_KINDS
 from ..vocabulary import EXECUTION_MODES as EXECUTIONS
 from .capture import CAPTURE_MODES, check_capture
+from . import methods
+from .methods import DEFAULT_CHECKPOINTS
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -24,12 +26,6 @@ DEVICES = ("auto", "cpu", "cuda")
 #: run is resumed.  Of ``device`` only the index may change (cuda:0 -> cuda:1), not the type
 #: (the training engine compares the device type a checkpoint was written on).
 OPERATIONAL_FIELDS = frozenset({"out", "resume", "device", "progress", "tensorboard", "keep_checkpoints", "cache_dir"})
-
-#: M, the member checkpoints of a snapshot or cbnn run, when ``checkpoints`` is not given.
-DEFAULT_CHECKPOINTS = 3
-
-#: What training does with a step whose loss is not finite (see divco.train.step).
-ON_NAN_CHOICES = ("stop", "skip-step")
 
 
 def option_field(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, **option: Any) -> Any:
@@ -62,7 +58,7 @@ class TrainConfig:
     # -- the recipe (None: the dataset recipe's value, see divco.train.recipe) ----------------
     recipe: str = option_field(
         "auto", group="recipe (default: the official recipe of the dataset)",
-        choices=("auto", "cifar10", "cifar100", "imagenet", "quick"),
+        choices=RECIPES,
         help="dataset recipe: auto (identified from --data; digits -> quick), cifar10, cifar100, imagenet "
              "(the official recipes) or quick (divco's small CPU preset, not the paper's)")
     # -- optimiser and schedule (the recipe's when None) -------------------------------------
@@ -70,7 +66,7 @@ class TrainConfig:
         None, group="optimiser and schedule (default: the recipe's)",
         help="peak learning rate (official: 0.1 at any batch size; 0.05 for ResNeXt-29 16x64d)")
     lr_scaling: Optional[str] = option_field(
-        None, choices=("none", "linear", "linear_lr_only"),
+        None, choices=LR_SCALINGS,
         help="none (official: lr 0.1 at any batch), linear (the official is_linear_lr: lr x B/B0 and "
              "momentum ** (B/B0); B0 128 CIFAR, 256 ImageNet), linear_lr_only (the quick preset)")
     momentum: float = option_field(0.9)
@@ -91,13 +87,8 @@ class TrainConfig:
         None, help="label smoothing e of the targets (default 0.1 on ImageNet, 0 on CIFAR)")
     # -- co-training --------------------------------------------------------------------------
     method: str = option_field(
-        DEFAULT_TRAINING_METHOD, group="co-training", choices=TRAINING_METHODS,
-        help="cotrain (Divide-and-Co-training); independent (S independent networks in one launch: no "
-             "co-training term, so --cot-weight is not used, and each branch its own order of the training set, "
-             "branch s the order a separate run with seed + s would see); snapshot (Snapshot Ensembles: M cosine "
-             "cycles with restarts, one member checkpoint per cycle, equal weights; --branches 1); cbnn (boosting "
-             "by checkpoints: M member checkpoints at equal intervals of the normal schedule, the training samples "
-             "re-weighted at each as SAMME does, members weighted by alpha; --branches 1)")
+        methods.DEFAULT_METHOD, group="co-training", choices=methods.names(),
+        help="; ".join(methods.METHODS[name].summary for name in methods.names()))
     checkpoints: Optional[int] = option_field(
         None, metavar="M", help=f"M, the member checkpoints of a snapshot or cbnn run (default "
                                 f"{DEFAULT_CHECKPOINTS}; 1 <= M <= epochs; only with those methods)")
@@ -162,7 +153,7 @@ class TrainConfig:
         True, help="on CUDA, let cuDNN time its convolution algorithms once per shape and keep the fastest")
     execution: str = option_field("auto", choices=EXECUTIONS, help="BranchBatchedNetwork.execution")
     sync_bn: bool = option_field(False, help="synchronised BatchNorm across processes (CUDA)")
-    on_nan: str = option_field("stop", choices=ON_NAN_CHOICES,
+    on_nan: str = option_field("stop", choices=NONFINITE_POLICIES,
                                help="a NaN/inf loss: stop at the end of the epoch (exit status 1), or skip-step "
                                     "(not applied, counted in train_nonfinite_steps)")
     # -- output -------------------------------------------------------------------------------
@@ -223,30 +214,27 @@ class TrainConfig:
         number("label_smoothing", self.label_smoothing, 0.0, low_open=False, allow_none=True)
         if self.label_smoothing is not None and self.label_smoothing >= 1:
             raise ValueError(f"label_smoothing must be < 1, got {self.label_smoothing!r}")
-        for name in ("recipe", "lr_scaling"):
-            choices = _choices(name)
+        for name, choices in (("recipe", RECIPES), ("lr_scaling", LR_SCALINGS)):
             value = getattr(self, name)
             if value is not None and value not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
         for name in ("divide_weight_decay", "exempt_norm_weight_decay"):
             if getattr(self, name) not in (None, True, False):
                 raise ValueError(f"{name} must be True, False or None (the recipe's), got {getattr(self, name)!r}")
-        if self.method not in TRAINING_METHODS:
-            raise ValueError(f"method must be one of {TRAINING_METHODS}, got {self.method!r}")
-        self._validate_checkpoint_ensemble(positive_int, number)
+        self._validate_method()
         number("cot_weight", self.cot_weight, 0.0, low_open=False)
         number("temperature", self.temperature, 0.0, low_open=True)
-        if self.cot_kind not in COT_KINDS:
-            raise ValueError(f"cot_kind must be one of {COT_KINDS}, got {self.cot_kind!r}")
-        if self.on_nan not in ON_NAN_CHOICES:
-            raise ValueError(f"on_nan must be one of {ON_NAN_CHOICES}, got {self.on_nan!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        self._validate_choices()
+
+    def _validate_choices(self) -> None:
+        """The options that name a choice, and the two structured ones."""
+        for name, choices in (("cot_kind", COT_KINDS), ("on_nan", NONFINITE_POLICIES), ("precision", PRECISIONS),
+                              ("execution", EXECUTIONS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         check_capture(self.capture, self.compile)  # one of CAPTURE_MODES, not contradicting compile
         if self.cudnn_benchmark not in (True, False):
             raise ValueError(f"cudnn_benchmark must be True or False, got {self.cudnn_benchmark!r}")
-        if self.execution not in EXECUTIONS:
-            raise ValueError(f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
         device = str(self.device)
         if not (device in DEVICES or device.startswith("cuda:")):
             raise ValueError(f"device must be one of {DEVICES} or 'cuda:N', got {self.device!r}")
@@ -255,28 +243,14 @@ class TrainConfig:
         if not isinstance(self.augment, AugmentConfig):
             raise ValueError(f"augment must be an AugmentConfig, got {type(self.augment).__name__}")
 
-    def _validate_checkpoint_ensemble(self, positive_int, number) -> None:
-        """--checkpoints, --cbnn-shrinkage and --cbnn-errors: only where they mean something."""
-        ensemble_options = {"checkpoints": self.checkpoints, "cbnn_shrinkage": self.cbnn_shrinkage,
-                            "cbnn_errors": self.cbnn_errors}
-        allowed = {"snapshot": {"checkpoints"}, "cbnn": set(ensemble_options)}.get(self.method, set())
-        for name, value in ensemble_options.items():
-            if value is not None and name not in allowed:
-                methods = "methods snapshot and cbnn" if name == "checkpoints" else "method cbnn"
-                raise ValueError(f"{name} is an option of the {methods}; this run's method is "
-                                 f"{self.method!r}")
-        if self.method not in CHECKPOINT_ENSEMBLE_METHODS:
-            return
-        positive_int("checkpoints", self.checkpoints, allow_none=True)
-        if self.members > self.epochs:
-            raise ValueError(f"checkpoints must be <= epochs ({self.epochs}): each member needs at least one "
-                             f"epoch of its own; got {self.members}")
-        if self.branches != 1:
-            raise ValueError(f"method {self.method!r} trains one network and stacks its {self.members} member "
-                             f"checkpoints into the ensemble: branches must be 1, got {self.branches}")
-        number("cbnn_shrinkage", self.cbnn_shrinkage, 0.0, low_open=True, allow_none=True)
-        if self.cbnn_errors is not None and self.cbnn_errors not in CBNN_ERROR_KINDS:
-            raise ValueError(f"cbnn_errors must be one of {CBNN_ERROR_KINDS}, got {self.cbnn_errors!r}")
+    def _validate_method(self) -> None:
+        """The method's name, its own options only with it, then the method's checks."""
+        method = methods.method_class(self.method)
+        for name, owners in methods.method_options().items():
+            if getattr(self, name) is not None and name not in method.options:
+                whose = f"methods {' and '.join(owners)}" if len(owners) > 1 else f"method {owners[0]}"
+                raise ValueError(f"{name} is an option of the {whose}; this run's method is {self.method!r}")
+        method().validate(self)
 
     @property
     def members(self) -> int:
@@ -286,7 +260,7 @@ class TrainConfig:
     @property
     def checkpoint_ensemble(self) -> bool:
         """Whether this run's ensemble is made of its checkpoints (snapshot, cbnn)."""
-        return self.method in CHECKPOINT_ENSEMBLE_METHODS
+        return methods.method_class(self.method).checkpoint_ensemble
 
     # -- (de)serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -311,10 +285,6 @@ class TrainConfig:
         """``"name: mine vs other"`` for every option that changes what a run computes."""
         a, b = self.to_dict(), other.to_dict()
         return [f"{k}={b[k]!r} (this run: {a[k]!r})" for k in a if k not in OPERATIONAL_FIELDS and a[k] != b[k]]
-
-
-def _choices(name: str) -> tuple:
-    return next(f.metadata["option"]["choices"] for f in fields(TrainConfig) if f.name == name)
 
 
 def _lists(value):

@@ -9,9 +9,11 @@ One process (or one per GPU under torchrun) runs::
 
 Everything random is drawn from generators whose state the checkpoint stores (torch
 CPU/CUDA, numpy, python, the augmenter's), and the image order of an epoch is a pure
-function of (seed, epoch). ``--method snapshot|cbnn`` also take member checkpoints
-(divco.train.members: after a snapshot cycle's last step, after a cbnn interval's last epoch)
-and cbnn weighs each image's loss by its boosting weight. So a run resumed from any
+function of (seed, epoch). What differs between the training methods (``--method``: the lr
+schedule, the batch order and targets, sample weights, member checkpoints, the co-training
+weight) is asked of the run's method, a strategy object (divco.train.methods) that the
+engine calls at fixed points. The plan (divco.train.plan.RunPlan) derives the steps, the
+batch, the device and the precision once. So a run resumed from any
 checkpoint - also one written by SIGINT/SIGTERM in the middle of an epoch - computes what
 the uninterrupted run computes.
 """
@@ -33,7 +35,6 @@ from .. import __version__, models
 from ..data import BatchAugmenter, ImageDataset, load_dataset
 from ..data.sources import identify_loaded_dataset
 from ..io import WriteError, atomic_link_or_copy, remove_temporaries
-from . import recipe
 from .checkpoint import (
     BEST_NAME,
     CHECKPOINT_FORMAT,
@@ -51,27 +52,26 @@ from .checkpoint import (
 from .config import TrainConfig
 from .cudnn import configure_cudnn
 from .distributed import DistributedContext, convert_sync_batchnorm
-from .evaluation import EvaluationResult, evaluate, evaluate_validation, predict
+from .evaluation import EvaluationResult, evaluate, evaluate_validation
 from .export import spec_json
-from .members import CheckpointEnsemble, SnapshotLR
+from .methods import TrainingMethod, method_class
+from .plan import RunPlan, plan_run
+from .recipe import parameter_groups
 from .run_lock import LOCK_NAME, RunLock
 from .run_checks import check_run_options
 from .run_log import CONFIG_NAME, RunLog, warning, write_json
 from .runtime import (
     SignalStop,
-    branch_epoch_orders,
-    epoch_order,
     global_rng_state,
     option,
-    process_shard,
     progress_bar,
     resolve_device,
-    resolve_precision,
     seed_everything,
     set_global_rng_state,
     status_line,
     to_model_layout,
 )
+from .schedules import StepSchedule
 from .step import TrainStep, unwrap_model
 
 #: Record fields that measure the machine, not the run (they differ between identical runs).
@@ -161,26 +161,14 @@ def train_in_folder(config: TrainConfig, processes: DistributedContext,
     epochs_done, steps_done = restore(run, *resume) if resume is not None else (0, 0)
     if resume is not None and processes.is_main:  # a deleted best.pt belongs to the run: recreate it
         run.best = restore_best(run.out, run.best, epochs_done)
-    run.report(f"divco {__version__}: {config.model} x{config.branches} on {run.info['dataset']}; {device}, "
-               f"{processes.world_size} process(es), {run.steps_per_epoch} steps/epoch, lr "
-               f"{run.info['base_lr']:.4g}, wd {run.info['weight_decay']:.3g}, {run.info['precision']}; recipe "
-               f"{run.info['resolved']['recipe']}: "
-               + (f"{config.members} snapshot cycles (no lr warm-up), " if config.method == "snapshot" else
-                  f"lr warm-up {run.info['resolved']['warmup_epochs']:g} epoch(s), ")
-               + (f"co-training warm-up {run.info['resolved']['cot_warmup_epochs']} epoch(s)"
-                  if config.branches > 1 and config.method == "cotrain" else "no co-training (one network)"
-                  if config.branches == 1 else "no co-training (independent networks)"))
+    run.report(_start_line(run))
 
     log = None
     if processes.is_main:
         write_json(run.out / CONFIG_NAME, {**config.to_dict(), "resolved": run.info["resolved"]})
         log = RunLog(run.out, tensorboard=config.tensorboard, epochs_done=epochs_done)
-    result = TrainResult(out=run.out, epochs_done=epochs_done, history=list(log.records) if log else [],
-                         final=None, info=run.info)
-    if log is not None and log.last is not None and "test_ensembles" in log.last:
-        result.final = EvaluationResult.from_dict(log.last)
+    result = _result_so_far(run, log, epochs_done)
     best_path = run.out / BEST_NAME
-    result.best_checkpoint = best_path if best_path.exists() else None
 
     train_images, train_labels = run.data.train_images.to(device), run.data.train_labels.to(device)
     test_images, test_labels = run.data.test_images.to(device), run.data.test_labels.to(device)
@@ -192,11 +180,10 @@ def train_in_folder(config: TrainConfig, processes: DistributedContext,
                 stopped_at, stop = train_epoch(run, epoch, first, train_images, train_labels, signals, should_stop)
                 if stopped_at is not None:
                     return stop_mid_epoch(run, result, signals, epoch, stopped_at, log)
+                if epoch + 1 == config.epochs:
+                    run.method.end_training(run)
                 record = finish_epoch(run, epoch, first, started, test_images, test_labels)
-                if run.members is not None and run.members.boosting_due(epoch + 1):
-                    boosting = boosting_round(run, train_images, train_labels)
-                    take_member(run, epoch + 1, 0, (epoch + 1) * run.steps_per_epoch, boosting, record)
-                    record["cbnn_alpha"], record["cbnn_error"] = boosting["alpha"], boosting["error"]
+                run.method.after_epoch(run, epoch, record, train_images, train_labels)
                 result.epochs_done, result.final = epoch + 1, EvaluationResult.from_dict(record)
                 diverged = config.on_nan == "stop" and record["train_nonfinite_steps"] > 0
                 last_good = result.checkpoint or (resume[0] if resume is not None else None)
@@ -226,32 +213,70 @@ def train_in_folder(config: TrainConfig, processes: DistributedContext,
     return result
 
 
+def _start_line(run: "Run") -> str:
+    config, info = run.config, run.info
+    return (f"divco {__version__}: {config.model} x{config.branches} on {info['dataset']}; {run.device}, "
+            f"{run.processes.world_size} process(es), {run.steps_per_epoch} steps/epoch, lr "
+            f"{info['base_lr']:.4g}, wd {info['weight_decay']:.3g}, {info['precision']}; recipe "
+            f"{info['resolved']['recipe']}: {run.method.schedule_summary(run.plan)}, "
+            f"{run.method.cotrain_summary(run.plan)}")
+
+
+def _result_so_far(run: "Run", log: Optional[RunLog], epochs_done: int) -> TrainResult:
+    """The result of the epochs already done (of a resumed run: its records, last metrics and best.pt)."""
+    result = TrainResult(out=run.out, epochs_done=epochs_done, history=list(log.records) if log else [],
+                         final=None, info=run.info)
+    if log is not None and log.last is not None and "test_ensembles" in log.last:
+        result.final = EvaluationResult.from_dict(log.last)
+    best_path = run.out / BEST_NAME
+    result.best_checkpoint = best_path if best_path.exists() else None
+    return result
+
+
 # -- assembling a run --------------------------------------------------------------------------------
 
 
 @dataclass
 class Run:
-    """Everything a run trains with, assembled once by :func:`assemble_run`."""
+    """Everything a run trains with, assembled once by :func:`assemble_run` from its plan."""
 
     config: TrainConfig
     processes: DistributedContext
-    device: torch.device
-    channels_last: bool
+    plan: RunPlan
     data: ImageDataset
     net: nn.Module  # the BranchBatchedNetwork (SyncBN-converted when asked)
     optimizer: torch.optim.Optimizer
-    schedule: recipe.WarmupCosineSchedule
+    schedule: StepSchedule
     scaler: Optional[torch.amp.GradScaler]
     cot_weight: Tensor
-    cot_warmup_epochs: int
     step: TrainStep
     augmenter: BatchAugmenter
-    batch: int  # per process
-    steps_per_epoch: int
-    amp_dtype: Optional[torch.dtype]
     info: dict
     best: Optional[dict] = None  # {"epoch", "selected_on", <that metric>} of best.pt (checkpoint.improved_best)
-    members: Optional[CheckpointEnsemble] = None  # snapshot / cbnn: the member checkpoints and sample weights
+
+    @property
+    def method(self) -> TrainingMethod:
+        return self.plan.method
+
+    @property
+    def device(self) -> torch.device:
+        return self.plan.device
+
+    @property
+    def channels_last(self) -> bool:
+        return self.plan.channels_last
+
+    @property
+    def amp_dtype(self) -> Optional[torch.dtype]:
+        return self.plan.amp_dtype
+
+    @property
+    def batch(self) -> int:  # per process
+        return self.plan.batch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.plan.steps_per_epoch
 
     @property
     def out(self) -> Path:
@@ -264,6 +289,15 @@ class Run:
 
     def report(self, line: str) -> None:
         status_line(line, self.verbose)
+
+    def checkpoint_state(self, epochs_done: int, steps: int, last_record: Optional[dict]) -> Optional[dict]:
+        """:func:`checkpoint_state` of this run (what a method writes a member checkpoint with)."""
+        return checkpoint_state(self, epochs_done, steps, last_record)
+
+    @staticmethod
+    def write_checkpoint(path: Path, state: dict) -> Path:
+        """Write a checkpoint (atomic); what a method writes its member checkpoints with."""
+        return save_checkpoint(path, state)
 
 
 def find_resume_point(config: TrainConfig, device: torch.device, *, verbose: bool) -> Optional[tuple[Path, dict]]:
@@ -290,49 +324,30 @@ def find_resume_point(config: TrainConfig, device: torch.device, *, verbose: boo
 
 
 def assemble_run(config: TrainConfig, processes: DistributedContext, device: torch.device) -> Run:
-    """Data, model, optimiser, schedule, step and augmenter of a run (seeded: the same every time)."""
+    """Data, plan, model, optimiser, schedule, step and augmenter of a run (seeded: the same every time)."""
     if config.batch_size % processes.world_size:
         raise ValueError(f"batch_size {config.batch_size} is the global batch and must be divisible by the "
                          f"{processes.world_size} processes")
-    batch = config.batch_size // processes.world_size
-    if config.checkpoint_ensemble and processes.enabled:
-        raise ValueError(f"method {config.method!r} runs on one process (its members and sample weights are not "
-                         f"sharded yet); this launch has {processes.world_size}: run it without torchrun")
-    amp_dtype, needs_scaler = resolve_precision(config.precision, device)
+    single_process = method_class(config.method).single_process
+    if single_process and processes.enabled:
+        raise ValueError(f"method {config.method!r} runs on one process ({single_process}); this launch has "
+                         f"{processes.world_size}: run it without torchrun")
     configure_cudnn(config.cudnn_benchmark, device)
-    channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
     seed_everything(config.seed)
     data = _load_data(config, processes)
-    per_process = len(data.train_labels) // processes.world_size
-    steps_per_epoch = per_process // batch
-    if steps_per_epoch < 1:
+    plan = plan_run(config, identified=identify_loaded_dataset(config.data, data), train_images=len(data.train_labels),
+                    num_classes=data.num_classes, world_size=processes.world_size, device=device)
+    if plan.steps_per_epoch < 1:
         raise ValueError(f"batch_size {config.batch_size} exceeds the {len(data.train_labels)} training images "
-                         f"({per_process} per process); lower {option('batch_size')}")
-
-    net = _build_model(config, processes, device, data.num_classes, channels_last)
-    resolved = recipe.resolve(config, recipe.recipe_name(config, identify_loaded_dataset(config.data, data)))
-    weight_decay, base_lr = resolved.weight_decay, resolved.lr
+                         f"({len(data.train_labels) // processes.world_size} per process); lower "
+                         f"{option('batch_size')}")
+    method, resolved = plan.method, plan.recipe
+    net = method.build_model(lambda: _build_model(config, processes, device, data.num_classes, plan.channels_last))
     optimizer = torch.optim.SGD(
-        recipe.parameter_groups(net, weight_decay, exempt_all_norms=resolved.exempt_all_norms), lr=base_lr,
+        parameter_groups(net, resolved.weight_decay, exempt_all_norms=resolved.exempt_all_norms), lr=resolved.lr,
         momentum=resolved.momentum, nesterov=config.nesterov)
-    total_steps = config.epochs * steps_per_epoch
-    if config.method == "snapshot":  # M cosine cycles with restarts instead of the recipe's schedule
-        if config.members > total_steps:
-            raise ValueError(f"{config.members} snapshot cycles need at least {config.members} steps; this run has "
-                             f"{total_steps}: lower {option('checkpoints')} or {option('batch_size')}")
-        schedule = SnapshotLR(optimizer, base_lr=base_lr, total_steps=total_steps, cycles=config.members)
-    else:
-        schedule = recipe.WarmupCosineSchedule(
-            optimizer, base_lr=base_lr, total_steps=total_steps,
-            warmup_steps=recipe.warmup_steps(resolved.warmup_epochs, steps_per_epoch, total_steps),
-            warmup_start_lr=resolved.warmup_start_lr, min_lr=resolved.min_lr)
-    members = None
-    if config.checkpoint_ensemble:
-        members = CheckpointEnsemble(config.method, config.members, total_steps=total_steps, epochs=config.epochs,
-                                     num_samples=len(data.train_labels), num_classes=data.num_classes,
-                                     shrinkage=config.cbnn_shrinkage, error_kind=config.cbnn_errors, device=device)
-    cot_warmup = resolved.cot_warmup_epochs
-    scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
+    schedule = method.lr_schedule(optimizer, plan)
+    scaler = torch.amp.GradScaler("cuda") if plan.needs_scaler else None
     cot_weight = torch.zeros((), dtype=torch.float32, device=device)
 
     train_model: nn.Module = net
@@ -342,23 +357,23 @@ def assemble_run(config: TrainConfig, processes: DistributedContext, device: tor
         train_model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     step = TrainStep(train_model, optimizer, cot_weight=cot_weight, branches=config.branches,
                      cot_kind=config.cot_kind, temperature=config.temperature, backend=config.backend,
-                     scheduler=schedule, amp_dtype=amp_dtype, scaler=scaler, compile=config.compile,
-                     on_nonfinite=config.on_nan, independent=config.method == "independent",
-                     capture=config.capture)
+                     scheduler=schedule, amp_dtype=plan.amp_dtype, scaler=scaler, compile=config.compile,
+                     on_nonfinite=config.on_nan, capture=config.capture, **method.step_options())
     # every process draws its own augmentations
     augment_seed = int(np.random.SeedSequence([config.seed, processes.rank]).generate_state(1)[0])
     augmenter = BatchAugmenter(resolved.augment_config(), data.mean, data.std, device, seed=augment_seed,
                                label_smoothing=resolved.label_smoothing)
     info = {
         "dataset": data.describe(), "device": str(device), "processes": processes.world_size,
-        "steps_per_epoch": steps_per_epoch, "base_lr": base_lr, "weight_decay": weight_decay,
-        "cot_warmup_epochs": cot_warmup, "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
-        "channels_last": channels_last, "execution": unwrap_model(net).execution,
+        "steps_per_epoch": plan.steps_per_epoch, "base_lr": resolved.lr, "weight_decay": resolved.weight_decay,
+        "cot_warmup_epochs": resolved.cot_warmup_epochs, "precision": plan.precision,
+        "channels_last": plan.channels_last, "execution": unwrap_model(net).execution,
         "params": sum(p.numel() for p in net.parameters()),
         "resolved": resolved.to_dict(),  # every recipe value used (warm-ups included); also in config.json
     }
-    return Run(config, processes, device, channels_last, data, net, optimizer, schedule, scaler, cot_weight,
-               cot_warmup, step, augmenter, batch, steps_per_epoch, amp_dtype, info, members=members)
+    run = Run(config, processes, plan, data, net, optimizer, schedule, scaler, cot_weight, step, augmenter, info)
+    method.start(run)
+    return run
 
 
 def _load_data(config: TrainConfig, processes: DistributedContext) -> ImageDataset:
@@ -406,10 +421,7 @@ def restore(run: Run, path: Path, state: dict) -> tuple[int, int]:
     if run.scaler is not None and state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
     run.best = state.get("best")
-    if run.members is not None:
-        run.members.load_state_dict(state.get("checkpoint_ensemble"))
-        if run.processes.is_main:  # members taken after this checkpoint are taken again, identically
-            run.members.write_record(run.out)
+    run.method.load_state_dict(run, state.get("checkpoint_ensemble"))
     local_states = state["local_states"]
     if len(local_states) == run.processes.world_size:
         local = local_states[run.processes.rank]
@@ -430,16 +442,10 @@ def restore(run: Run, path: Path, state: dict) -> tuple[int, int]:
 def train_epoch(run: Run, epoch: int, first_step: int, images: Tensor, labels: Tensor, signals: SignalStop,
                 should_stop: Optional[StopRequest]) -> tuple[Optional[int], bool]:
     """Steps ``first_step..`` of ``epoch``; returns (the step to checkpoint mid-epoch or None, stop after)."""
-    config, processes = run.config, run.processes
-    S, K, batch, steps = config.branches, run.data.num_classes, run.batch, run.steps_per_epoch
-    run.cot_weight.fill_(_cot_weight(run, epoch))
-    independent = config.method == "independent"
-    if independent:  # [S, steps * batch]: every branch its own order of the training set
-        order = torch.stack([process_shard(o, processes.rank, processes.world_size)[: steps * batch]
-                             for o in branch_epoch_orders(len(labels), config.seed, epoch, S)])
-    else:
-        order = process_shard(epoch_order(len(labels), config.seed, epoch), processes.rank,
-                              processes.world_size)[: steps * batch]
+    config, processes, method = run.config, run.processes, run.method
+    steps = run.steps_per_epoch
+    run.cot_weight.fill_(method.cot_weight(run.plan, epoch))
+    order = method.epoch_order(run.plan, epoch, processes.rank, processes.world_size)
     if run.device.type == "cuda":
         order = order.pin_memory().to(run.device, non_blocking=True)
     run.net.train()
@@ -447,39 +453,15 @@ def train_epoch(run: Run, epoch: int, first_step: int, images: Tensor, labels: T
     with progress_bar(steps * config.batch_size, first_step * config.batch_size,
                       f"epoch {epoch + 1}/{config.epochs}", run.verbose) as bar:
         for i in range(first_step, steps):
-            if independent:
-                views, targets = _independent_batch(run, images, labels, order[:, i * batch:(i + 1) * batch], K)
-            else:
-                index = order[i * batch:(i + 1) * batch]
-                views, targets = run.augmenter.training_batch(images.index_select(0, index),
-                                                              labels.index_select(0, index), S, K)
-            weights = {} if run.members is None or independent else {"sample_weight": run.members.batch_weights(index)}
-            run.step(to_model_layout(views, run.channels_last), targets, **weights)
+            views, targets, step_options = method.batch(run, images, labels, order, i)
+            run.step(to_model_layout(views, run.channels_last), targets, **step_options)
             bar.update(config.batch_size)
-            iteration = epoch * steps + i + 1
-            if run.members is not None and run.members.snapshot_due(iteration):
-                ends_epoch = i + 1 == steps
-                take_member(run, epoch + 1 if ends_epoch else epoch, 0 if ends_epoch else i + 1, iteration)
+            method.after_step(run, epoch, i, epoch * steps + i + 1)
             asked = signals.received is not None or (should_stop is not None and should_stop(epoch, i + 1))
             stop = processes.any(asked)  # every process stops at the same step
             if stop and i + 1 < steps:
                 return i + 1, True
     return None, stop
-
-
-def _independent_batch(run: Run, images: Tensor, labels: Tensor, index: Tensor, K: int) -> tuple[Tensor, Tensor]:
-    """Views ``[B, S, 3, H, W]`` and targets ``[B, S]`` / ``[B, S, K]``: branch s gets the images of its
-    own order ``index[s]``, augmented (and mixed up) on their own, as a separate run would."""
-    per_branch = [run.augmenter.training_batch(images.index_select(0, rows), labels.index_select(0, rows), 1, K)
-                  for rows in index]
-    return torch.cat([v for v, _ in per_branch], dim=1), torch.stack([t for _, t in per_branch], dim=1)
-
-
-def _cot_weight(run: Run, epoch: int) -> float:
-    """The co-training weight of an epoch: 0 for independent training, else the warmed-up schedule."""
-    if run.config.method == "independent":
-        return 0.0
-    return recipe.cot_weight_for_epoch(epoch, run.config.cot_weight, run.cot_warmup_epochs)
 
 
 def finish_epoch(run: Run, epoch: int, first_step: int, started: float, test_images: Tensor,
@@ -495,14 +477,15 @@ def finish_epoch(run: Run, epoch: int, first_step: int, started: float, test_ima
     options = dict(batch_size=config.eval_batch_size or max(config.batch_size, 256), amp_dtype=run.amp_dtype,
                    channels_last=run.channels_last, backend=config.backend)
     if run.processes.is_main:
-        evaluation = evaluate(unwrap_model(run.net), test_images, test_labels, run.augmenter.normalize, **options)
-        validation = evaluate_validation(unwrap_model(run.net), run.data, run.augmenter.normalize, run.device,
+        model = run.method.model_to_evaluate(run)
+        evaluation = evaluate(model, test_images, test_labels, run.augmenter.normalize, **options)
+        validation = evaluate_validation(model, run.data, run.augmenter.normalize, run.device,
                                          **options)  # best.pt is chosen on it (checkpoint.improved_best)
     evaluation, validation = run.processes.broadcast_object((evaluation, validation))
     return {
         "epoch": epoch + 1,
         "lr": run.schedule.current_lr(),
-        "cot_weight": _cot_weight(run, epoch),
+        "cot_weight": run.method.cot_weight(run.plan, epoch),
         **train_metrics,
         **evaluation.to_dict(),
         **validation,
@@ -510,29 +493,6 @@ def finish_epoch(run: Run, epoch: int, first_step: int, started: float, test_ima
         "epoch_time_s": elapsed,
         "eval_time_s": time.perf_counter() - eval_started,
     }
-
-
-# -- members of a checkpoint ensemble (snapshot, cbnn) --------------------------------------------------
-
-
-def boosting_round(run: Run, train_images: Tensor, train_labels: Tensor) -> dict:
-    """CBNN: the model (eval mode) predicts the un-augmented training set; the round's alpha and weights."""
-    logits = predict(unwrap_model(run.net), train_images, run.augmenter.normalize,
-                     batch_size=run.config.eval_batch_size or max(run.config.batch_size, 256),
-                     amp_dtype=run.amp_dtype, channels_last=run.channels_last)
-    boosting = run.members.boosting_round(logits, train_labels)
-    run.report(f"cbnn member {len(run.members.taken) + 1}/{run.members.count}: weighted training error "
-               f"{boosting['error']:.4f}, alpha {boosting['alpha']:.4f}")
-    return boosting
-
-
-def take_member(run: Run, epochs_done: int, steps: int, iteration: int, boosting: Optional[dict] = None,
-                record: Optional[dict] = None) -> None:
-    """Write the next member checkpoint (single process: snapshot/cbnn refuse distributed runs)."""
-    state = checkpoint_state(run, epochs_done, steps, record)
-    path = run.members.take(run.out, state, epochs_done=epochs_done, steps=steps, iteration=iteration,
-                            boosting=boosting)
-    run.report(f"member {len(run.members.taken)}/{run.members.count}: {path.name} (iteration {iteration})")
 
 
 # -- checkpoints -------------------------------------------------------------------------------------
@@ -583,7 +543,7 @@ def checkpoint_state(run: Run, epochs_done: int, steps: int, last_record: Option
         "scaler": run.scaler.state_dict() if run.scaler is not None else None,
         "best": run.best, "world_size": run.processes.world_size, "local_states": local_states,
         "last_record": last_record,
-        "checkpoint_ensemble": run.members.state_dict() if run.members is not None else None,
+        "checkpoint_ensemble": run.method.state_dict(run),
     }
 
 

@@ -11,7 +11,9 @@ import torch
 from ..data import ImageDataset, Normalize, load_dataset
 from .checkpoint import BEST_NAME, checkpoint_config, checkpoint_of, load_checkpoint
 from .evaluation import EvaluationResult, metrics_from_logits, predict, temperature_scaling
-from .export import model_from_checkpoint
+from .checkpoint import model_from_checkpoint
+from .member_record import MEMBERS_ENSEMBLE_MODE
+from .members import load_members
 from .runtime import resolve_device
 
 
@@ -101,8 +103,6 @@ def evaluate_checkpoint(checkpoint: Union[str, Path], *, data: Optional[str] = N
     return metrics_from_logits(logits, labels), description
 
 
-#: How a checkpoint ensemble combines its members: the weighted mean of their probabilities.
-MEMBERS_ENSEMBLE_MODE = "mean_probs"
 
 
 def _scores_dict(scores) -> dict:
@@ -124,7 +124,6 @@ def evaluate_members(folder: Union[str, Path], *, data: Optional[str] = None, im
     """
     from ..ensembles.combine import ensemble_probabilities
     from .evaluation import Scores, _scores
-    from .members import load_members
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")

@@ -26,23 +26,11 @@ from ..io import atomic_write_bytes
 from ..models.base import BranchBatchedNetwork
 from ..nn.fold import apply_fold_structure, fold_batchnorm
 from ..stacking import unstack
-from .checkpoint import checkpoint_of, load_checkpoint, validate_checkpoint
+from .checkpoint import checkpoint_of, load_checkpoint, model_from_checkpoint
+from .member_record import MEMBERS_ENSEMBLE_MODE
+from .members import is_members_run, load_members
 
 EXPORT_FORMAT = "divco-branch"
-
-
-def model_from_checkpoint(checkpoint: Union[str, Path, dict]) -> BranchBatchedNetwork:
-    """The trained branch-batched model of a training checkpoint (on the CPU, eval mode)."""
-    if isinstance(checkpoint, dict):
-        validate_checkpoint(checkpoint)
-        state = checkpoint
-    else:
-        state = load_checkpoint(checkpoint)
-    info = state["model_info"]
-    model = models.create(info["name"], num_classes=info["num_classes"], branches=info["branches"],
-                          **info.get("model_kwargs", {}))
-    model.load_state_dict(state["model"])
-    return model.eval()
 
 
 def spec_json(model: nn.Module) -> str:
@@ -81,7 +69,6 @@ def export_branches(checkpoint: Union[str, Path], out: Optional[Union[str, Path]
     """
     from safetensors.torch import save
 
-    from .members import is_members_run
 
     if is_members_run(checkpoint):
         return export_members(checkpoint, out, member=branch, fold_bn=fold_bn)
@@ -162,8 +149,6 @@ def export_members(folder: Union[str, Path], out: Optional[Union[str, Path]] = N
     """
     from safetensors.torch import save
 
-    from .evaluate_checkpoint import MEMBERS_ENSEMBLE_MODE
-    from .members import load_members
 
     folder = Path(folder)
     members = load_members(folder)

@@ -11,15 +11,8 @@ members of an ensemble. Run folder additions::
                                          alpha, error) and the ensemble weights, rewritten
                                          atomically after each member
 
-    snapshot  Huang et al. 2017: the learning rate follows M cosine cycles with restarts over the
-              run's iterations (divco.ensembles.SnapshotSchedule, no warm-up), a member at the end of
-              each cycle (mid-epoch when a cycle ends there), equal weights.
-    cbnn      divco's reading of Wang et al. 2021 (SAMME applied to checkpoints, the rule in
-              divco.ensembles.boosting.samme_update): the normal schedule; after the epochs of
-              checkpoint_epochs(E, M) the model in eval mode predicts the un-augmented training set,
-              BoostingState.record gives the member's alpha and the new sample weights, and the loss
-              weighs each image by its sample weight from then on (mean 1 over the training set).
-              The ensemble weights are the alphas normalised to sum 1.
+When a member is taken, with which weight and how the samples are weighted is the method's
+(divco.train.methods.snapshot and .cbnn); this module keeps the members and reads them back.
 
 Everything a resumed run needs (sample weights, alphas, members taken, the schedule's counter)
 is in every progress checkpoint (``checkpoint_ensemble``), so a resumed run takes the same members
@@ -32,165 +25,16 @@ the ensemble's inference is one launch.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
-import torch
-from torch import Tensor
-
-from ..ensembles.boosting import BoostingState, checkpoint_errors
-from ..ensembles.snapshot import SnapshotSchedule
-from ..io import atomic_write_text
 from ..models.base import BranchBatchedNetwork
 from ..stacking import stack
-from .checkpoint import load_checkpoint, save_checkpoint
-from .members_record import checked_members_weights
-from .recipe import StepSchedule
-
-MEMBERS_NAME = "members.json"
-MEMBERS_FORMAT = "divco-checkpoint-ensemble"
-
-
-def member_name(index: int) -> str:
-    """The file of member ``index`` (0-based): member-01.pt, member-02.pt, ..."""
-    return f"member-{index + 1:02d}.pt"
-
-
-class SnapshotLR(StepSchedule):
-    """The learning rate of a snapshot run: ``lr0 * SnapshotSchedule.factor(t)`` at iteration t
-    (the step counter and its state are :class:`divco.train.recipe.StepSchedule`'s)."""
-
-    def __init__(self, optimizer, *, base_lr: float, total_steps: int, cycles: int) -> None:
-        super().__init__(optimizer)
-        self.base_lr = base_lr
-        self.cycles = SnapshotSchedule(total_steps, cycles)
-        self._apply(self.lr(0))
-
-    def lr(self, step: int) -> float:
-        """The rate of 0-based iteration ``step`` (iteration t = step + 1; held after the last)."""
-        return self.cycles.lr(min(step + 1, self.cycles.total_iterations), self.base_lr)
-
-
-class CheckpointEnsemble:
-    """The members of a snapshot/cbnn run as it trains: when to take one, the sample weights, resume.
-
-    The engine calls :meth:`after_step` after every optimiser step and :meth:`after_epoch` after
-    every epoch; either takes a member when one is due (``take`` writes it). :meth:`batch_weights`
-    gives the loss weights of a batch (None for snapshot: unweighted).
-    """
-
-    def __init__(self, method: str, members: int, *, total_steps: int, epochs: int, num_samples: int,
-                 num_classes: int, shrinkage: Optional[float], error_kind: Optional[str],
-                 device: torch.device) -> None:
-        self.method = method
-        self.count = members
-        self.total_steps = total_steps
-        self.taken: list[dict] = []  # the members.json entries of the members taken so far
-        self.boosting: Optional[BoostingState] = None
-        self.snapshots: Optional[SnapshotSchedule] = None
-        self._loss_weights: Optional[Tensor] = None
-        self.device = device
-        if method == "snapshot":
-            self.snapshots = SnapshotSchedule(total_steps, members)
-        else:
-            self.boosting = BoostingState(num_samples, num_classes, epochs, members,
-                                          shrinkage=1.0 if shrinkage is None else float(shrinkage),
-                                          error_kind=error_kind or "zero_one")
-            self._refresh_loss_weights()
-
-    # -- when -------------------------------------------------------------------------------
-    def snapshot_due(self, iteration: int) -> bool:
-        """Snapshot: whether iteration ``iteration`` (1-based, over the run) ends a cycle."""
-        return self.snapshots is not None and self.snapshots.is_snapshot_iteration(iteration)
-
-    def boosting_due(self, epochs_done: int) -> bool:
-        """CBNN: whether a member is due after ``epochs_done`` epochs."""
-        return self.boosting is not None and self.boosting.is_checkpoint_epoch(epochs_done)
-
-    # -- the sample weights -------------------------------------------------------------------
-    def _refresh_loss_weights(self) -> None:
-        self._loss_weights = self.boosting.loss_weights().to(device=self.device, dtype=torch.float32)
-
-    def batch_weights(self, index: Tensor) -> Optional[Tensor]:
-        """The loss weights [B] of the training images ``index`` (None: an unweighted loss)."""
-        if self._loss_weights is None:
-            return None
-        return self._loss_weights.index_select(0, index)
-
-    def boosting_round(self, train_logits: Tensor, train_labels: Tensor) -> dict:
-        """CBNN's round at a member: errors of its training-set logits [N, 1, K] -> alpha, new weights."""
-        errors = checkpoint_errors(train_logits, train_labels, self.boosting.error_kind).cpu()
-        result = self.boosting.record(errors)
-        self._refresh_loss_weights()
-        return {"alpha": result.alpha, "error": result.error, "errors": errors}
-
-    # -- members ------------------------------------------------------------------------------
-    def weights(self) -> list[float]:
-        """The ensemble weights of the members taken so far (sum 1)."""
-        return ensemble_weights(self.method, self.taken)
-
-    def take(self, out: Path, state: dict, *, epochs_done: int, steps: int, iteration: int,
-             boosting: Optional[dict] = None) -> Path:
-        """Write member ``len(taken)`` (the checkpoint ``state`` plus its entry), then members.json."""
-        index = len(self.taken)
-        entry = {"index": index, "file": member_name(index), "epochs_done": epochs_done, "steps_into_epoch": steps,
-                 "iteration": iteration}
-        if boosting is not None:
-            entry.update(alpha=boosting["alpha"], error=boosting["error"])
-        member_state = dict(state)
-        member_state["member"] = {**entry, "errors": boosting["errors"] if boosting is not None else None}
-        member_state["checkpoint_ensemble"] = None  # a member is not a resume point
-        path = save_checkpoint(out / member_name(index), member_state)
-        self.taken.append(entry)
-        self.write_record(out)
-        return path
-
-    def record(self) -> dict:
-        """members.json: a member's ``weight`` is null while no member has a positive alpha."""
-        try:
-            weights = self.weights()
-        except ValueError:
-            weights = [None] * len(self.taken)
-        return {"format": MEMBERS_FORMAT, "method": self.method, "checkpoints": self.count,
-                "members": [{**entry, "weight": w} for entry, w in zip(self.taken, weights)],
-                "complete": len(self.taken) == self.count}
-
-    def write_record(self, out: Path) -> None:
-        atomic_write_text(out / MEMBERS_NAME, json.dumps(self.record(), indent=2, sort_keys=True) + "\n")
-
-    # -- resume ---------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"method": self.method, "members": [dict(e) for e in self.taken],
-                "boosting": self.boosting.to_dict() if self.boosting is not None else None}
-
-    def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or state.get("method") != self.method:
-            raise ValueError(f"the checkpoint holds no {self.method} state (checkpoint_ensemble is "
-                             f"{None if not isinstance(state, dict) else state.get('method')!r})")
-        self.taken = [dict(e) for e in state["members"]]
-        if self.boosting is not None:
-            self.boosting = BoostingState.from_dict(state["boosting"])
-            self._refresh_loss_weights()
-
-
-def ensemble_weights(method: str, entries: list[dict]) -> list[float]:
-    """Snapshot: equal weights; cbnn: the alphas normalised to sum 1.
-
-    A cbnn run whose every member so far has alpha 0 (none better than chance) has no ensemble
-    weights: a ValueError, never invented weights.
-    """
-    if not entries:
-        return []
-    if method == "cbnn":
-        alphas = [float(e["alpha"]) for e in entries]
-        total = sum(alphas)
-        if not total > 0:
-            raise ValueError(f"every cbnn member so far has alpha 0 (a weighted training error no better than "
-                             f"chance): the ensemble has no weights (alphas {alphas})")
-        return [a / total for a in alphas]
-    return [1.0 / len(entries)] * len(entries)
-
+from . import methods
+from .checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
+from .member_record import MEMBERS_FORMAT, MEMBERS_NAME, ensemble_weights, member_name
 
 # -- reading a finished (or interrupted) run -------------------------------------------------------------
 
@@ -209,8 +53,6 @@ class RunMembers:
         return self.record["method"]
 
     def models(self) -> list[BranchBatchedNetwork]:
-        from .export import model_from_checkpoint
-
         return [model_from_checkpoint(state) for state in self.states]
 
     def stacked(self) -> BranchBatchedNetwork:
@@ -250,3 +92,55 @@ def load_members(folder: Union[str, Path]) -> RunMembers:
         states.append(state)
     weights = checked_members_weights(path, record, states)  # members.json against its checkpoints
     return RunMembers(folder, record, states, weights)
+
+
+# -- members.json against the member checkpoints it names (the checkpoints hold what was trained) ------
+
+#: The fields of a member entry that its checkpoint's ``member`` entry also holds (cbnn adds alpha, error).
+_ENTRY_FIELDS = ("index", "file", "epochs_done", "steps_into_epoch", "iteration")
+_BOOSTING_FIELDS = ("alpha", "error")
+
+
+def validate_members_record(path: Path, record: dict, states: list[dict]) -> None:
+    """Raise ValueError unless members.json ``record`` agrees with the member checkpoints ``states``."""
+    def fail(reason: str):
+        raise ValueError(f"{path} does not match the member checkpoints it lists: {reason} (the checkpoints "
+                         f"hold what was trained: restore members.json, e.g. from a backup)")
+
+    takers = tuple(name for name in methods.METHODS if methods.method_class(name).checkpoint_ensemble)
+    method = record.get("method")
+    if method not in takers:
+        fail(f"'method' must be one of {takers}, got {method!r}")
+    for position, (entry, state) in enumerate(zip(record["members"], states)):
+        config = checkpoint_config(state)
+        name = entry.get("file", f"member {position + 1}")
+        if config.method != method:
+            fail(f"it says method {method!r}, but {name} was trained with {config.method!r}")
+        if record.get("checkpoints") != config.members:
+            fail(f"it says 'checkpoints' {record.get('checkpoints')!r}, but {name} belongs to a run of "
+                 f"{config.members} member checkpoints")
+        truth = state["member"]
+        for key in _ENTRY_FIELDS + (_BOOSTING_FIELDS if "alpha" in truth else ()):
+            if key not in entry:
+                fail(f"member {position + 1} has no {key!r} (its checkpoint: {truth.get(key)!r})")
+            if not _same(entry[key], truth.get(key)):
+                fail(f"member {position + 1} says {key} {entry[key]!r}, its checkpoint {name} {truth.get(key)!r}")
+
+
+def checked_members_weights(path: Path, record: dict, states: list[dict]) -> list[float]:
+    """The ensemble weights of members.json ``record`` once it agrees with its checkpoints ``states``
+    (:func:`validate_members_record`); the ``weight`` it shows per member must be the one used (or null)."""
+    validate_members_record(path, record, states)
+    weights = ensemble_weights(record["members"])
+    for position, (entry, weight) in enumerate(zip(record["members"], weights)):
+        shown = entry.get("weight")
+        if shown is not None and not _same(shown, weight):
+            raise ValueError(f"{path} does not match the member checkpoints it lists: member {position + 1} says "
+                             f"weight {shown!r}, its checkpoints give {weight!r} (restore members.json)")
+    return weights
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
+        return a == b
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)

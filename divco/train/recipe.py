@@ -29,7 +29,6 @@ parameter exempt from weight decay, divided weight decay, no policy.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
@@ -37,17 +36,7 @@ from typing import Any, Optional
 from torch import nn
 
 from ..data.augment import AUGMENT_PRESETS, AugmentConfig
-
-#: Dataset recipes: the official ones and divco's small CPU preset; "auto" identifies the
-#: dataset from the data source (digits -> quick).
-RECIPES: tuple[str, ...] = ("auto", "cifar10", "cifar100", "imagenet", "quick")
-
-#: How the peak lr follows the batch size: "none" (the official default: 0.1 at any batch),
-#: "linear" (the official is_linear_lr: lr x B/B0 and momentum ** (B/B0)), "linear_lr_only"
-#: (lr x B/B0, momentum kept: the quick preset's rule).
-LR_SCALINGS: tuple[str, ...] = ("none", "linear", "linear_lr_only")
-
-COT_WEIGHT_FLOOR = 0.005
+from .runtime import option
 
 #: The official code's CIFAR weight decay of 5e-4 ("a larger weight decay for large model").
 LARGE_WEIGHT_DECAY_MODELS = frozenset({
@@ -208,8 +197,8 @@ def recipe_name(config: Any, identified: Optional[str]) -> str:
     if identified in _RECIPES:
         return identified
     raise ValueError(
-        f"cannot tell which dataset recipe fits --data {config.data!r} (not CIFAR-10/100's python layout, nor "
-        f"an image folder with CIFAR-10, CIFAR-100 or ImageNet classes); pass --recipe "
+        f"cannot tell which dataset recipe fits {option('data', config.data)} (not CIFAR-10/100's python "
+        f"layout, nor an image folder with CIFAR-10, CIFAR-100 or ImageNet classes); pass {option('recipe')} "
         f"cifar10|cifar100|imagenet (the official recipes) or quick (divco's small preset)"
     )
 
@@ -268,238 +257,6 @@ def resolve_augment(augment: AugmentConfig, recipe: str) -> AugmentConfig:
     return augment.with_defaults(**AUGMENT_PRESETS[recipe])
 
 
-# -- the schedules ----------------------------------------------------------------------------------
-
-
-class StepSchedule:
-    """A learning rate per iteration, ``lr(step)``, written into every parameter group.
-
-    ``step()`` moves to the next iteration; the state is the iteration counter, so a resumed
-    run continues exactly. Subclasses define :meth:`lr`.
-    """
-
-    def __init__(self, optimizer) -> None:
-        self.optimizer = optimizer
-        self.last_step = 0
-
-    def lr(self, step: int) -> float:
-        raise NotImplementedError
-
-    def _apply(self, rate: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = rate  # a Python float: changing it needs no device work
-
-    def step(self) -> None:
-        self.last_step += 1
-        self._apply(self.lr(self.last_step))
-
-    def current_lr(self) -> float:
-        return self.lr(self.last_step)
-
-    def state_dict(self) -> dict:
-        return {"last_step": self.last_step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.last_step = int(state["last_step"])
-        self._apply(self.lr(self.last_step))
-
-
-class WarmupCosineSchedule(StepSchedule):
-    """Learning rate per iteration: linear warm-up, then cosine decay with a floor.
-
-    ``lr(T)`` for iteration ``T`` (0-based, counted over the whole run) follows the
-    official ``lr_scheduler`` in "cos" mode.  ``step()`` sets the next iteration's rate
-    on every parameter group; the state is the iteration counter.
-    """
-
-    def __init__(self, optimizer, *, base_lr: float, total_steps: int, warmup_steps: int,
-                 warmup_start_lr: float, min_lr: float) -> None:
-        if total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-        if not 0 <= warmup_steps < total_steps:
-            raise ValueError(f"warmup_steps must lie in [0, {total_steps}), got {warmup_steps}")
-        super().__init__(optimizer)
-        self.base_lr = base_lr
-        self.total_steps = total_steps
-        self.warmup_steps = warmup_steps
-        self.warmup_start_lr = min(warmup_start_lr, base_lr)
-        self.min_lr = min(min_lr, base_lr)
-        self._apply(self.lr(0))
-
-    def lr(self, step: int) -> float:
-        if self.warmup_steps > 0 and step <= self.warmup_steps:
-            rate = self.warmup_start_lr + step / self.warmup_steps * (self.base_lr - self.warmup_start_lr)
-            return min(rate, self.base_lr)
-        progress = (step - self.warmup_steps) / (self.total_steps - self.warmup_steps)
-        return max(0.5 * self.base_lr * (1.0 + math.cos(math.pi * progress)), self.min_lr)
-
-
-def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -> int:
-    """The lr warm-up in iterations (the official slow_start_epochs x iters_per_epoch)."""
-    return max(0, min(round(warmup_epochs * steps_per_epoch), total_steps - 1))
-
-
-def cot_weight_for_epoch(epoch: int, weight: float, warmup_epochs: int) -> float:
-    """The official per-epoch warm-up: max(weight * epoch / warmup, 0.005) before ``warmup_epochs``."""
-    if warmup_epochs > 0 and epoch < warmup_epochs:
-        return max(weight * epoch / warmup_epochs, min(COT_WEIGHT_FLOOR, weight))
-    return weight
-
-
-# -- the fully resolved run (divco train --print-config) ------------------------------------------------
-
-#: Training images of the datasets whose size is known without reading them.
-_TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "imagenet": 1_281_167}
-_NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000, "digits": 10}
-
-
-def _augment_pipeline(augment: AugmentConfig) -> list[str]:
-    """The training-view steps in the order they run (the official code's order)."""
-    steps = []
-    if augment.crop == "resized":
-        steps.append("random_resized_crop(scale=(0.1, 1.0), ratio=(3/4, 4/3), bicubic)")
-    elif augment.crop_padding:
-        steps.append(f"random_crop(padding={augment.crop_padding})")
-    if augment.flip:
-        steps.append("horizontal_flip(p=0.5)")
-    if augment.policy == "randaugment":
-        steps.append(f"randaugment(ops={augment.randaugment_ops}, magnitude={augment.randaugment_magnitude})")
-    elif augment.policy != "none":
-        steps.append({"autoaugment": "autoaugment(CIFAR-10 policy)",
-                      "autoaugment_imagenet": "autoaugment(ImageNet policy)"}[augment.policy])
-    steps.append("normalize(dataset mean, std)")
-    if augment.erase_p:
-        steps.append(f"random_erasing(p={augment.erase_p}, scale={tuple(augment.erase_scale)}, "
-                     f"ratio={tuple(augment.erase_ratio)}, value=0)")
-    return steps
-
-
-def _departures(config: Any, resolved: ResolvedRecipe, table: DatasetRecipe) -> list[str]:
-    """Options of this run that differ from the official recipe of its dataset."""
-    notes = []
-    if not table.official:  # and the options set explicitly on top of it
-        notes.append(f"recipe {resolved.recipe!r} is divco's small preset, not the paper's recipe")
-    for name in ("lr", "lr_scaling", "weight_decay", "divide_weight_decay", "exempt_norm_weight_decay",
-                 "warmup_epochs", "min_lr", "label_smoothing", "cot_warmup_epochs"):
-        if getattr(config, name) is not None:
-            notes.append(f"{name}={getattr(config, name)!r} set explicitly")
-    if table.official and config.epochs not in table.fixed_warmups:
-        notes.append(f"{config.epochs} epochs: not an official run length, warm-ups scaled from "
-                     f"{table.reference_epochs} epochs")
-    for name in ("crop", "policy", "erase_scale", "erase_ratio"):
-        if getattr(config.augment, name) is not None:
-            notes.append(f"augment.{name}={getattr(config.augment, name)!r} set explicitly")
-    if config.augment.same_view:
-        notes.append("same_view: every branch sees the same view (official: one view per branch)")
-    if config.model_kwargs.get("shakedrop_gate") == "sample":
-        notes.append("shakedrop_gate='sample' (official: one gate per batch)")
-    return notes
-
-
-def resolve_run(config: Any, identified: Optional[str] = None, num_classes: Optional[int] = None) -> dict:
-    """The fully resolved run of ``config`` as a JSON-ready dict (``divco train --print-config``).
-
-    Builds the model on the meta device (no memory) to list the optimiser's parameter
-    groups; reads the data only where its size cannot be known otherwise (digits, image
-    folders), through the cache.  Keys (stable, listed in the README): recipe, model,
-    epochs, batch_size, train_images, steps_per_epoch, optimizer, lr_schedule, cotrain,
-    augmentation, mixup, label_smoothing, precision, execution, departures. Data that is not on
-    disk takes the size of the ``--recipe``'s dataset (``num_classes``: its class count instead).
-    """
-    import torch
-
-    from .. import models
-    from ..data.sources import identify_dataset, load_dataset
-    from .runtime import resolve_precision
-
-    from .run_checks import data_on_disk
-
-    on_disk = data_on_disk(config.data)
-    if identified is None and on_disk:
-        identified = identify_dataset(config.data)
-    name = recipe_name(config, identified)
-    resolved = resolve(config, name)
-    table = _RECIPES[name]
-    sized_as = identified if on_disk else name  # no data here: the size of the recipe's dataset
-    train_images = _TRAIN_IMAGES.get(sized_as)
-    num_classes = num_classes or _NUM_CLASSES.get(sized_as)
-    if on_disk and (train_images is None or num_classes is None):  # digits or an image folder: read (or reuse) its cache
-        data = load_dataset(config.data, image_size=config.image_size, cache_dir=config.cache_dir)
-        train_images, num_classes = len(data.train_labels), data.num_classes
-    if config.train_subset is not None:
-        train_images = min(train_images, config.train_subset)
-    steps_per_epoch = train_images // config.batch_size
-    total_steps = config.epochs * steps_per_epoch
-
-    with torch.device("meta"):
-        model = models.create(config.model, num_classes=num_classes, branches=config.branches, **config.model_kwargs)
-    groups = parameter_groups(model, resolved.weight_decay, exempt_all_norms=resolved.exempt_all_norms,
-                              with_names=True)
-    augment = resolved.augment_config()
-    device = "cuda" if config.device == "auto" and torch.cuda.is_available() else str(config.device)
-    device = "cpu" if device == "auto" else device
-    amp_dtype, scaler = resolve_precision(config.precision, torch.device(device.split(":")[0]))
-    spec = getattr(model, "spec", None)
-    run = {
-        "recipe": {"name": name, "official": table.official, "identified_dataset": identified,
-                   "chosen": "explicit --recipe" if config.recipe != "auto" else "identified from --data"},
-        "model": {"name": config.model, "branches": config.branches, "num_classes": num_classes,
-                  "kwargs": dict(config.model_kwargs), "parameters": sum(p.numel() for p in model.parameters()),
-                  "spec": asdict(spec) if spec is not None and hasattr(spec, "__dataclass_fields__") else None},
-        "epochs": config.epochs,
-        "batch_size": config.batch_size,
-        "train_images": train_images,
-        "steps_per_epoch": steps_per_epoch,
-        "optimizer": {
-            "type": "SGD", "lr": resolved.lr, "momentum": resolved.momentum, "nesterov": config.nesterov,
-            "lr_scaling": resolved.lr_scaling, "base_weight_decay": resolved.base_weight_decay,
-            "weight_decay_divided_by_exp(1/S-1)": resolved.divide_weight_decay,
-            "no_decay_rule": ("every norm parameter and bias" if resolved.exempt_all_norms
-                              else "names containing 'norm' or 'bias' (official)"),
-            "groups": [{"name": g["name"], "weight_decay": g["weight_decay"], "tensors": len(g["names"]),
-                        "names": g["names"]} for g in groups],
-        },
-        "lr_schedule": {"type": "linear warm-up then cosine", "per": "iteration", "peak": resolved.lr,
-                        "warmup_epochs": resolved.warmup_epochs, "warmup_start_lr": resolved.warmup_start_lr,
-                        "warmup_steps": warmup_steps(resolved.warmup_epochs, steps_per_epoch, max(total_steps, 1)),
-                        "floor": resolved.min_lr, "total_steps": total_steps},
-        "cotrain": {"kind": config.cot_kind, "weight": config.cot_weight, "temperature": config.temperature,
-                    "warmup": "per epoch: max(weight * epoch / warmup_epochs, 0.005)",
-                    "warmup_epochs": resolved.cot_warmup_epochs} if config.branches > 1 else None,
-        "augmentation": {"views": "one independent view per branch" if not augment.same_view
-                         else "the same view for every branch",
-                         "pipeline_per_branch": _augment_pipeline(augment), "config": augment.to_dict()},
-        "mixup": {"alpha": augment.mixup_alpha, "shared": "one lambda and one pairing for all branches"},
-        "label_smoothing": resolved.label_smoothing,
-        "precision": {"setting": config.precision, "device": device,
-                      "autocast": str(amp_dtype).replace("torch.", "") if amp_dtype else None,
-                      "grad_scaler": scaler},
-        "execution": config.execution,
-        "departures": _departures(config, resolved, table),
-    }
-    if not on_disk:
-        run["data"] = {"source": config.data, "on_disk": False,
-                       "sizes": f"{train_images} training images of {name}, {num_classes} classes"}
-    if getattr(config, "checkpoint_ensemble", False):
-        run["lr_schedule"], run["checkpoint_ensemble"] = _checkpoint_ensemble_plan(
-            config, resolved.lr, run["lr_schedule"], total_steps)
-    return json.loads(json.dumps(run))
-
-
-def _checkpoint_ensemble_plan(config: Any, peak: float, schedule: dict, total_steps: int) -> tuple[dict, dict]:
-    """The lr schedule and the member plan of a snapshot/cbnn run (--print-config)."""
-    from ..ensembles.boosting import checkpoint_epochs
-    from ..ensembles.snapshot import SnapshotSchedule
-
-    plan = {"method": config.method, "members": config.members, "ensemble": "weighted mean of the members' "
-            "probabilities (mean_probs)"}
-    if config.method == "snapshot":
-        cycles = SnapshotSchedule(max(total_steps, config.members), config.members)
-        schedule = {"type": "snapshot: cosine cycles with restarts, no warm-up", "per": "iteration", "peak": peak,
-                    "cycles": config.members, "cycle_steps": cycles.cycle_length, "total_steps": total_steps}
-        plan.update(member_iterations=cycles.snapshot_iterations(), weights="equal")
-    else:
-        plan.update(member_epochs=checkpoint_epochs(config.epochs, config.members), weights="alpha_j normalised",
-                    shrinkage=config.cbnn_shrinkage if config.cbnn_shrinkage is not None else 1.0,
-                    errors=config.cbnn_errors or "zero_one")
-    return schedule, plan  # the JSON form (tuples as lists), equal to what is printed
+def dataset_recipe(name: str) -> DatasetRecipe:
+    """The table of dataset recipe ``name`` (cifar10, cifar100, imagenet or quick)."""
+    return _RECIPES[name]

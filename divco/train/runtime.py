@@ -7,21 +7,23 @@ import random
 import signal
 import sys
 import threading
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``"auto"`` -> cuda when available, else cpu; ``"cuda"`` -> this process's GPU."""
+def resolve_device(name: str, local_rank: int = 0, *, require_available: bool = True) -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu; ``"cuda"`` -> this process's GPU
+    (``require_available=False``: also where no GPU is, for a plan that is printed, not run)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} was requested but CUDA is not available here; use --device cpu")
+        if require_available and not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} was requested but CUDA is not available here; use "
+                             f"{option('device', 'cpu')}")
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device
@@ -155,25 +157,27 @@ def status_line(message: str, enabled: bool = True) -> None:
         tqdm.write(message, file=sys.stderr)
 
 
-#: How messages name options: "python" (``resume=True``) or "cli" (``--resume``); the
-#: command line switches it (:func:`cli_option_names`) so that its errors speak its words.
-_OPTION_SPELLING = ["python"]
+def python_spelling(name: str, value: object = None) -> str:
+    """How the Python API names an option: ``batch_size=8`` (``batch_size`` without a value)."""
+    return f"{name}={value!r}" if value is not None else name
+
+
+#: The function that spells options in messages; a front end (the command line) puts its own
+#: in place with :func:`option_spelling`, so that its errors speak its words.
+_SPELLING = [python_spelling]
 
 
 @contextlib.contextmanager
-def cli_option_names():
-    """Within this block, :func:`option` spells options as on the command line."""
-    previous = _OPTION_SPELLING[0]
-    _OPTION_SPELLING[0] = "cli"
+def option_spelling(spell: Callable[[str, object], str]):
+    """Within this block, :func:`option` spells options with ``spell(name, value)``."""
+    previous = _SPELLING[0]
+    _SPELLING[0] = spell
     try:
         yield
     finally:
-        _OPTION_SPELLING[0] = previous
+        _SPELLING[0] = previous
 
 
 def option(name: str, value: object = None) -> str:
-    """A TrainConfig option as the user spelled it: ``--batch-size 8`` or ``batch_size=8``."""
-    if _OPTION_SPELLING[0] == "cli":
-        flag = "--" + name.replace("_", "-")
-        return flag if value is None or value is True else f"{flag} {value}"
-    return f"{name}={value!r}" if value is not None else name
+    """A TrainConfig option as the user spelled it (``batch_size=8``, or the front end's spelling)."""
+    return _SPELLING[0](name, value)

@@ -26,11 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..vocabulary import NONFINITE_POLICIES
 from .capture import check_capture, whole_step_capture
-
-
-#: What a TrainStep does with a step whose loss is not finite (TrainConfig.on_nan).
-NONFINITE_POLICIES = ("stop", "skip-step")
 
 
 class RunningMetrics:

@@ -88,3 +88,14 @@ def test_fields_without_metadata_get_sensible_options():
                          "--extra", '{"k": 1}'])
     assert config_from_args(args, _Plain) == _Plain("a", 7, 0.25, False, (3, 4), {"k": 1})
     assert config_from_args(p.parse_args(["--name", "b"]), _Plain) == _Plain("b")
+
+
+def test_train_messages_spell_options_as_the_command_line_does_within_its_block():
+    from divco.commands._train_options import cli_spelling
+    from divco.train.runtime import option, option_spelling
+
+    assert (option("batch_size", 8), option("resume", True), option("out")) == ("batch_size=8", "resume=True", "out")
+    with option_spelling(cli_spelling):
+        assert (option("batch_size", 8), option("resume", True), option("out")) == ("--batch-size 8", "--resume",
+                                                                                     "--out")
+    assert option("batch_size", 8) == "batch_size=8"  # restored after the block

@@ -9,7 +9,8 @@ import divco
 import divco.train.capture as capture
 from divco.train import TrainStep
 from divco.train.capture import CAPTURE_MODES, LearningRates, check_capture, sgd_step_
-from divco.train.recipe import WarmupCosineSchedule, parameter_groups
+from divco.train.recipe import parameter_groups
+from divco.train.schedules import WarmupCosineSchedule
 
 needs_traced_autograd = pytest.mark.skipif(not capture.traces_autograd(),
                                            reason="this torch's dynamo does not trace autograd")

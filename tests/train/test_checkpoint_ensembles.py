@@ -16,13 +16,12 @@ from train_helpers import tiny_config
 import divco
 from divco.data import AugmentConfig, load_dataset
 from divco.ensembles import BoostingState, SnapshotSchedule, loss_weights
-from divco.train import TrainConfig, load_checkpoint, train
+from divco.train import TrainConfig, load_checkpoint, methods, train
+from divco.train.checkpoint import model_from_checkpoint
 from divco.train.evaluation import predict
-from divco.train.export import model_from_checkpoint
 from divco.train.members import MEMBERS_NAME, load_members, member_name
 from divco.train.runtime import epoch_order
 from divco.train.step import TrainStep
-from divco.vocabulary import CHECKPOINT_ENSEMBLE_METHODS, TRAINING_METHODS
 
 TRAIN_IMAGES = 48
 
@@ -51,7 +50,8 @@ def recording_steps(monkeypatch) -> list[dict]:
 
 
 def test_the_methods_and_their_options():
-    assert TRAINING_METHODS[-2:] == CHECKPOINT_ENSEMBLE_METHODS == ("snapshot", "cbnn")
+    assert methods.names()[-2:] == tuple(n for n in methods.names() if methods.method_class(n).checkpoint_ensemble) \
+        == ("snapshot", "cbnn")
     config = members_config("x", "cbnn")
     assert config.checkpoints is None and config.members == 3
     assert members_config("x", "snapshot", checkpoints=2).members == 2
@@ -246,7 +246,7 @@ def test_member_files_are_checked_when_loaded(tmp_path):
 def test_cbnn_members_without_a_positive_alpha_have_no_weights():
     from divco.train.members import ensemble_weights
 
-    assert ensemble_weights("cbnn", [{"alpha": 0.5}, {"alpha": 1.5}]) == [0.25, 0.75]
-    assert ensemble_weights("snapshot", [{}, {}, {}]) == [1 / 3] * 3
+    assert ensemble_weights([{"alpha": 0.5}, {"alpha": 1.5}]) == [0.25, 0.75]
+    assert ensemble_weights([{}, {}, {}]) == [1 / 3] * 3
     with pytest.raises(ValueError, match=r"every cbnn member so far has alpha 0"):
-        ensemble_weights("cbnn", [{"alpha": 0.0}, {"alpha": 0.0}])
+        ensemble_weights([{"alpha": 0.0}, {"alpha": 0.0}])

@@ -8,7 +8,7 @@ from train_helpers import checkpoint_state, tiny_config
 
 import divco
 from divco.train import export_branches, load_branch, read_branch_metadata, save_checkpoint, train
-from divco.train.export import model_from_checkpoint
+from divco.train.checkpoint import model_from_checkpoint
 
 
 def assert_same_model(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> None:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import divco
-from divco.train import recipe
+from divco.train import recipe, schedules
+from divco.train.plan import describe, plan_from_config
 
 
 def official_lr(T: int, *, init_lr: float, iters: int, epochs: int, slow_epochs: int, slow_lr=5e-3, end_lr=1e-4):
@@ -25,7 +26,7 @@ def official_lr(T: int, *, init_lr: float, iters: int, epochs: int, slow_epochs:
 def test_schedule_matches_the_official_scheduler():
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     iters, epochs = 7, 300
-    schedule = recipe.WarmupCosineSchedule(optimizer, base_lr=0.1, total_steps=epochs * iters,
+    schedule = schedules.WarmupCosineSchedule(optimizer, base_lr=0.1, total_steps=epochs * iters,
                                            warmup_steps=20 * iters, warmup_start_lr=5e-3, min_lr=1e-4)
     for T in list(range(0, 200)) + list(range(2000, epochs * iters)):
         assert schedule.lr(T) == pytest.approx(official_lr(T, init_lr=0.1, iters=iters, epochs=epochs,
@@ -35,7 +36,7 @@ def test_schedule_matches_the_official_scheduler():
         schedule.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
     state = schedule.state_dict()
-    fresh = recipe.WarmupCosineSchedule(optimizer, base_lr=0.1, total_steps=epochs * iters, warmup_steps=20 * iters,
+    fresh = schedules.WarmupCosineSchedule(optimizer, base_lr=0.1, total_steps=epochs * iters, warmup_steps=20 * iters,
                                         warmup_start_lr=5e-3, min_lr=1e-4)
     fresh.load_state_dict(state)
     assert fresh.current_lr() == schedule.current_lr() == optimizer.param_groups[0]["lr"]
@@ -72,12 +73,12 @@ def test_quick_preset_exempts_norms_and_biases():
 
 
 def test_cot_weight_warmup_is_the_official_per_epoch_rule():
-    values = [recipe.cot_weight_for_epoch(e, 0.5, 40) for e in range(45)]
+    values = [schedules.cot_weight_for_epoch(e, 0.5, 40) for e in range(45)]
     assert values[0] == 0.005 and values[1] == pytest.approx(0.0125)  # floor, then 0.5 * e / 40
     assert values[20] == pytest.approx(0.25) and values[39] == pytest.approx(0.5 * 39 / 40)
     assert values[40:] == [0.5] * 5
-    assert recipe.cot_weight_for_epoch(0, 0.5, 0) == 0.5
-    assert recipe.cot_weight_for_epoch(0, 0.0, 10) == 0.0  # no co-training stays none
+    assert schedules.cot_weight_for_epoch(0, 0.5, 0) == 0.5
+    assert schedules.cot_weight_for_epoch(0, 0.0, 10) == 0.0  # no co-training stays none
 
 
 # -- issue 14: the official recipe per dataset and architecture ------------------------------------
@@ -105,7 +106,7 @@ def imagenet_folder(tmp_path: Path) -> str:
 
 def run_of(tmp_path, data, **overrides) -> dict:
     config = TrainConfig(**{"model": "wide_resnet28_10", "out": str(tmp_path / "run"), "data": data, **overrides})
-    return recipe.resolve_run(config)
+    return describe(plan_from_config(config))
 
 
 def test_official_rule_decays_bn_scales_and_exempts_only_biases():
@@ -222,7 +223,7 @@ def test_print_config_keys_are_stable():
     readme = (Path(divco.__file__).parent.parent / "docs" / "TRAINING.md").read_text()
     keys = ["recipe", "model", "epochs", "batch_size", "train_images", "steps_per_epoch", "optimizer", "lr_schedule",
             "cotrain", "augmentation", "mixup", "label_smoothing", "precision", "execution", "departures"]
-    run = recipe.resolve_run(TrainConfig(model="wide_resnet16_2", out="x", epochs=3, batch_size=32))
+    run = describe(plan_from_config(TrainConfig(model="wide_resnet16_2", out="x", epochs=3, batch_size=32)))
     assert list(run) == keys
     for key in keys:
         assert f"`{key}`" in readme, key

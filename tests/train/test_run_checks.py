@@ -90,11 +90,11 @@ def test_print_config_without_the_data_takes_the_recipes_dataset_size(tmp_path, 
 
 
 def test_departures_of_the_quick_recipe_list_the_explicit_options():
-    from divco.train.recipe import resolve_run
+    from divco.train.plan import describe, plan_from_config
 
     config = TrainConfig(model="wide_resnet16_1", out="x", epochs=3, batch_size=32, lr=0.2, min_lr=1e-3,
                          label_smoothing=0.1)
-    departures = resolve_run(config)["departures"]
+    departures = describe(plan_from_config(config))["departures"]
     assert departures[0] == "recipe 'quick' is divco's small preset, not the paper's recipe"
     assert {"lr=0.2 set explicitly", "min_lr=0.001 set explicitly", "label_smoothing=0.1 set explicitly"} <= \
         set(departures)
