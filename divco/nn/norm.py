@@ -101,12 +101,33 @@ class BranchBatchNorm2d(nn.BatchNorm2d):
         self.branches = branches
         self.branch_features = num_features
         self.impl = "auto"  # not state: the state_dict is nn.BatchNorm2d's
+        self._checked_key: tuple | None = None  # what the fused op's parameter checks last accepted
 
     def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() != 4:
             raise ValueError(
                 f"{type(self).__name__} expects a 4-D input [N, C, H, W], got shape {tuple(x.shape)}"
             )
+
+    def _checked_parameters(self, x: Tensor, index: Optional[int], weight, bias, running_mean, running_var,
+                            use_batch_stats: bool, momentum, backend: str) -> None:
+        """The fused op's checks of what belongs to the module (parameters, running statistics,
+        momentum, eps), run once per state rather than per call. The key holds what a call can
+        change, and which tensors the module holds (a reassigned parameter is checked again);
+        a cast or move of the module (``_apply``: .to, .half, .cuda, in place) clears it."""
+        key = (x.dtype, x.device, index, use_batch_stats, momentum, self.eps, backend, id(self.weight),
+               id(self.bias), id(self.running_mean), id(self.running_var))
+        if key == self._checked_key:
+            return
+        from ..ops.validation import check_batch_norm_parameters
+
+        check_batch_norm_parameters(x.shape[1], x.dtype, x.device, weight, bias, running_mean, running_var,
+                                    use_batch_stats, momentum, self.eps, self.num_batches_tracked)
+        self._checked_key = key
+
+    def _apply(self, fn, *args, **kwargs):
+        self._checked_key = None
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
         self._check_input_dim(x)
@@ -119,12 +140,10 @@ class BranchBatchNorm2d(nn.BatchNorm2d):
                     f"got {x.shape[1]}"
                 )
             raise ValueError(f"{type(self).__name__} computing branch {index} expects {C} channels, got {x.shape[1]}")
-        factor = 0.0 if self.momentum is None else self.momentum
+        momentum = self.momentum  # None: a cumulative average, factor 1 / num_batches_tracked on the device
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             if index is None or index == 0:  # the branches share one counter: count each batch once
                 self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
 
@@ -136,18 +155,26 @@ class BranchBatchNorm2d(nn.BatchNorm2d):
         running_mean = (self.running_mean if index is None else part(self.running_mean)) if track else None
         running_var = (self.running_var if index is None else part(self.running_var)) if track else None
         impl = default_norm_impl(x) if self.impl == "auto" else self.impl
-        if impl == "fused":
-            from ..ops.batch_norm import batch_norm
+        if activation not in (None, "relu"):
+            raise ValueError(f"activation must be None or 'relu'; got {activation!r}")
+        if impl == "fused" or (momentum is None and use_batch_stats and running_mean is not None):
+            # (eager with momentum=None: the torch backend of the same op, whose factor stays on the
+            # device; nn.BatchNorm2d would read num_batches_tracked back to the host every step)
+            from ..ops.batch_norm import batch_norm_checked, resolve_backend
+            from ..ops.validation import check_batch_norm_x
 
-            return batch_norm(x, weight, bias, running_mean, running_var, training=use_batch_stats,
-                              momentum=factor, eps=self.eps, residual=residual, activation=activation)
+            backend = resolve_backend(None, x) if impl == "fused" else "torch"
+            self._checked_parameters(x, index, weight, bias, running_mean, running_var, use_batch_stats, momentum,
+                                     backend)
+            check_batch_norm_x(x, residual, use_batch_stats)
+            return batch_norm_checked(x, weight, bias, running_mean, running_var, use_batch_stats, momentum,
+                                          self.eps, residual, activation, backend, self.num_batches_tracked)
+        factor = 0.0 if momentum is None else momentum
         y = F.batch_norm(x, running_mean, running_var, weight, bias, use_batch_stats, factor, self.eps)
         if residual is not None:
             y = y + residual
         if activation == "relu":
             y = F.relu(y, inplace=True)
-        elif activation is not None:
-            raise ValueError(f"activation must be None or 'relu'; got {activation!r}")
         return y
 
     def extra_repr(self) -> str:
