@@ -10,14 +10,14 @@ specialised). A "unit" is one (sample, H·W tile) pair: units = N · cdiv(HW, BL
 Forward (training), three launches:
   1. per (channel tile, chunk of consecutive units) -- the N·H·W positions are split, as the
      CUDA kernel splits them, so a few large images still give many programs: count, mean and
-     biased variance of the chunk. Each tile's mean and variance are exact two-pass values
+     biased variance of the chunk, of x - p with the pivot p = x[0, c, 0] (a channel with a
+     large mean loses no precision). Each tile's mean and variance are two-pass values
      (Σ x/n, then Σ ((x - m)·√(1/n))²: no term exceeds the variance), merged into the chunk's
      with Chan's parallel formula in variance form, so no sum of squares can overflow: every
-     float32 input whose variance fits float32 works (a shifted sum of squares gives 0 or inf
+     float32 input whose variance fits float32 works (a sum of squares gives inf, then 0 out,
      at |x| ~ 1e18);
-  2. per channel: merge the chunks in a fixed order (deterministic) -> mean, biased variance;
-     in the same kernel, the running statistics r = (1 - f)·r + f·s (unbiased variance), with
-     f the momentum or, for a cumulative average, 1 / num_batches_tracked read on the device;
+  2. per channel: merge the chunks in a fixed order (deterministic) -> mean, biased variance
+     (the running statistics are updated by divco.ops.batch_norm: the operator is functional);
   3. one elementwise pass: y = x·scale + shift (+ residual), ReLU.
 Eval runs only pass 3 on the running statistics.
 
@@ -42,12 +42,24 @@ def _tile(n, offs_c, offs_hw, stride_n, stride_c, stride_hw):
 
 
 @triton.jit
+def _merge(mean, var, count, other_mean, other_var, other_count):
+    """Chan's parallel combination in variance form (weights wa + wb = 1, the spread term
+    (δ·√(wa·wb))²): no intermediate exceeds the merged variance, so none overflows."""
+    total = count + other_count
+    wb = other_count / total
+    wa = 1.0 - wb
+    delta = other_mean - mean
+    spread = delta * tl.sqrt(wa * wb)
+    return mean + delta * wb, var * wa + other_var * wb + spread * spread, total
+
+
+@triton.jit
 def bn_partial_sums_kernel(
     x_ptr, grad_ptr, out_ptr, mean_ptr, partial_ptr,
     C, HW, stride_n, stride_c, stride_hw, units, units_per_chunk,
     BACKWARD: tl.constexpr, RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    """Forward: partial[chunk, 0|1|2, c] = the chunk's mean, biased variance, count.
+    """Forward: partial[chunk, 0|1|2, c] = the chunk's mean (less the pivot), biased variance, count.
     Backward: partial[chunk, 0|1, c] = Σdy', Σdy'·(x - mean)."""
     pid_c = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -76,6 +88,8 @@ def bn_partial_sums_kernel(
         tl.store(base + offs_c, tl.sum(acc1, axis=1), mask=c_mask)
         tl.store(base + C + offs_c, tl.sum(acc2, axis=1), mask=c_mask)
     else:
+        # shifted by the pivot p = x[0, c, 0]: a channel with a large mean loses nothing to rounding
+        pivot = tl.load(x_ptr + offs_c.to(tl.int64) * stride_c, mask=c_mask, other=0.0).to(tl.float32)
         count = 0.0
         mean = tl.zeros((BLOCK_C,), tl.float32)
         var = tl.zeros((BLOCK_C,), tl.float32)
@@ -85,20 +99,13 @@ def bn_partial_sums_kernel(
             offs_hw = hw0 + tl.arange(0, BLOCK_HW)
             mask = c_mask[:, None] & (offs_hw < HW)[None, :]
             offsets = _tile(n, offs_c, offs_hw, stride_n, stride_c, stride_hw)
-            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            x = tl.where(mask, tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) - pivot[:, None], 0.0)
             tile_count = tl.minimum(HW - hw0, BLOCK_HW).to(tl.float32)
             inv = 1.0 / tile_count
             tile_mean = tl.sum(x * inv, axis=1)
             d = tl.where(mask, (x - tile_mean[:, None]) * tl.sqrt(inv), 0.0)
             tile_var = tl.sum(d * d, axis=1)
-            # Chan's merge in variance form: weights wa + wb = 1, the spread term as (δ·√(wa·wb))²
-            total = count + tile_count
-            wb = tile_count / total
-            wa = 1.0 - wb
-            delta = (tile_mean - mean) * tl.sqrt(wa * wb)
-            mean = mean * wa + tile_mean * wb
-            var = var * wa + tile_var * wb + delta * delta
-            count = total
+            mean, var, count = _merge(mean, var, count, tile_mean, tile_var, tile_count)
         base = partial_ptr + chunk.to(tl.int64) * 3 * C
         tl.store(base + offs_c, mean, mask=c_mask)
         tl.store(base + C + offs_c, var, mask=c_mask)
@@ -107,12 +114,10 @@ def bn_partial_sums_kernel(
 
 @triton.jit
 def bn_finalize_kernel(
-    partial_ptr, first_ptr, second_ptr, var_ptr, running_mean_ptr, running_var_ptr, batches_ptr,
-    C, chunks, count, eps, momentum,
-    BACKWARD: tl.constexpr, UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, partial_ptr, first_ptr, second_ptr, var_ptr, C, chunks, stride_c, eps,
+    BACKWARD: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Chunks merged in order. Forward: first = mean, second = biased variance, and (UPDATE_RUNNING)
-    the running statistics updated in place with factor ``momentum`` or, CUMULATIVE, 1 / batches_ptr[0].
+    """Chunks merged in order. Forward: first = mean, second = biased variance.
     Backward (var_ptr = the saved variance): first = Σdy' (grad_bias), second = Σdy'·x̂ (grad_weight)."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
@@ -132,30 +137,12 @@ def bn_finalize_kernel(
         var = tl.zeros((BLOCK_C,), tl.float32)
         for chunk in range(0, chunks):
             base = partial_ptr + chunk * 3 * C
-            chunk_mean = tl.load(base + offs_c, mask=c_mask, other=0.0)
-            chunk_var = tl.load(base + C + offs_c, mask=c_mask, other=0.0)
-            chunk_count = tl.load(base + 2 * C + offs_c, mask=c_mask, other=1.0)
-            total = n + chunk_count
-            wb = chunk_count / total
-            wa = 1.0 - wb
-            delta = (chunk_mean - mean) * tl.sqrt(wa * wb)
-            mean = mean * wa + chunk_mean * wb
-            var = var * wa + chunk_var * wb + delta * delta
-            n = total
+            mean, var, n = _merge(mean, var, n, tl.load(base + offs_c, mask=c_mask, other=0.0),
+                                  tl.load(base + C + offs_c, mask=c_mask, other=0.0),
+                                  tl.load(base + 2 * C + offs_c, mask=c_mask, other=1.0))
+        mean += tl.load(x_ptr + offs_c.to(tl.int64) * stride_c, mask=c_mask, other=0.0).to(tl.float32)  # the pivot
         tl.store(first_ptr + offs_c, mean, mask=c_mask)
         tl.store(second_ptr + offs_c, var, mask=c_mask)
-        if UPDATE_RUNNING:
-            if CUMULATIVE:
-                factor = 1.0 / tl.load(batches_ptr).to(tl.float32)
-            else:
-                factor = momentum
-            rm = tl.load(running_mean_ptr + offs_c, mask=c_mask, other=0.0)
-            rv = tl.load(running_var_ptr + offs_c, mask=c_mask, other=0.0)
-            unbiased = var * (count / (count - 1.0))
-            new_rm = rm.to(tl.float32) * (1.0 - factor) + mean * factor
-            new_rv = rv.to(tl.float32) * (1.0 - factor) + unbiased * factor
-            tl.store(running_mean_ptr + offs_c, new_rm.to(running_mean_ptr.dtype.element_ty), mask=c_mask)
-            tl.store(running_var_ptr + offs_c, new_rv.to(running_var_ptr.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit

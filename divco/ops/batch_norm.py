@@ -204,7 +204,7 @@ if not TRITON_ERROR:
 
 #: Elements one program holds in a tile; programs the reductions aim for (a few per SM).
 TILE_ELEMENTS = 2048
-REDUCTION_PROGRAMS = 512
+REDUCTION_PROGRAMS = 1024  # as the CUDA kernel's kReductionBlocks
 #: CUDA's grid limits: axis 0 takes 2^31 - 1 programs, axes 1 and 2 only 65535.
 MAX_GRID = (2**31 - 1, 65535, 65535)
 
@@ -289,8 +289,7 @@ def batch_norm_triton_impl(
             var = torch.empty_like(mean)
             grid, fin = finalize_grid(C)
             wrap_triton(bn_finalize_kernel)[grid](
-                partial, mean, var, var, mean, var, mean, C, chunks, float(N * H * W), eps, 0.0,
-                BACKWARD=False, UPDATE_RUNNING=False, CUMULATIVE=False, BLOCK_C=fin,
+                x, partial, mean, var, var, C, chunks, sc, eps, BACKWARD=False, BLOCK_C=fin,
             )
             stats_mean, stats_var = mean, var
         else:
@@ -332,8 +331,7 @@ def batch_norm_backward_triton_impl(
         partial, chunks = _partial_sums(x, grad_out, out if relu else x, mean, True, relu, block_c, block_hw)
         grid, fin = finalize_grid(C)
         wrap_triton(bn_finalize_kernel)[grid](
-            partial, grad_bias, grad_weight, var, var, var, var, C, chunks, float(N * H * W), eps, 0.0,
-            BACKWARD=True, UPDATE_RUNNING=False, CUMULATIVE=False, BLOCK_C=fin,
+            x, partial, grad_bias, grad_weight, var, C, chunks, sc, eps, BACKWARD=True, BLOCK_C=fin,
         )
         wrap_triton(bn_backward_kernel)[check_grid(elementwise_grid(x.shape, block_c, block_hw), x.shape)](
             grad_out, x, out if relu else x, mean, var, weight if weight is not None else mean,
@@ -467,7 +465,12 @@ def update_running_stats(
 ) -> None:
     """In place, as F.batch_norm: r = (1 - f)·r + f·s, variance unbiased (count/(count-1)), with
     f = momentum or, for momentum=None, 1 / num_batches_tracked on the device (no host read)."""
-    factor = momentum if momentum is not None else num_batches_tracked.reciprocal().to(running_mean.dtype).reshape(())
     unbiased = var * (count / (count - 1))
-    running_mean.lerp_(mean if mean.dtype == running_mean.dtype else mean.to(running_mean.dtype), factor)
-    running_var.lerp_(unbiased if unbiased.dtype == running_var.dtype else unbiased.to(running_var.dtype), factor)
+    if mean.dtype != running_mean.dtype:
+        mean, unbiased = mean.to(running_mean.dtype), unbiased.to(running_var.dtype)
+    if momentum is not None:  # one foreach op for both (the step's op count matters: see the module doc)
+        torch._foreach_lerp_([running_mean, running_var], [mean, unbiased], momentum)
+        return
+    factor = num_batches_tracked.reciprocal().to(running_mean.dtype).reshape(())
+    running_mean.lerp_(mean, factor)
+    running_var.lerp_(unbiased, factor)
