@@ -151,7 +151,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward_for(suffix: str):
-    backward_op = getattr(torch.ops.divco, op_name("batch_norm_backward", suffix))
+    backward_op = getattr(torch.ops.divco, op_name("batch_norm_backward", suffix)).default
 
     def backward(ctx, grad_out, grad_mean, grad_var):
         x, out, weight = ctx.saved_tensors
@@ -181,9 +181,14 @@ def _backward_for(suffix: str):
     return backward
 
 
+#: The backward formula per operator suffix (registered with the operator, used by _FusedBatchNorm).
+_BACKWARDS: dict = {}
+
+
 def _register(suffix: str) -> None:
     registration.register("batch_norm_backward", suffix, fake=_backward_fake)
-    registration.register("batch_norm", suffix, fake=_forward_fake, backward=_backward_for(suffix),
+    _BACKWARDS[suffix] = _backward_for(suffix)
+    registration.register("batch_norm", suffix, fake=_forward_fake, backward=_BACKWARDS[suffix],
                           setup_context=_setup_context)
 
 
@@ -350,6 +355,9 @@ def native_available() -> tuple[bool, str]:
     return ok, reason
 
 
+_NATIVE_AVAILABLE = native_available()  # fixed once divco._C is loaded: not looked up per call
+
+
 if not TRITON_ERROR:
     batch_norm_triton = triton_backend.define("batch_norm")(batch_norm_triton_impl)
     batch_norm_backward_triton = triton_backend.define("batch_norm_backward")(batch_norm_backward_triton_impl)
@@ -365,7 +373,7 @@ for _suffix in registration.defined_suffixes():
 def resolve_backend(backend: str | None, x: Tensor) -> str:
     resolved = backends.resolve_backend(backend, x.device, x.dtype)
     if resolved in ("cpu", "cuda"):
-        ok, reason = native_available()
+        ok, reason = _NATIVE_AVAILABLE
         if not ok:
             if backend is None and os.environ.get("DIVCO_BACKEND") is None:
                 return "torch"  # the default, where the extension predates this op: the same function
@@ -427,24 +435,27 @@ def batch_norm_checked(x: Tensor, weight: Tensor | None, bias: Tensor | None, ru
         update_running_stats(running_mean, running_var, mean, var, None, x.numel() // x.shape[1],
                              num_batches_tracked)
         return out
-    fmt = memory_format_of(x)
-    if not x.is_contiguous(memory_format=fmt):
+    if x.is_contiguous():
+        canonical = _contiguous_strides(x)
+    elif x.is_contiguous(memory_format=torch.channels_last):
+        canonical = _channels_last_strides(x)
+    else:
         x = x.contiguous()
-        fmt = memory_format_of(x)
-    canonical = layout_strides(x)
-    if x.stride() != _strides_4d(x, canonical, fmt):
-        x = x.as_strided(x.shape, _strides_4d(x, canonical, fmt))  # odd strides of size-1 dims
+        canonical = _contiguous_strides(x)
+    if x.stride() != canonical:
+        x = x.as_strided(x.shape, canonical)  # odd strides of size-1 dims: one layout for every backend
     f32 = torch.float32
-    out, mean, var = operator("batch_norm", backend)(
+    out, mean, var = _FusedBatchNorm.apply(
         x,
         weight if weight is None or weight.dtype == f32 else weight.to(f32),
         bias if bias is None or bias.dtype == f32 else bias.to(f32),
         None if training else (running_mean if running_mean.dtype == f32 else running_mean.to(f32)),
         None if training else (running_var if running_var.dtype == f32 else running_var.to(f32)),
-        _like(residual, x),
+        None if residual is None else _like(residual, x),
         training,
         eps,
         activation == "relu",
+        _OPERATOR_SUFFIX[backend],
     )
     if training and running_mean is not None:
         update_running_stats(running_mean, running_var, mean, var, momentum, x.numel() // x.shape[1],
@@ -452,25 +463,57 @@ def batch_norm_checked(x: Tensor, weight: Tensor | None, bias: Tensor | None, ru
     return out
 
 
-def _strides_4d(x: Tensor, view_strides: tuple[int, int, int], fmt) -> tuple[int, int, int, int]:
-    """The [N, C, H, W] strides of the canonical layout (:func:`layout_strides` is its [N, C, H·W] view)."""
-    sn, sc, shw = view_strides
-    return (sn, sc, x.shape[3] * shw, shw)
+_OPERATOR_SUFFIX = {"triton": "triton", "cpu": "native", "cuda": "native"}
 
 
-@torch.no_grad()
+def _contiguous_strides(x: Tensor) -> tuple[int, int, int, int]:
+    N, C, H, W = x.shape
+    return (C * H * W, H * W, W, 1)
+
+
+def _channels_last_strides(x: Tensor) -> tuple[int, int, int, int]:
+    N, C, H, W = x.shape
+    return (H * W * C, 1, W * C, C)
+
+
+class _FusedBatchNorm(torch.autograd.Function):
+    """The public function's autograd node: the operator's own formula (_setup_context,
+    _backward_for), without torch.library's generic wrapper, whose per-call argument handling
+    (fill_defaults, redispatch) costs more host time than the rest of the step at small sizes.
+    The operators keep their registered autograd for direct callers (and opcheck)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, residual, training, eps, relu, suffix):
+        # the OpOverload, not the packet: resolving the overload per call costs ~10 µs of host time
+        op = getattr(torch.ops.divco, "batch_norm_" + suffix).default
+        output = op(x, weight, bias, running_mean, running_var, residual, training, eps, relu)
+        _setup_context(ctx, (x, weight, bias, running_mean, running_var, residual, training, eps, relu), output)
+        ctx.suffix = suffix
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_mean, grad_var):
+        return (*_BACKWARDS[ctx.suffix](ctx, grad_out, grad_mean, grad_var), None)
+
+
 def update_running_stats(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, momentum: float | None, count: int,
     num_batches_tracked: Tensor | None = None,
 ) -> None:
     """In place, as F.batch_norm: r = (1 - f)·r + f·s, variance unbiased (count/(count-1)), with
-    f = momentum or, for momentum=None, 1 / num_batches_tracked on the device (no host read)."""
-    unbiased = var * (count / (count - 1))
+    f = momentum or, for momentum=None, 1 / num_batches_tracked on the device (no host read).
+    Running statistics are buffers (no gradient): the in-place ops need no no_grad context."""
+    if running_mean.requires_grad or running_var.requires_grad:
+        with torch.no_grad():
+            return update_running_stats(running_mean.detach(), running_var.detach(), mean, var, momentum, count,
+                                        num_batches_tracked)
     if mean.dtype != running_mean.dtype:
-        mean, unbiased = mean.to(running_mean.dtype), unbiased.to(running_var.dtype)
-    if momentum is not None:  # one foreach op for both (the step's op count matters: see the module doc)
-        torch._foreach_lerp_([running_mean, running_var], [mean, unbiased], momentum)
+        mean, var = mean.to(running_mean.dtype), var.to(running_var.dtype)
+    if momentum is not None:
+        # three in-place ops and no temporary (a foreach lerp of both, after unbiasing, takes twice the host time)
+        running_mean.lerp_(mean, momentum)
+        running_var.mul_(1.0 - momentum).add_(var, alpha=momentum * count / (count - 1))
         return
     factor = num_batches_tracked.reciprocal().to(running_mean.dtype).reshape(())
     running_mean.lerp_(mean, factor)
-    running_var.lerp_(unbiased, factor)
+    running_var.lerp_(var * (count / (count - 1)), factor)

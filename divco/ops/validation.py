@@ -262,11 +262,15 @@ def check_batch_norm_hyperparameters(momentum: object, eps: object) -> None:
     One rule for every backend: F.batch_norm (the torch backend) takes any float, and a NaN or
     out-of-range momentum gives NaN or diverging running statistics, eps <= 0 a NaN output on a
     constant channel (0 / 0)."""
-    if momentum is not None:
-        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be a number in [0, 1] or None (cumulative average); got {momentum!r}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (eps > 0 and math.isfinite(eps)):
+    if momentum is not None and not (_is_real(momentum) and 0.0 <= momentum <= 1.0):
+        raise ValueError(f"momentum must be a number in [0, 1] or None (cumulative average); got {momentum!r}")
+    if not (_is_real(eps) and eps > 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a finite number > 0; got {eps!r}")
+
+
+def _is_real(value: object) -> bool:
+    """A real number, not a bool (floats first: the ABC check costs host time per call)."""
+    return type(value) is float or (not isinstance(value, bool) and isinstance(value, numbers.Real))
 
 
 def _check_channel_vector(name: str, t: object, C: int, dtype: torch.dtype, device: torch.device) -> None:
