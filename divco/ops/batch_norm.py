@@ -32,9 +32,17 @@ BN output nor a mask is kept) and the per-channel statistics; it makes one reduc
 (Σdy', Σdy'·x̂ together) and one elementwise pass that writes dx and the residual's gradient.
 
 The running statistics are updated by :func:`batch_norm` after the op, in place, exactly as
-``F.batch_norm`` does: ``r = (1 - momentum)·r + momentum·s`` with the unbiased variance. The
-op itself is functional (no mutated arguments), so autograd, opcheck and torch.compile see a
-pure function; the update is two small in-place ops on [C] tensors, with no host sync.
+``F.batch_norm`` does: ``r = (1 - momentum)·r + momentum·s`` with the unbiased variance
+(``momentum=None``: the cumulative average, factor 1 / num_batches_tracked computed on the
+device). The op itself is functional (no mutated arguments: torch.library cannot register
+autograd for a mutating operator), so autograd, opcheck and torch.compile see a pure function;
+the update is three in-place ops on [C] tensors, with no host sync.
+
+Inputs are checked once, in Python, for every backend (divco.ops.validation: one rule and one
+ValueError wherever the op runs): [C] tensors of x's dtype or float32 (F.batch_norm's rule),
+momentum in [0, 1] or None, eps finite and > 0. The public function builds its autograd node
+itself (``_FusedBatchNorm`` on the operators' ``.default`` overloads, with the operator's own
+formula): torch.library's generic wrapper costs more host time than the rest of a small step.
 """
 
 from __future__ import annotations
