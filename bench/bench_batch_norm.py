@@ -69,6 +69,25 @@ def test_block_forward_backward(benchmark, block, model_shape, batch, fmt, impl)
     benchmark(timed)
 
 
+@pytest.mark.parametrize("level", ["op", "module"])
+@pytest.mark.parametrize("impl", ["fused", "eager"])
+def test_host_cost(benchmark, level, impl):
+    """Forward + backward of BN+add+ReLU at [2, 4, 2, 2] on the CPU: the kernels take microseconds,
+    the time is the host's launch path (checks, dispatch, autograd, running-statistics update).
+    Group "host-<level>": fused vs eager; divco.benchmark.batch_norm.host_cost gives the ratio in
+    one interleaved run."""
+    shape = bn_bench.HOST_SHAPE
+    if level == "op":
+        step = bn_bench.make_block_step(impl, "bn_add_relu", shape, torch.contiguous_format, "cpu")
+    else:
+        step = bn_bench.make_module_step(impl, shape, "cpu")
+    for _ in range(20):
+        step()
+    benchmark.group = f"host-{level}"
+    benchmark.extra_info.update(impl=impl, device="cpu", threads=torch.get_num_threads())
+    benchmark(step)
+
+
 #: (model name, S, batch) of the training-step rows.
 STEP_MODELS = [("wide_resnet16_8", 4, 64), ("resnet110", 2, 64)]
 

@@ -176,7 +176,9 @@ def _batch_norm_plan(quick: bool) -> list[Spec]:
     """The fused BatchNorm kernels (kernels/batch_norm.py): every flag combination in float32 at
     the NCHW tile, the load/store paths in bfloat16/float16, and the channels_last tile.
     The tiles are the launcher's (divco.ops.batch_norm.tile_shape): NCHW long along HW,
-    channels_last long along C; the finalize kernel takes up to 1024 channels per program."""
+    channels_last long along C; the finalize kernel takes up to 1024 channels per program (it reads
+    x for the pivot: x_ptr has the activations' dtype). Every launch of the elementwise kernels is a
+    flat grid, the reductions' (channel tiles, chunks of N·H·W units)."""
     specs: list[Spec] = []
     tiles = ((4, 512), (64, 32)) if not quick else ((4, 512),)
     bools = (False, True)

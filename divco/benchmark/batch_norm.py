@@ -135,3 +135,70 @@ def run(
                 "median_ms": mid * 1e3, "speedup_vs_eager": eager / mid, "repeats": n, "times_s": samples,
             })
     return records
+
+
+# -- host cost ---------------------------------------------------------------------------------------
+
+#: A tensor so small ([2, 4, 2, 2]: 32 values) that a step's kernels take a few microseconds:
+#: what remains of its time is the host's (Python, dispatcher, autograd, allocation).
+HOST_SHAPE = (2, 4, 2, 2)
+
+
+def make_module_step(impl: str, shape: tuple[int, int, int, int] = HOST_SHAPE,
+                     device: torch.device | str = "cpu") -> Callable[[], tuple[Tensor, ...]]:
+    """Forward + backward of ``relu(bn(x) + residual)`` through a BranchBatchNorm2d with
+    ``impl`` ("fused" or "eager"): what a model's residual block runs."""
+    from ..nn import BranchBatchNorm2d, set_norm_impl
+
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    bn = set_norm_impl(BranchBatchNorm2d(shape[1], branches=1), impl).to(device).train()
+    x = torch.randn(shape, generator=g).to(device).requires_grad_()
+    r = torch.randn(shape, generator=g).to(device).requires_grad_()
+    grad_out = torch.randn(shape, generator=g).to(device)
+    leaves = [x, r, bn.weight, bn.bias]
+
+    def step() -> tuple[Tensor, ...]:
+        return torch.autograd.grad(bn(x, residual=r, activation="relu"), leaves, grad_out)
+
+    return step
+
+
+def host_cost(device: torch.device | str = "cpu", *, calls: int = 200, repeats: int = 15) -> list[dict]:
+    """Host time of one forward + backward of BN+add+ReLU at HOST_SHAPE, fused vs eager, as the
+    function (divco.ops.batch_norm vs F.batch_norm + add + relu) and as the module
+    (BranchBatchNorm2d with impl "fused" vs "eager"), interleaved in one run.
+
+    Method: on a CPU the fused op runs its native CPU kernel (divco._C) and eager PyTorch its
+    own; at 32 values both kernels take microseconds, so the time is the launch path: argument
+    checks, backend choice, the dispatcher, the autograd wrapper, allocation and the running-
+    statistics update. Each sample times ``calls`` steps in a row, the four methods interleaved;
+    the estimate is the fastest sample (on a shared machine the others carry other processes'
+    time, which is no cost of either path). Records: microseconds per step (``us_per_step``,
+    fastest; ``median_us_per_step``) and ``ratio_vs_eager`` (this / eager, from the same run)."""
+    device = torch.device(device)
+    steps = {
+        "op_fused": make_block_step("fused", "bn_add_relu", HOST_SHAPE, torch.contiguous_format, device),
+        "op_eager": make_block_step("eager", "bn_add_relu", HOST_SHAPE, torch.contiguous_format, device),
+        "module_fused": make_module_step("fused", HOST_SHAPE, device),
+        "module_eager": make_module_step("eager", HOST_SHAPE, device),
+    }
+
+    def batch(step):
+        def run() -> None:
+            for _ in range(calls):
+                step()
+        return run
+
+    times = time_interleaved({name: batch(step) for name, step in steps.items()}, repeats, warmup=2)
+    per_call = {name: min(samples) / calls for name, samples in times.items()}
+    records = []
+    for name, seconds in per_call.items():
+        level, impl = name.split("_")
+        records.append({
+            "op": "batch_norm", "measure": "host", "level": level, "impl": impl, "shape": list(HOST_SHAPE),
+            "device": device.type, "threads": torch.get_num_threads(), "us_per_step": seconds * 1e6,
+            "median_us_per_step": median(times[name]) / calls * 1e6,
+            "ratio_vs_eager": seconds / per_call[f"{level}_eager"], "calls": calls, "repeats": repeats,
+        })
+    return records

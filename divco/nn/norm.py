@@ -20,6 +20,25 @@ from ..vocabulary import NORM_IMPLS, check_choice
 from .branching import active_branch, branch_slice, check_branches
 
 
+_FUSED_OP = None
+
+
+def _fused_op():
+    """divco.ops.batch_norm's module, imported on first use (divco.ops imports divco.nn's neighbours)."""
+    global _FUSED_OP
+    if _FUSED_OP is None:
+        import importlib
+        import types
+
+        module = importlib.import_module("divco.ops.batch_norm")
+        from ..ops.validation import check_batch_norm_x
+
+        _FUSED_OP = types.SimpleNamespace(resolve_backend=module.resolve_backend,
+                                          batch_norm_checked=module.batch_norm_checked,
+                                          check_batch_norm_x=check_batch_norm_x)
+    return _FUSED_OP
+
+
 def default_norm_impl(x: Tensor) -> str:
     """What ``"auto"`` runs for this input: the fused kernels on CUDA (with Triton or divco._C),
     else eager: on CPUs (measured there, a whole training step with the fused op is 4-37 %
@@ -101,12 +120,32 @@ class BranchBatchNorm2d(nn.BatchNorm2d):
         self.branches = branches
         self.branch_features = num_features
         self.impl = "auto"  # not state: the state_dict is nn.BatchNorm2d's
+        self._checked_key: tuple | None = None  # what the fused op's parameter checks last accepted
 
     def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() != 4:
             raise ValueError(
                 f"{type(self).__name__} expects a 4-D input [N, C, H, W], got shape {tuple(x.shape)}"
             )
+
+    def _checked_parameters(self, x: Tensor, index: Optional[int], weight, bias, running_mean, running_var,
+                            use_batch_stats: bool, momentum, backend: str, tensors: tuple) -> None:
+        """The fused op's checks of what belongs to the module (parameters, running statistics,
+        momentum, eps), run once per state rather than per call. The key holds what a call can
+        change and which tensors the module holds (a reassigned parameter is checked again);
+        a cast or move of the module (``_apply``: .to, .half, .cuda, in place) clears it."""
+        key = (x.dtype, x.device, index, use_batch_stats, momentum, self.eps, backend, *map(id, tensors))
+        if key == self._checked_key:
+            return
+        from ..ops.validation import check_batch_norm_parameters
+
+        check_batch_norm_parameters(x.shape[1], x.dtype, x.device, weight, bias, running_mean, running_var,
+                                    use_batch_stats, momentum, self.eps, tensors[4])
+        self._checked_key = key
+
+    def _apply(self, fn, *args, **kwargs):
+        self._checked_key = None
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
         self._check_input_dim(x)
@@ -119,35 +158,41 @@ class BranchBatchNorm2d(nn.BatchNorm2d):
                     f"got {x.shape[1]}"
                 )
             raise ValueError(f"{type(self).__name__} computing branch {index} expects {C} channels, got {x.shape[1]}")
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        if activation not in (None, "relu"):
+            raise ValueError(f"activation must be None or 'relu'; got {activation!r}")
+        # the module's tensors read once from its dicts (nn.Module.__getattr__ costs host time per lookup)
+        params, buffers = self._parameters, self._buffers
+        tensors = (params.get("weight"), params.get("bias"), buffers.get("running_mean"), buffers.get("running_var"),
+                   buffers.get("num_batches_tracked"))
+        weight, bias, running_mean, running_var, batches = tensors
+        momentum = self.momentum  # None: a cumulative average, factor 1 / num_batches_tracked on the device
+        training = self.training
+        if training and self.track_running_stats and batches is not None:
             if index is None or index == 0:  # the branches share one counter: count each batch once
-                self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-
-        def part(t):
-            return None if t is None or index is None else branch_slice(t, index, C)
-
-        weight = self.weight if index is None else part(self.weight)
-        bias = self.bias if index is None else part(self.bias)
-        running_mean = (self.running_mean if index is None else part(self.running_mean)) if track else None
-        running_var = (self.running_var if index is None else part(self.running_var)) if track else None
+                batches.add_(1)
+        use_batch_stats = training or (running_mean is None and running_var is None)
+        if not (not training or self.track_running_stats):
+            running_mean = running_var = None
+        if index is not None:
+            weight, bias, running_mean, running_var = (
+                None if t is None else branch_slice(t, index, C) for t in (weight, bias, running_mean, running_var))
         impl = default_norm_impl(x) if self.impl == "auto" else self.impl
-        if impl == "fused":
-            from ..ops.batch_norm import batch_norm
-
-            return batch_norm(x, weight, bias, running_mean, running_var, training=use_batch_stats,
-                              momentum=factor, eps=self.eps, residual=residual, activation=activation)
+        if impl == "fused" or (momentum is None and use_batch_stats and running_mean is not None):
+            # (eager with momentum=None: the torch backend of the same op, whose factor stays on the
+            # device; nn.BatchNorm2d would read num_batches_tracked back to the host every step)
+            ops = _fused_op()
+            backend = ops.resolve_backend(None, x) if impl == "fused" else "torch"
+            self._checked_parameters(x, index, weight, bias, running_mean, running_var, use_batch_stats, momentum,
+                                     backend, tensors)
+            ops.check_batch_norm_x(x, residual, use_batch_stats)
+            return ops.batch_norm_checked(x, weight, bias, running_mean, running_var, use_batch_stats, momentum,
+                                          self.eps, residual, activation, backend, batches)
+        factor = 0.0 if momentum is None else momentum
         y = F.batch_norm(x, running_mean, running_var, weight, bias, use_batch_stats, factor, self.eps)
         if residual is not None:
             y = y + residual
         if activation == "relu":
             y = F.relu(y, inplace=True)
-        elif activation is not None:
-            raise ValueError(f"activation must be None or 'relu'; got {activation!r}")
         return y
 
     def extra_repr(self) -> str:

@@ -32,9 +32,17 @@ BN output nor a mask is kept) and the per-channel statistics; it makes one reduc
 (Σdy', Σdy'·x̂ together) and one elementwise pass that writes dx and the residual's gradient.
 
 The running statistics are updated by :func:`batch_norm` after the op, in place, exactly as
-``F.batch_norm`` does: ``r = (1 - momentum)·r + momentum·s`` with the unbiased variance. The
-op itself is functional (no mutated arguments), so autograd, opcheck and torch.compile see a
-pure function; the update is two small in-place ops on [C] tensors, with no host sync.
+``F.batch_norm`` does: ``r = (1 - momentum)·r + momentum·s`` with the unbiased variance
+(``momentum=None``: the cumulative average, factor 1 / num_batches_tracked computed on the
+device). The op itself is functional (no mutated arguments: torch.library cannot register
+autograd for a mutating operator), so autograd, opcheck and torch.compile see a pure function;
+the update is three in-place ops on [C] tensors, with no host sync.
+
+Inputs are checked once, in Python, for every backend (divco.ops.validation: one rule and one
+ValueError wherever the op runs): [C] tensors of x's dtype or float32 (F.batch_norm's rule),
+momentum in [0, 1] or None, eps finite and > 0. The public function builds its autograd node
+itself (``_FusedBatchNorm`` on the operators' ``.default`` overloads, with the operator's own
+formula): torch.library's generic wrapper costs more host time than the rest of a small step.
 """
 
 from __future__ import annotations
@@ -46,12 +54,12 @@ from torch import Tensor
 
 from typing import Optional
 
-from . import backends, registration, triton_backend
+from . import backends, registration, triton_backend, validation
 from .reference import batch_norm as reference_batch_norm
 from .schema import declare, op_name, operator, qualified_name  # noqa: F401  (qualified_name: for tests and users)
 
 #: The activations applied after the (optional) residual add.
-ACTIVATIONS: tuple[str | None, ...] = (None, "relu")
+ACTIVATIONS = validation.BATCH_NORM_ACTIVATIONS
 
 BATCH_NORM_SCHEMA = declare("batch_norm", 
     "(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, Tensor? residual, "
@@ -64,54 +72,14 @@ BATCH_NORM_BACKWARD_SCHEMA = declare("batch_norm_backward",
 )
 
 
-# -- checks ------------------------------------------------------------------------------------
+# -- checks and layouts ---------------------------------------------------------------------
 
 
-def _check_vector(name: str, t: object, x: Tensor) -> None:
-    if t is None:
-        return
-    C = x.shape[1]
-    if not isinstance(t, Tensor):
-        raise ValueError(f"{name} must be a Tensor or None; got {type(t).__name__}")
-    if t.shape != (C,):
-        raise ValueError(f"{name} must have shape [C] = [{C}] (x's channels); got {list(t.shape)}")
-    if not t.is_floating_point():
-        raise ValueError(f"{name} must be floating point; got {t.dtype}")
-    if t.device != x.device:
-        raise ValueError(f"{name} is on {t.device}, x on {x.device}; expected one device")
-
-
-def check_inputs(x, weight, bias, running_mean, running_var, residual, training: bool, activation) -> None:
-    """ValueError naming what was expected and what came, for anything the op cannot take."""
-    if not isinstance(x, Tensor):
-        raise ValueError(f"x must be a Tensor; got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x must be 4-D [N, C, H, W]; got shape {list(x.shape)}")
-    if x.dtype not in backends.FUSED_DTYPES + (torch.float64,):
-        raise ValueError(f"x must be float32, bfloat16, float16 or float64; got {x.dtype}")
-    if x.numel() == 0:
-        raise ValueError(f"x must not be empty; got shape {list(x.shape)}")
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        _check_vector(name, t, x)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must both be tensors or both be None")
-    if not training and running_mean is None:
-        raise ValueError("eval mode (training=False) normalises with the running statistics: "
-                         "running_mean and running_var are required; got None")
-    N, C, H, W = x.shape
-    if training and N * H * W == 1:
-        raise ValueError(f"training needs more than one value per channel (N·H·W > 1); got shape {list(x.shape)}")
-    if residual is not None:
-        if not isinstance(residual, Tensor):
-            raise ValueError(f"residual must be a Tensor or None; got {type(residual).__name__}")
-        if residual.shape != x.shape:
-            raise ValueError(f"residual must have x's shape {list(x.shape)}; got {list(residual.shape)}")
-        if residual.dtype != x.dtype:
-            raise ValueError(f"residual must have x's dtype {x.dtype}; got {residual.dtype}")
-        if residual.device != x.device:
-            raise ValueError(f"residual is on {residual.device}, x on {x.device}; expected one device")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}; got {activation!r}")
+def check_inputs(x, weight, bias, running_mean, running_var, residual, training: bool, activation,
+                 momentum: object = 0.1, eps: object = 1e-5, num_batches_tracked: object = None) -> None:
+    """ValueError naming what was expected and what came (divco.ops.validation, one rule for every backend)."""
+    validation.check_batch_norm_inputs(x, weight, bias, running_mean, running_var, residual, training, activation,
+                                       momentum, eps, num_batches_tracked)
 
 
 def memory_format_of(x: Tensor) -> torch.memory_format:
@@ -119,6 +87,24 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def layout_strides(x: Tensor) -> tuple[int, int, int]:
+    """(stride_n, stride_c, stride_hw) of the [N, C, H·W] view, from the memory format.
+
+    Not x.stride(): PyTorch calls a tensor contiguous whatever the strides of its size-1 dims
+    (``randn(2, 3, 1, 5).transpose(2, 3)`` has stride(3) = 5), and these strides address the
+    same elements as the canonical ones."""
+    N, C, H, W = x.shape
+    if memory_format_of(x) == torch.channels_last:
+        return H * W * C, 1, C
+    return C * H * W, H * W, 1
+
+
+def empty_in_layout(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A fresh tensor of x's shape in x's memory format with canonical strides (what the kernels
+    write and the fake kernels promise), never empty_like's copy of odd size-1 strides."""
+    return torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device, memory_format=memory_format_of(x))
 
 
 def _check_operator_operands(x: Tensor, weight, bias, mean, var) -> None:
@@ -133,11 +119,11 @@ def _check_operator_operands(x: Tensor, weight, bias, mean, var) -> None:
 
 
 def _like(t: Tensor | None, x: Tensor) -> Tensor | None:
-    """``t`` in x's memory format (a no-op when it already is)."""
+    """``t`` in x's memory format (a no-op when it already is; size-1 strides do not matter)."""
     if t is None:
         return None
     fmt = memory_format_of(x)
-    return t if t.is_contiguous(memory_format=fmt) and t.stride() == x.stride() else t.contiguous(memory_format=fmt)
+    return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
 
 
 # -- fake kernels and autograd (shared by the native and Triton operators) ----------------------
@@ -145,15 +131,15 @@ def _like(t: Tensor | None, x: Tensor) -> Tensor | None:
 
 def _forward_fake(x, weight, bias, running_mean, running_var, residual, training, eps, relu):
     stats = (x.shape[1],) if training else (0,)
-    return torch.empty_like(x), x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32)
+    return empty_in_layout(x), x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32)
 
 
 def _backward_fake(grad_out, x, out, weight, mean, var, training, eps, relu, residual_grad):
     C = x.shape[1]
     residual_shape = x.shape if relu and residual_grad else (0,)
     return (
-        torch.empty_like(x),
-        torch.empty_like(x) if relu and residual_grad else x.new_empty(residual_shape),
+        empty_in_layout(x),
+        empty_in_layout(x) if relu and residual_grad else x.new_empty(residual_shape),
         x.new_empty((C,), dtype=torch.float32),
         x.new_empty((C,), dtype=torch.float32),
     )
@@ -162,18 +148,26 @@ def _backward_fake(grad_out, x, out, weight, mean, var, training, eps, relu, res
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, running_mean, running_var, residual, training, eps, relu = inputs
     out, mean, var = output
-    stats = (mean, var) if training else (running_mean, running_var)
-    ctx.save_for_backward(x, out if relu else None, weight, *stats)
+    # mean and var are statistics, not differentiable outputs: their gradients are never
+    # materialised as zeros (set_materialize_grads), and as non-differentiable tensors they are
+    # kept on ctx (save_for_backward would detach each one forward and backward)
+    ctx.mark_non_differentiable(mean, var)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, out if relu else None, weight)
+    ctx.stats = (mean, var) if training else (running_mean, running_var)
     ctx.training, ctx.eps, ctx.relu = training, eps, relu
 
 
 def _backward_for(suffix: str):
-    backward_op = getattr(torch.ops.divco, op_name("batch_norm_backward", suffix))
+    backward_op = getattr(torch.ops.divco, op_name("batch_norm_backward", suffix)).default
 
     def backward(ctx, grad_out, grad_mean, grad_var):
-        x, out, weight, mean, var = ctx.saved_tensors
+        x, out, weight = ctx.saved_tensors
+        mean, var = ctx.stats
         registration.refuse_double_backward("batch_norm", suffix, x.device)
         need_x, need_weight, need_bias, _, _, need_residual = ctx.needs_input_grad[:6]
+        if grad_out is None:  # the output was not used: every gradient is zero, i.e. None
+            return (None,) * 9
         write_residual = ctx.relu and need_residual
         grad_x, grad_residual, grad_weight, grad_bias = backward_op(
             grad_out, x, out, weight, mean, var, ctx.training, ctx.eps, ctx.relu, write_residual
@@ -195,9 +189,14 @@ def _backward_for(suffix: str):
     return backward
 
 
+#: The backward formula per operator suffix (registered with the operator, used by _FusedBatchNorm).
+_BACKWARDS: dict = {}
+
+
 def _register(suffix: str) -> None:
     registration.register("batch_norm_backward", suffix, fake=_backward_fake)
-    registration.register("batch_norm", suffix, fake=_forward_fake, backward=_backward_for(suffix),
+    _BACKWARDS[suffix] = _backward_for(suffix)
+    registration.register("batch_norm", suffix, fake=_forward_fake, backward=_BACKWARDS[suffix],
                           setup_context=_setup_context)
 
 
@@ -218,40 +217,70 @@ if not TRITON_ERROR:
 
 #: Elements one program holds in a tile; programs the reductions aim for (a few per SM).
 TILE_ELEMENTS = 2048
-REDUCTION_PROGRAMS = 512
+REDUCTION_PROGRAMS = 1024  # as the CUDA kernel's kReductionBlocks
+#: CUDA's grid limits: axis 0 takes 2^31 - 1 programs, axes 1 and 2 only 65535.
+MAX_GRID = (2**31 - 1, 65535, 65535)
 
 
 def tile_shape(x: Tensor) -> tuple[int, int]:
     """(BLOCK_C, BLOCK_HW): long along the contiguous axis (HW in NCHW, C in channels_last)."""
     C, HW = x.shape[1], x.shape[2] * x.shape[3]
     if memory_format_of(x) == torch.channels_last:
-        block_c = min(triton.next_power_of_2(C), 64)
-        return block_c, min(triton.next_power_of_2(HW), max(1, TILE_ELEMENTS // block_c))
-    block_hw = min(triton.next_power_of_2(HW), 512)
-    return min(triton.next_power_of_2(C), max(1, TILE_ELEMENTS // block_hw)), block_hw
+        block_c = min(_next_power_of_2(C), 64)
+        return block_c, min(_next_power_of_2(HW), max(1, TILE_ELEMENTS // block_c))
+    block_hw = min(_next_power_of_2(HW), 512)
+    return min(_next_power_of_2(C), max(1, TILE_ELEMENTS // block_hw)), block_hw
 
 
-def _view(x: Tensor) -> tuple[int, int, int, int, int, int]:
-    """(N, C, HW, stride_n, stride_c, stride_hw) of the [N, C, HW] view both layouts allow."""
-    N, C, H, W = x.shape
-    return N, C, H * W, x.stride(0), x.stride(1), x.stride(3)
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def reduction_grid(shape: tuple[int, int, int, int], block_c: int, block_hw: int) -> tuple[int, int, int]:
+    """(channel tiles, chunks, units per chunk) of the partial-sums launch: the N·cdiv(H·W, BLOCK_HW)
+    units (sample, H·W tile) split into about REDUCTION_PROGRAMS / channel tiles chunks of
+    consecutive units, as the CUDA kernel splits the N·H·W positions (not only the batch)."""
+    N, C, H, W = shape
+    c_tiles = _cdiv(C, block_c)
+    units = N * _cdiv(H * W, block_hw)
+    units_per_chunk = _cdiv(units, min(units, max(1, REDUCTION_PROGRAMS // c_tiles)))
+    return c_tiles, _cdiv(units, units_per_chunk), units_per_chunk
+
+
+def elementwise_grid(shape: tuple[int, int, int, int], block_c: int, block_hw: int) -> tuple[int]:
+    """One flat axis of channel tiles x units (the kernels split the program id)."""
+    N, C, H, W = shape
+    return (_cdiv(C, block_c) * N * _cdiv(H * W, block_hw),)
+
+
+def finalize_grid(C: int) -> tuple[tuple[int], int]:
+    block = min(_next_power_of_2(C), 1024)
+    return (_cdiv(C, block),), block
+
+
+def check_grid(grid: tuple[int, ...], shape) -> tuple[int, ...]:
+    for axis, (programs, limit) in enumerate(zip(grid, MAX_GRID)):
+        if programs > limit:
+            raise ValueError(f"batch_norm on shape {list(shape)} needs {programs} programs on grid axis {axis}, "
+                             f"more than the {limit} a launch allows")
+    return grid
 
 
 def _partial_sums(x, grad, out, mean, backward: bool, relu: bool, block_c: int, block_hw: int) -> tuple[Tensor, int]:
-    N, C, HW, sn, sc, shw = _view(x)
-    c_tiles = triton.cdiv(C, block_c)
-    batches_per_chunk = triton.cdiv(N, min(N, max(1, REDUCTION_PROGRAMS // c_tiles)))
-    chunks = triton.cdiv(N, batches_per_chunk)
-    partial = torch.empty((chunks, 2, C), dtype=torch.float32, device=x.device)
-    wrap_triton(bn_partial_sums_kernel)[(c_tiles, chunks)](
-        x, grad, out, mean, partial, N, C, HW, sn, sc, shw, batches_per_chunk,
+    N, C, H, W = x.shape
+    sn, sc, shw = layout_strides(x)
+    c_tiles, chunks, units_per_chunk = reduction_grid(x.shape, block_c, block_hw)
+    rows = 2 if backward else 3  # forward: mean, variance, count per chunk; backward: two sums
+    partial = torch.empty((chunks, rows, C), dtype=torch.float32, device=x.device)
+    wrap_triton(bn_partial_sums_kernel)[check_grid((c_tiles, chunks), x.shape)](
+        x, grad, out, mean, partial, C, H * W, sn, sc, shw, N * _cdiv(H * W, block_hw), units_per_chunk,
         BACKWARD=backward, RELU=relu, BLOCK_C=block_c, BLOCK_HW=block_hw,
     )
     return partial, chunks
-
-
-def _finalize_block(C: int) -> int:
-    return min(triton.next_power_of_2(C), 1024)
 
 
 def batch_norm_triton_impl(
@@ -259,31 +288,38 @@ def batch_norm_triton_impl(
     running_var: Optional[Tensor], residual: Optional[Tensor], training: bool, eps: float, relu: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     _check_operator_operands(x, weight, bias, running_mean, running_var)
-    N, C, HW, sn, sc, shw = _view(x)
+    N, C, H, W = x.shape
+    sn, sc, shw = layout_strides(x)
+    # [C] vectors: the kernels index them with stride 1 (a no-op when they are contiguous)
+    weight, bias = _dense(weight), _dense(bias)
     residual = _like(residual, x)
-    out = torch.empty_like(x)
+    out = empty_in_layout(x)
     block_c, block_hw = tile_shape(x)
     with triton_backend.device_guard(x.device), triton_backend.quiet_interpreter():
         if training:
             partial, chunks = _partial_sums(x, x, x, x, False, False, block_c, block_hw)
             mean = torch.empty((C,), dtype=torch.float32, device=x.device)
             var = torch.empty_like(mean)
-            fin = _finalize_block(C)
-            wrap_triton(bn_finalize_kernel)[(triton.cdiv(C, fin),)](
-                x, partial, mean, mean, var, C, chunks, sc, float(N * HW), eps, BACKWARD=False, BLOCK_C=fin,
+            grid, fin = finalize_grid(C)
+            wrap_triton(bn_finalize_kernel)[grid](
+                x, partial, mean, var, var, C, chunks, sc, eps, BACKWARD=False, BLOCK_C=fin,
             )
             stats_mean, stats_var = mean, var
         else:
-            stats_mean, stats_var = running_mean, running_var
+            stats_mean, stats_var = _dense(running_mean), _dense(running_var)
             mean, var = x.new_empty((0,), dtype=torch.float32), x.new_empty((0,), dtype=torch.float32)
-        wrap_triton(bn_forward_kernel)[(triton.cdiv(C, block_c), N, triton.cdiv(HW, block_hw))](
+        wrap_triton(bn_forward_kernel)[check_grid(elementwise_grid(x.shape, block_c, block_hw), x.shape)](
             x, residual if residual is not None else x, out, stats_mean, stats_var,
             weight if weight is not None else stats_mean, bias if bias is not None else stats_mean,
-            C, HW, sn, sc, shw, eps,
+            C, H * W, sn, sc, shw, eps,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
             RELU=relu, BLOCK_C=block_c, BLOCK_HW=block_hw,
         )
     return out, mean, var
+
+
+def _dense(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t if t is None or t.is_contiguous() else t.contiguous()
 
 
 def batch_norm_backward_triton_impl(
@@ -293,25 +329,27 @@ def batch_norm_backward_triton_impl(
     _check_operator_operands(x, weight, None, mean, var)
     if relu and out is None:
         raise ValueError("batch_norm_backward with relu=True needs the forward's output (the ReLU mask)")
-    N, C, HW, sn, sc, shw = _view(x)
-    grad_out = _like(grad_out.to(x.dtype), x)
+    N, C, H, W = x.shape
+    sn, sc, shw = layout_strides(x)
+    weight, mean, var = _dense(weight), _dense(mean), _dense(var)
+    grad_out = _like(grad_out if grad_out.dtype == x.dtype else grad_out.to(x.dtype), x)
     out = _like(out, x)
     block_c, block_hw = tile_shape(x)
-    grad_x = torch.empty_like(x)
+    grad_x = empty_in_layout(x)
     write_residual = relu and residual_grad
-    grad_residual = torch.empty_like(x) if write_residual else x.new_empty((0,))
+    grad_residual = empty_in_layout(x) if write_residual else x.new_empty((0,))
     grad_bias = torch.empty((C,), dtype=torch.float32, device=x.device)
     grad_weight = torch.empty_like(grad_bias)
     with triton_backend.device_guard(x.device), triton_backend.quiet_interpreter():
         partial, chunks = _partial_sums(x, grad_out, out if relu else x, mean, True, relu, block_c, block_hw)
-        fin = _finalize_block(C)
-        wrap_triton(bn_finalize_kernel)[(triton.cdiv(C, fin),)](
-            x, partial, var, grad_bias, grad_weight, C, chunks, sc, float(N * HW), eps, BACKWARD=True, BLOCK_C=fin,
+        grid, fin = finalize_grid(C)
+        wrap_triton(bn_finalize_kernel)[grid](
+            x, partial, grad_bias, grad_weight, var, C, chunks, sc, eps, BACKWARD=True, BLOCK_C=fin,
         )
-        wrap_triton(bn_backward_kernel)[(triton.cdiv(C, block_c), N, triton.cdiv(HW, block_hw))](
+        wrap_triton(bn_backward_kernel)[check_grid(elementwise_grid(x.shape, block_c, block_hw), x.shape)](
             grad_out, x, out if relu else x, mean, var, weight if weight is not None else mean,
             grad_bias, grad_weight, grad_x, grad_residual if write_residual else grad_x,
-            C, HW, sn, sc, shw, float(N * HW), eps,
+            C, H * W, sn, sc, shw, float(N * H * W), eps,
             TRAINING=training, HAS_WEIGHT=weight is not None, RELU=relu, WRITE_RESIDUAL=write_residual,
             BLOCK_C=block_c, BLOCK_HW=block_hw,
         )
@@ -323,6 +361,9 @@ def native_available() -> tuple[bool, str]:
     if ok and not hasattr(torch.ops.divco, op_name("batch_norm", "native")):
         return False, "divco._C was built without divco::batch_norm_native (rebuild the extension)"
     return ok, reason
+
+
+_NATIVE_AVAILABLE = native_available()  # fixed once divco._C is loaded: not looked up per call
 
 
 if not TRITON_ERROR:
@@ -337,21 +378,15 @@ for _suffix in registration.defined_suffixes():
 # -- the public function --------------------------------------------------------------------------
 
 
-def _resolve_backend(backend: str | None, x: Tensor) -> str:
+def resolve_backend(backend: str | None, x: Tensor) -> str:
     resolved = backends.resolve_backend(backend, x.device, x.dtype)
     if resolved in ("cpu", "cuda"):
-        ok, reason = native_available()
+        ok, reason = _NATIVE_AVAILABLE
         if not ok:
             if backend is None and os.environ.get("DIVCO_BACKEND") is None:
                 return "torch"  # the default, where the extension predates this op: the same function
             raise ValueError(f"backend {resolved!r} is not available for batch_norm: {reason}")
     return resolved
-
-
-def _reference(x, weight, bias, running_mean, running_var, training, momentum, eps, residual, activation):
-    return reference_batch_norm(
-        x, weight, bias, running_mean, running_var, training, momentum, eps, residual, activation
-    )
 
 
 def batch_norm(
@@ -362,11 +397,12 @@ def batch_norm(
     running_var: Tensor | None,
     *,
     training: bool = True,
-    momentum: float = 0.1,
+    momentum: float | None = 0.1,
     eps: float = 1e-5,
     residual: Tensor | None = None,
     activation: str | None = None,
     backend: str | None = None,
+    num_batches_tracked: Tensor | None = None,
 ) -> Tensor:
     """``act(batch_norm(x) + residual)``, BatchNorm over every channel of x [N, C, H, W].
 
@@ -374,40 +410,118 @@ def batch_norm(
     momentum, eps)`` followed by ``+ residual`` and ``activation`` ("relu" or None): in
     training, the batch statistics normalise and the running statistics (when given) are
     updated in place with the unbiased variance; in eval the running statistics normalise.
-    x is float32/bfloat16/float16 (statistics in float32) or float64 (torch backend), NCHW
-    or channels_last (the output keeps x's layout; other strides are made contiguous).
+    ``momentum=None`` is nn.BatchNorm2d's cumulative average: the factor is 1 /
+    ``num_batches_tracked`` (a tensor counting this batch too), computed on the device, so the
+    step reads nothing back to the host. x is float32/bfloat16/float16 (statistics in float32)
+    or float64 (torch backend), NCHW or channels_last (the output keeps x's layout; other
+    strides are made contiguous). weight, bias and the running statistics are [C] tensors of
+    x's dtype or float32 (F.batch_norm's rule); momentum is in [0, 1] or None, eps > 0 and
+    finite: anything else is a ValueError on every backend (divco.ops.validation).
     Differentiable in x, weight, bias and residual. ``backend``: "torch", "triton", "cpu",
     "cuda" or None (DIVCO_BACKEND, else the default of divco.ops.backends).
     """
-    check_inputs(x, weight, bias, running_mean, running_var, residual, training, activation)
-    backend = _resolve_backend(backend, x)
+    check_inputs(x, weight, bias, running_mean, running_var, residual, training, activation,
+                 momentum, eps, num_batches_tracked)
+    return batch_norm_checked(x, weight, bias, running_mean, running_var, training, momentum, eps, residual,
+                              activation, resolve_backend(backend, x), num_batches_tracked)
+
+
+def batch_norm_checked(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+                       running_var: Tensor | None, training: bool, momentum: float | None, eps: float,
+                       residual: Tensor | None, activation: str | None, backend: str,
+                       num_batches_tracked: Tensor | None = None) -> Tensor:
+    """:func:`batch_norm` on inputs :func:`check_inputs` accepted and a resolved ``backend``: the
+    dispatch alone, for callers that check once (BranchBatchNorm2d checks its own parameters
+    once per module state, not per call)."""
     if backend == "torch":
-        return _reference(x, weight, bias, running_mean, running_var, training, momentum, eps, residual, activation)
-    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        if momentum is not None or not training or running_mean is None:
+            return reference_batch_norm(x, weight, bias, running_mean, running_var, training, momentum or 0.0,
+                                        eps, residual, activation)
+        out = reference_batch_norm(x, weight, bias, None, None, True, 0.0, eps, residual, activation)
+        with torch.no_grad():
+            var, mean = torch.var_mean(x.detach().float(), dim=(0, 2, 3), correction=0)
+        update_running_stats(running_mean, running_var, mean, var, None, x.numel() // x.shape[1],
+                             num_batches_tracked)
+        return out
+    if x.is_contiguous():
+        canonical = _contiguous_strides(x)
+    elif x.is_contiguous(memory_format=torch.channels_last):
+        canonical = _channels_last_strides(x)
+    else:
         x = x.contiguous()
+        canonical = _contiguous_strides(x)
+    if x.stride() != canonical:
+        x = x.as_strided(x.shape, canonical)  # odd strides of size-1 dims: one layout for every backend
     f32 = torch.float32
-    op = operator("batch_norm", backend)
-    out, mean, var = op(
+    out, mean, var = _FusedBatchNorm.apply(
         x,
         weight if weight is None or weight.dtype == f32 else weight.to(f32),
         bias if bias is None or bias.dtype == f32 else bias.to(f32),
         None if training else (running_mean if running_mean.dtype == f32 else running_mean.to(f32)),
         None if training else (running_var if running_var.dtype == f32 else running_var.to(f32)),
-        _like(residual, x),
+        None if residual is None else _like(residual, x),
         training,
         eps,
         activation == "relu",
+        _OPERATOR_SUFFIX[backend],
     )
     if training and running_mean is not None:
-        update_running_stats(running_mean, running_var, mean, var, momentum, x.numel() // x.shape[1])
+        update_running_stats(running_mean, running_var, mean, var, momentum, x.numel() // x.shape[1],
+                             num_batches_tracked)
     return out
 
 
-@torch.no_grad()
+_OPERATOR_SUFFIX = {"triton": "triton", "cpu": "native", "cuda": "native"}
+
+
+def _contiguous_strides(x: Tensor) -> tuple[int, int, int, int]:
+    N, C, H, W = x.shape
+    return (C * H * W, H * W, W, 1)
+
+
+def _channels_last_strides(x: Tensor) -> tuple[int, int, int, int]:
+    N, C, H, W = x.shape
+    return (H * W * C, 1, W * C, C)
+
+
+class _FusedBatchNorm(torch.autograd.Function):
+    """The public function's autograd node: the operator's own formula (_setup_context,
+    _backward_for), without torch.library's generic wrapper, whose per-call argument handling
+    (fill_defaults, redispatch) costs more host time than the rest of the step at small sizes.
+    The operators keep their registered autograd for direct callers (and opcheck)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, residual, training, eps, relu, suffix):
+        # the OpOverload, not the packet: resolving the overload per call costs ~10 µs of host time
+        op = getattr(torch.ops.divco, "batch_norm_" + suffix).default
+        output = op(x, weight, bias, running_mean, running_var, residual, training, eps, relu)
+        _setup_context(ctx, (x, weight, bias, running_mean, running_var, residual, training, eps, relu), output)
+        ctx.suffix = suffix
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_mean, grad_var):
+        return (*_BACKWARDS[ctx.suffix](ctx, grad_out, grad_mean, grad_var), None)
+
+
 def update_running_stats(
-    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, momentum: float, count: int
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, momentum: float | None, count: int,
+    num_batches_tracked: Tensor | None = None,
 ) -> None:
-    """In place, as F.batch_norm: r = (1 - momentum)·r + momentum·s, variance unbiased (count/(count-1))."""
-    unbiased = var * (count / (count - 1))
-    running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-    running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    """In place, as F.batch_norm: r = (1 - f)·r + f·s, variance unbiased (count/(count-1)), with
+    f = momentum or, for momentum=None, 1 / num_batches_tracked on the device (no host read).
+    Running statistics are buffers (no gradient): the in-place ops need no no_grad context."""
+    if running_mean.requires_grad or running_var.requires_grad:
+        with torch.no_grad():
+            return update_running_stats(running_mean.detach(), running_var.detach(), mean, var, momentum, count,
+                                        num_batches_tracked)
+    if mean.dtype != running_mean.dtype:
+        mean, var = mean.to(running_mean.dtype), var.to(running_var.dtype)
+    if momentum is not None:
+        # three in-place ops and no temporary (a foreach lerp of both, after unbiasing, takes twice the host time)
+        running_mean.lerp_(mean, momentum)
+        running_var.mul_(1.0 - momentum).add_(var, alpha=momentum * count / (count - 1))
+        return
+    factor = num_batches_tracked.reciprocal().to(running_mean.dtype).reshape(())
+    running_mean.lerp_(mean, factor)
+    running_var.lerp_(var * (count / (count - 1)), factor)

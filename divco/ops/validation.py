@@ -248,3 +248,102 @@ def check_weights_tensor(weights: Tensor, logits: Tensor, mode: str) -> None:
             f"weights are on {weights.device} but logits are on {logits.device}; expected the same device "
             "(the kernels read the weights from device memory)"
         )
+
+
+# -- the fused BatchNorm (divco.ops.batch_norm) ------------------------------------------------
+
+#: The activations the fused BatchNorm applies after the (optional) residual add.
+BATCH_NORM_ACTIVATIONS: tuple[str | None, ...] = (None, "relu")
+
+
+def check_batch_norm_hyperparameters(momentum: object, eps: object) -> None:
+    """``momentum`` a number in [0, 1] or None (cumulative average), ``eps`` a finite number > 0.
+
+    One rule for every backend: F.batch_norm (the torch backend) takes any float, and a NaN or
+    out-of-range momentum gives NaN or diverging running statistics, eps <= 0 a NaN output on a
+    constant channel (0 / 0)."""
+    if momentum is not None and not (_is_real(momentum) and 0.0 <= momentum <= 1.0):
+        raise ValueError(f"momentum must be a number in [0, 1] or None (cumulative average); got {momentum!r}")
+    if not (_is_real(eps) and eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite number > 0; got {eps!r}")
+
+
+def _is_real(value: object) -> bool:
+    """A real number, not a bool (floats first: the ABC check costs host time per call)."""
+    return type(value) is float or (not isinstance(value, bool) and isinstance(value, numbers.Real))
+
+
+def _check_channel_vector(name: str, t: object, C: int, dtype: torch.dtype, device: torch.device) -> None:
+    """A [C] tensor on x's device whose dtype F.batch_norm takes with x: x's dtype or float32."""
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a Tensor or None; got {type(t).__name__}")
+    if t.shape != (C,):
+        raise ValueError(f"{name} must have shape [C] = [{C}] (x's channels); got {list(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be floating point; got {t.dtype}")
+    if t.dtype not in (dtype, torch.float32):
+        raise ValueError(f"{name} must be float32 or x's dtype ({dtype}); got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, x on {device}; expected one device")
+
+
+def check_batch_norm_x(x: object, residual: object, training: bool) -> None:
+    """The per-call part of :func:`check_batch_norm_inputs`: x and the residual."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"x must be a Tensor; got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D [N, C, H, W]; got shape {list(x.shape)}")
+    if x.dtype not in FUSED_DTYPES + (torch.float64,):
+        raise ValueError(f"x must be float32, bfloat16, float16 or float64; got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"x must not be empty; got shape {list(x.shape)}")
+    N, C, H, W = x.shape
+    if training and N * H * W == 1:
+        raise ValueError(f"training needs more than one value per channel (N·H·W > 1); got shape {list(x.shape)}")
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise ValueError(f"residual must be a Tensor or None; got {type(residual).__name__}")
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {list(x.shape)}; got {list(residual.shape)}")
+        if residual.dtype != x.dtype:
+            raise ValueError(f"residual must have x's dtype {x.dtype}; got {residual.dtype}")
+        if residual.device != x.device:
+            raise ValueError(f"residual is on {residual.device}, x on {x.device}; expected one device")
+
+
+def check_batch_norm_parameters(C: int, dtype: torch.dtype, device: torch.device, weight, bias, running_mean,
+                                running_var, training: bool, momentum: object, eps: object,
+                                num_batches_tracked: object) -> None:
+    """The part of :func:`check_batch_norm_inputs` that reads only what a BatchNorm module holds
+    (checked once per module state by divco.nn.BranchBatchNorm2d) and x's channels, dtype, device."""
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        _check_channel_vector(name, t, C, dtype, device)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be tensors or both be None")
+    if not training and running_mean is None:
+        raise ValueError("eval mode (training=False) normalises with the running statistics: "
+                         "running_mean and running_var are required; got None")
+    check_batch_norm_hyperparameters(momentum, eps)
+    if momentum is None and training and running_mean is not None:
+        if not isinstance(num_batches_tracked, Tensor) or num_batches_tracked.numel() != 1:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked, a one-element tensor "
+                             f"counting the batches including this one; got {type(num_batches_tracked).__name__}")
+        if num_batches_tracked.device != device:
+            raise ValueError(f"num_batches_tracked is on {num_batches_tracked.device}, x on {device}; "
+                             "expected one device")
+
+
+def check_batch_norm_inputs(x, weight, bias, running_mean, running_var, residual, training: bool, activation,
+                            momentum: object = 0.1, eps: object = 1e-5, num_batches_tracked: object = None) -> None:
+    """ValueError naming what was expected and what came, for anything divco.ops.batch_norm
+    cannot take; the same on every backend (torch, triton, cpu, cuda). Reads metadata only.
+
+    The [C] tensors (weight, bias, running statistics) follow F.batch_norm's dtype rule: x's
+    dtype or float32 (a float64 running_var with float32 x is refused, not silently rounded)."""
+    check_batch_norm_x(x, residual, training)
+    check_batch_norm_parameters(x.shape[1], x.dtype, x.device, weight, bias, running_mean, running_var, training,
+                                momentum, eps, num_batches_tracked)
+    if activation not in BATCH_NORM_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {BATCH_NORM_ACTIVATIONS}; got {activation!r}")
