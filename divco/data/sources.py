@@ -536,3 +536,8 @@ def identify_loaded_dataset(source: str, data: ImageDataset) -> Optional[str]:
     if data.name in ("cifar10", "cifar100"):
         return data.name
     return identify_classes(data.classes)
+
+
+def data_on_disk(source: str) -> bool:
+    """Whether ``source`` names data that can be read here (the bundled digits, or a path that exists)."""
+    return source == "digits" or Path(source).expanduser().exists()

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from .runtime import unwrap_model
 
 if TYPE_CHECKING:
     from .step import TrainStep
@@ -116,8 +117,6 @@ def _detached(out: ops.CotrainLoss) -> ops.CotrainLoss:
 
 
 def _buffers(step: "TrainStep") -> list[Tensor]:
-    from .step import unwrap_model
-
     return list(unwrap_model(step.model).buffers()) if step.skip_nonfinite else []
 
 

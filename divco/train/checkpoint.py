@@ -34,6 +34,7 @@ from .run_log import CONFIG_NAME, read_metrics, warning
 
 if TYPE_CHECKING:
     from ..models.base import BranchBatchedNetwork
+    from .config import TrainConfig
 
 CHECKPOINT_FORMAT = "divco-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -355,3 +356,29 @@ def model_from_checkpoint(checkpoint: Union[str, Path, dict]) -> BranchBatchedNe
                           **info.get("model_kwargs", {}))
     model.load_state_dict(state["model"])
     return model.eval()
+
+
+def find_resume_point(config: "TrainConfig", device: torch.device, *, verbose: bool) -> Optional[tuple[Path, dict]]:
+    """The checkpoint to resume, or None for a new run; refuses to overwrite a run (and a resume whose
+    options differ from the checkpoint's)."""
+    from .runtime import option
+
+    out = Path(config.out)
+    existing = list_checkpoints(out)
+    if not config.resume:
+        if existing or (out / "metrics.jsonl").exists():
+            raise ValueError(f"{out} already holds a training run; pass {option('resume', True)} to "
+                             f"continue it, or choose another {option('out')}")
+        return None
+    if not existing:
+        raise nothing_to_resume(out)
+    path, state = load_latest(out)
+    differences = checkpoint_config(state).run_defining_differences(config)
+    written_on = state.get("device_type", device.type)  # the device's type changes the numbers
+    if written_on != device.type:
+        differences.append(f"a {device.type} device (this run: {written_on})")
+    if differences:
+        raise ValueError(f"cannot resume {path}: it was trained with different options; this command gives "
+                         + "; ".join(differences) + f". Use the run's original options, or choose another "
+                         f"{option('out')}")
+    return path, state

@@ -39,12 +39,9 @@ from .checkpoint import (
     BEST_NAME,
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
-    checkpoint_config,
     checkpoint_name,
+    find_resume_point,
     improved_best,
-    list_checkpoints,
-    load_latest,
-    nothing_to_resume,
     prune_checkpoints,
     restore_best,
     save_checkpoint,
@@ -298,29 +295,6 @@ class Run:
     def write_checkpoint(path: Path, state: dict) -> Path:
         """Write a checkpoint (atomic); what a method writes its member checkpoints with."""
         return save_checkpoint(path, state)
-
-
-def find_resume_point(config: TrainConfig, device: torch.device, *, verbose: bool) -> Optional[tuple[Path, dict]]:
-    """The checkpoint to resume, or None for a new run; refuses to overwrite a run."""
-    out = Path(config.out)
-    existing = list_checkpoints(out)
-    if not config.resume:
-        if existing or (out / "metrics.jsonl").exists():
-            raise ValueError(f"{out} already holds a training run; pass {option('resume', True)} to "
-                             f"continue it, or choose another {option('out')}")
-        return None
-    if not existing:
-        raise nothing_to_resume(out)
-    path, state = load_latest(out)
-    differences = checkpoint_config(state).run_defining_differences(config)
-    written_on = state.get("device_type", device.type)  # the device's type changes the numbers
-    if written_on != device.type:
-        differences.append(f"a {device.type} device (this run: {written_on})")
-    if differences:
-        raise ValueError(f"cannot resume {path}: it was trained with different options; this command gives "
-                         + "; ".join(differences) + f". Use the run's original options, or choose another "
-                         f"{option('out')}")
-    return path, state
 
 
 def assemble_run(config: TrainConfig, processes: DistributedContext, device: torch.device) -> Run:

@@ -80,8 +80,7 @@ def plan_from_config(config: Any, num_classes: Optional[int] = None) -> RunPlan:
     """The plan of ``config`` before training: the data are read only where their size cannot be
     known otherwise (digits, image folders), through the cache. Data that is not on disk takes the
     size of the ``--recipe``'s dataset (``num_classes``: its class count instead)."""
-    from ..data.sources import identify_dataset, load_dataset
-    from .run_checks import data_on_disk
+    from ..data.sources import data_on_disk, identify_dataset, load_dataset
 
     on_disk = data_on_disk(config.data)
     identified = identify_dataset(config.data) if on_disk else None

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from ..data.sources import data_on_disk
+
 #: The defaults of the co-training options that ``--method independent`` does not use.
 _COTRAIN_DEFAULTS = {"cot_weight": 0.5}
 
@@ -56,11 +58,6 @@ def check_run_options(config: Any, *, print_config: bool = False, num_classes: O
         _check_print_config(config, num_classes, device)
 
 
-def data_on_disk(source: str) -> bool:
-    """Whether ``source`` names data that can be read here (the bundled digits, or a path that exists)."""
-    return source == "digits" or Path(source).expanduser().exists()
-
-
 def _check_min_lr(config: Any, option) -> None:
     """An explicit --min-lr above the peak lr would silently become a constant schedule."""
     if config.min_lr is None:
@@ -91,7 +88,7 @@ def _check_print_config(config: Any, num_classes: Optional[int], device) -> None
         if not out.is_dir():
             raise FileNotFoundError(f"{option('resume', True)}: the run folder {out} does not exist, so there is "
                                     f"nothing to resume; check {option('out')}")
-        from .engine import find_resume_point
+        from .checkpoint import find_resume_point
 
         find_resume_point(config, device, verbose=False)  # refuses options that differ from the checkpoint's
     if data_on_disk(config.data):

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def resolve_device(name: str, local_rank: int = 0, *, require_available: bool = True) -> torch.device:
@@ -181,3 +181,14 @@ def option_spelling(spell: Callable[[str, object], str]):
 def option(name: str, value: object = None) -> str:
     """A TrainConfig option as the user spelled it (``batch_size=8``, or the front end's spelling)."""
     return _SPELLING[0](name, value)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The BranchBatchedNetwork inside DDP and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module"):  # DistributedDataParallel
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..vocabulary import NONFINITE_POLICIES
 from .capture import check_capture, whole_step_capture
+from .runtime import unwrap_model  # noqa: F401  (re-exported: divco.train.step.unwrap_model)
 
 
 class RunningMetrics:
@@ -294,14 +295,3 @@ class TrainStep:
             for now, then in restore:
                 now.copy_(torch.where(bad, then, now))
         return bad
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The BranchBatchedNetwork inside DDP and torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module"):  # DistributedDataParallel
-            model = model.module
-        elif hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        else:
-            return model
