@@ -61,6 +61,27 @@ def _seed():
 def pytest_configure(config):
     config.addinivalue_line("markers", "triton: runs the Triton kernels (compiled on a GPU, interpreted on a CPU)")
     config.addinivalue_line("markers", "inductor: compiles with Inductor (its own phase of the GPU suite)")
+    if os.environ.get("DIVCO_TILE_SHARD"):
+        config.pluginmanager.register(WarmUpShard(os.environ["DIVCO_TILE_SHARD"]), "divco-warm-up-shard")
+
+
+class WarmUpShard:
+    """scripts/gpu_suite.sh's Triton warm-up (DIVCO_TILE_SHARD=i/n): process i of n runs every
+    hypothesis test on its shard of the cases (tests/tile_shapes.py) and every n-th of the
+    other selected tests. Last, after -m/-k deselected: the parametrised backends cycle, so
+    every n-th of all tests could be one backend's tests only."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config, items):
+        fixed = [item for item in items if not draws_hypothesis_examples(item)]
+        mine = set(map(id, shard(fixed, self.spec))) if fixed else set()
+        keep = [item for item in items if draws_hypothesis_examples(item) or id(item) in mine]
+        kept = set(map(id, keep))
+        config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept])
+        items[:] = keep
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,14 +111,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.triton)
         if is_inductor_test(item):
             item.add_marker(pytest.mark.inductor)
-    if os.environ.get("DIVCO_TILE_SHARD"):
-        # scripts/gpu_suite.sh's Triton warm-up: process i of n runs every hypothesis test on its
-        # shard of the cases (tests/tile_shapes.py) and every n-th of the other tests
-        fixed = [item for item in items if not draws_hypothesis_examples(item)]
-        mine = set(map(id, shard(fixed, os.environ["DIVCO_TILE_SHARD"]))) if fixed else set()
-        keep = [item for item in items if draws_hypothesis_examples(item) or id(item) in mine]
-        config.hook.pytest_deselected(items=[item for item in items if id(item) not in set(map(id, keep))])
-        items[:] = keep
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
