@@ -49,6 +49,7 @@
 #   DIVCO_SUITE_SKIP_BUILD=1 (test the divco that PYTHON imports), DIVCO_SUITE_BUILD_BUDGET,
 #   DIVCO_SUITE_PYTEST_WORKERS (pytest-xdist workers of the test phases, default 8; 1: none),
 #   DIVCO_SUITE_WARM_JOBS (warm-up processes, default: the cores, at most 16; 0: no warm-up),
+#   DIVCO_SUITE_WARM_ARGS (the warm-up's pytest paths, default: tests/ops tests/native),
 #   DIVCO_SUITE_INDUCTOR (auto, 1 or 0; see above), DIVCO_SUITE_INDUCTOR_ARGS (its pytest
 #   arguments, default: tests), TRITON_CACHE_DIR (default
 #   /tmp/divco-suite-triton-cache), DIVCO_SUITE_TEST_PHASES / DIVCO_SUITE_BENCH_STAGES (replace
@@ -70,7 +71,7 @@ KILL_GRACE=5
 BUILD_BUDGET=${DIVCO_SUITE_BUILD_BUDGET:-70}
 WARM_BUDGET=40
 #: the Triton tests the warm-up runs (sharded), and its processes
-WARM_ARGS="tests/ops tests/native"
+WARM_ARGS=${DIVCO_SUITE_WARM_ARGS:-tests/ops tests/native}
 WARM_JOBS=${DIVCO_SUITE_WARM_JOBS:-$(( $(nproc) < 16 ? $(nproc) : 16 ))}
 INDUCTOR=${DIVCO_SUITE_INDUCTOR:-auto}
 INDUCTOR_BUDGET=90
@@ -307,19 +308,31 @@ if (( ! DRY_RUN )) && [[ ${DIVCO_SUITE_PYTEST_WORKERS:-8} -gt 1 ]] && $PY -c "im
     workers=(-n "${DIVCO_SUITE_PYTEST_WORKERS:-8}")
 fi
 
-# warm JOBS: the Triton compile cache, one pytest process per shard, all at once
+# warm JOBS SECONDS: the Triton compile cache, one pytest process per shard, all at once; each
+# shard stops itself in time for the report (what it compiled stays in the cache)
 warm() {
-    local jobs=$1 pids=() i failed=0
+    local jobs=$1 shard_limit=$(( $2 > 16 ? $2 - 10 : $2 / 2 + 1 )) pids=() i failed=0
+    # at the phase's limit every shard gets the SIGINT too: report what was compiled by then
+    trap 'echo "warm: stopped at its limit"' INT
     for (( i = 0; i < jobs; i++ )); do
         # shellcheck disable=SC2086
-        OMP_NUM_THREADS=1 DIVCO_TILE_SHARD="$i/$jobs" $PY -m pytest -q -p no:cacheprovider -p no:xdist \
+        OMP_NUM_THREADS=1 DIVCO_TILE_SHARD="$i/$jobs" timeout -s INT -k 3 "$shard_limit" \
+            $PY -m pytest -q -p no:cacheprovider -p no:xdist \
             -m "triton and not inductor" $WARM_ARGS > "$SCRATCH/warm-$i.log" 2>&1 &
         pids+=($!)
     done
     for i in "${!pids[@]}"; do
-        wait "${pids[$i]}" || failed=$(( failed + 1 ))
+        # a wait that the SIGINT interrupts (status > 128) is waited again: the shard still exits
+        while true; do
+            wait "${pids[$i]}"
+            local rc=$?
+            (( rc > 128 )) && kill -0 "${pids[$i]}" 2>/dev/null && continue
+            break
+        done
+        (( rc == 0 )) || failed=$(( failed + 1 ))
     done
-    echo "warm: $jobs shards, $failed with failures (the kernels phase reports them);" \
+    echo "warm: $jobs shards of ${shard_limit}s, $failed with failures or stopped (the kernels phase reports" \
+         "the tests);" \
          "$(find "$TRITON_CACHE_DIR" -name '*.cubin' 2>/dev/null | wc -l) compiled kernels in $TRITON_CACHE_DIR"
     tail -n 1 "$SCRATCH"/warm-*.log 2>/dev/null | grep -v '^==> \|^$' | sort | uniq -c | head -5
     return 0
@@ -375,7 +388,7 @@ if (( DRY_RUN )); then
 else
     if (( WARM_BUDGET > 0 )); then
         stage warm "$WARM_BUDGET" bash -c "$(declare -f warm); PY='$PY' SCRATCH='$SCRATCH' WARM_ARGS='$WARM_ARGS' \
-            warm $WARM_JOBS"
+            warm $WARM_JOBS $WARM_BUDGET"
     fi
     run_tests() {
         local name=$1 seconds=$2 markers=$3
