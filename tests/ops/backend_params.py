@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from tile_shapes import examples
 
 from divco.ops import backends
 from divco.vocabulary import ENSEMBLE_MODES
@@ -43,7 +44,7 @@ MAX_ROWS = {"torch": 300, "cpu": 300, "cuda": 300, "triton": 16 if _INTERPRETED 
 #: DIVCO_TEST_EXAMPLES_SCALE=10 makes a longer soak run.
 _SCALE = int(os.environ.get("DIVCO_TEST_EXAMPLES_SCALE", "1"))
 _BASE_EXAMPLES = {"torch": 40, "cpu": 40, "cuda": 60, "triton": 12 if _INTERPRETED else 60}
-EXAMPLES = {backend: count * _SCALE for backend, count in _BASE_EXAMPLES.items()}
+EXAMPLES = {backend: examples(count * _SCALE) for backend, count in _BASE_EXAMPLES.items()}  # capped on a GPU
 
 
 # -- what the native extension supports (it may be built from an older source) ----------------

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tile_shapes import examples, field
 
 from divco.ops import backends
 from divco.ops.batch_norm import batch_norm
@@ -59,7 +60,8 @@ LIMITS = {
     "cpu": dict(n=8, c=64, hw=12),
     "cuda": dict(n=16, c=256, hw=16),
 }
-EXAMPLES = {"triton": (10 if INTERPRETED else 60) * SCALE, "cpu": 40 * SCALE, "cuda": 60 * SCALE}
+EXAMPLES = {backend: examples(count * SCALE)  # capped on a GPU
+            for backend, count in {"triton": 10 if INTERPRETED else 60, "cpu": 40, "cuda": 60}.items()}
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
@@ -149,21 +151,21 @@ class Case:
 @st.composite
 def cases(draw, backend):
     lim = LIMITS[backend]
-    training = draw(st.booleans())
-    N = draw(st.integers(1, lim["n"]))
-    H = draw(st.integers(1, lim["hw"]))
-    W = draw(st.integers(1, lim["hw"]))
+    training = draw(field("batch_norm", "training", st.booleans()))
+    N = draw(field("batch_norm", "N", st.integers(1, lim["n"])))
+    H = draw(field("batch_norm", "H", st.integers(1, lim["hw"])))
+    W = draw(field("batch_norm", "W", st.integers(1, lim["hw"])))
     if training and N * H * W == 1:
         W = 2  # training needs two values per channel (eval takes N·H·W = 1)
     return Case(
         backend,
-        (N, draw(st.integers(1, lim["c"])), H, W),
-        DTYPES[draw(st.sampled_from(sorted(DTYPES)))],
-        channels_last=draw(st.booleans()),
+        (N, draw(field("batch_norm", "C", st.integers(1, lim["c"]))), H, W),
+        draw(field("batch_norm", "dtype", st.sampled_from(sorted(DTYPES)).map(DTYPES.get))),
+        channels_last=draw(field("batch_norm", "channels_last", st.booleans())),
         training=training,
-        residual=draw(st.booleans()),
-        relu=draw(st.booleans()),
-        affine=draw(st.booleans()),
+        residual=draw(field("batch_norm", "residual", st.booleans())),
+        relu=draw(field("batch_norm", "relu", st.booleans())),
+        affine=draw(field("batch_norm", "affine", st.booleans())),
         seed=draw(st.integers(0, 2**16)),
         mean_shift=draw(st.sampled_from([0.0, 0.0, 30.0])),
     )

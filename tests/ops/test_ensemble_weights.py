@@ -12,6 +12,7 @@ import torch
 from backend_params import EXAMPLES, backend_params, device_for, ensemble_modes_for, requires_mode
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tile_shapes import field
 
 import divco.ops as ops
 from divco.ops import reference as R
@@ -42,13 +43,15 @@ def test_weighted_ensembles_match_the_reference(backend):
     @settings(max_examples=EXAMPLES[backend], deadline=None)
     @given(
         seed=st.integers(0, 2**31 - 1),
-        N=st.integers(1, 10),
-        K=st.one_of(st.integers(2, 64), st.integers(2, 64), st.sampled_from([1500, 12000])),
-        raw=st.lists(st.sampled_from([0.0, 0.0, 0.1, 0.5, 1.0, 3.0, 7.25]), min_size=1, max_size=7),
-        mode=st.sampled_from(modes),
-        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-        as_tensor=st.booleans(),
-        transposed=st.booleans(),
+        N=field("weighted_ensemble", "N", st.integers(1, 10)),
+        K=field("weighted_ensemble", "K", st.one_of(st.integers(2, 64), st.integers(2, 64),
+                                                    st.sampled_from([1500, 12000]))),
+        raw=field("weighted_ensemble", "raw", st.lists(st.sampled_from([0.0, 0.0, 0.1, 0.5, 1.0, 3.0, 7.25]),
+                                                       min_size=1, max_size=7)),
+        mode=field("weighted_ensemble", "mode", st.sampled_from(modes)),
+        dtype=field("weighted_ensemble", "dtype", st.sampled_from([torch.float32, torch.bfloat16, torch.float16])),
+        as_tensor=field("weighted_ensemble", "as_tensor", st.booleans()),
+        transposed=field("weighted_ensemble", "transposed", st.booleans()),
     )
     def check(seed, N, K, raw, mode, dtype, as_tensor, transposed):
         if sum(raw) == 0:
