@@ -57,7 +57,7 @@ def _ensemble_backends():
 @pytest.mark.parametrize("mode", ["mean_logits", "mean_probs", "geo_mean", "vote"])
 @pytest.mark.parametrize("backend", _ensemble_backends())
 def test_ensemble_forward_backward(benchmark, backend, mode, weighted):
-    """divco.ops.ensemble forward + backward, with and without per-branch weights (issue 13):
+    """divco.ops.ensemble forward + backward, with and without per-branch weights:
     the cost of weights is the ratio of the two rows of one group."""
     from divco.ops import ensemble
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The install as a user with a CPU-only torch meets it (issue 10, item 13): a fresh virtual
+# The install as a user with a CPU-only torch meets it: a fresh virtual
 # environment (no system site packages) with only that torch, divco installed the README's
 # way with its [test] extra, then the README's test command. Fails if the install changed
 # torch, if the extension was not built against it, or if a test fails.

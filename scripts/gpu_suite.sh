@@ -89,7 +89,7 @@ TEST_PHASES=(
 )
 # Bench stages: "name|budget seconds|divco bench arguments" (each writes OUT_DIR/bench; a later
 # stage's files replace an earlier one's, so give a stage of its own an --out of its own and
-# keep the 8-file limit in mind). Hook: the fused BatchNorm op's GPU rows (issue 12) go here.
+# keep the 8-file limit in mind). Hook: the fused BatchNorm op's GPU rows go here.
 # An entry whose arguments start with "pytest " runs those pytest-benchmark arguments instead
 # (its table lands in suite.log: no file of its own).
 BENCH_STAGES=(
@@ -412,7 +412,7 @@ fi
 for entry in "${BENCH_STAGES[@]}"; do
     IFS='|' read -r name seconds args <<< "$entry"
     if [[ $args == "pytest "* ]]; then
-        # pytest-benchmark rows (the fused BatchNorm op, issue 12); no spaces inside an argument
+        # pytest-benchmark rows (the fused BatchNorm op); no spaces inside an argument
         read -r -a pytest_args <<< "${args#pytest }"
         if (( DRY_RUN )); then
             count=$($PY -m pytest --collect-only -q -p no:cacheprovider "${pytest_args[@]}" 2>/dev/null | grep -c '::')

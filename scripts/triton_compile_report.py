@@ -137,7 +137,7 @@ def plan(quick: bool = False) -> list[Spec]:
             flags = dict(SOFT_TARGET=soft, KIND_KL=False, UNIT_TEMPERATURE=False, COMPUTE_GRAD=grad,
                          SINGLE_TILE=single)
             cotrain(dtype, flags, base_s, base_k, base_warps)
-        # a float32 gradient buffer for reduced-precision logits (issue 9, item 4)
+        # a float32 gradient buffer for reduced-precision logits
         cotrain(dtype, dict(SOFT_TARGET=False, KIND_KL=False, UNIT_TEMPERATURE=False, COMPUTE_GRAD=True,
                             SINGLE_TILE=False), base_s, base_k, base_warps, grad_dtype="float32")
         # per-sample weights: the weight load and the scaled stores in this dtype

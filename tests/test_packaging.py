@@ -23,7 +23,7 @@ def requirement_name(requirement: str) -> str:
 
 
 def test_torchvision_is_not_a_dependency_but_the_vision_extra():
-    """Issue 10 item 13: torchvision>=0.20 as a dependency replaced a CPU-only torch with a CUDA one."""
+    """torchvision>=0.20 as a dependency replaced a CPU-only torch with a CUDA one."""
     project = PYPROJECT["project"]
     assert {requirement_name(r) for r in project["dependencies"]} & TORCH_PINNING == {"torch"}
     assert [requirement_name(r) for r in project["optional-dependencies"]["vision"]] == ["torchvision"]
@@ -62,7 +62,7 @@ def test_divco_imports_and_builds_imagenet_models_without_torchvision():
 
 @pytest.mark.slow
 def test_sdist_holds_every_test_benchmark_and_script(tmp_path):
-    """Issue 10 item 16: the sdist omitted 41 of 43 test files, bench/ and scripts/."""
+    """The sdist once omitted 41 of 43 test files, bench/ and scripts/."""
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout: nothing to compare the sdist with")
     tracked = subprocess.run(["git", "ls-files", "tests", "bench", "scripts", "csrc", "kernels", "docs"], cwd=ROOT,

@@ -48,7 +48,7 @@ class BlockCase:
         return self.batch, self.channels, self.side, self.side
 
 
-#: The shapes of issue 12 at batch 64 (batch 128 doubles every tensor: bench/bench_batch_norm.py).
+#: The benchmark's shapes at batch 64 (batch 128 doubles every tensor: bench/bench_batch_norm.py).
 CASES = tuple(
     BlockCase(block, model, 64, channels, 32, layout)
     for block in BLOCKS

@@ -107,7 +107,7 @@ def _build(spec: CifarResNetSpec, branches: int, execution: str, dropout: Option
 #: name: (depth, widen factor, dropout before the classifier of the undivided network).
 #: The official code puts Dropout(0.1 / S) before WRN-40-10's classifier, and none elsewhere.
 #: WRN-16-1, WRN-16-2 and WRN-16-4 are not in the paper: CPU-sized networks for quick runs and the
-#: demo, and the smallest widths of Kondratyuk et al.'s ensemble curve (issue 13). WRN-16-1 cannot
+#: demo, and the smallest widths of Kondratyuk et al.'s ensemble curve. WRN-16-1 cannot
 #: be made narrower: divided, every branch keeps k' = 1 (an ensemble of S full WRN-16-1s).
 WIDE_RESNETS: dict[str, tuple[int, int, float]] = {
     "wide_resnet16_1": (16, 1, 0.0),

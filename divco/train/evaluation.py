@@ -21,7 +21,7 @@ DEFAULT_ENSEMBLE = vocabulary.DEFAULT_ENSEMBLE_MODE
 #: divco.ops.ensemble returns logits for these modes and probabilities for the others.
 _LOGIT_MODES = tuple(m for m in ENSEMBLE_MODES if m not in vocabulary.PROBABILITY_MODES)
 ECE_BINS = calibration.DEFAULT_BINS
-#: The calibration metrics added by issue 13; records written before them read back as NaN.
+#: The calibration metrics; records written before them read back as NaN.
 CALIBRATION_FIELDS = ("brier", "adaptive_ece", "aurc")
 
 

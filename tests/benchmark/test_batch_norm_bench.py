@@ -1,4 +1,4 @@
-"""divco.benchmark.batch_norm: the fused BatchNorm block's rows of `divco bench` (issue 12)."""
+"""divco.benchmark.batch_norm: the fused BatchNorm block's rows of `divco bench`."""
 
 import pytest
 import torch

@@ -134,7 +134,7 @@ def test_exhausted_budget_records_skips(tmp_path):
 
 
 def test_quick_profile_measures_its_whole_plan_behind_budget(tmp_path, capsys, monkeypatch):
-    """Issue 9: on a slow machine --quick skipped most cases ("time budget exhausted"); it now
+    """On a slow machine --quick skipped most cases ("time budget exhausted"); it now
     measures every comparison with fewer repeats. Without matplotlib it says no plot was drawn."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     (tmp_path / "train.png").write_bytes(b"last run's plot")

@@ -1,5 +1,5 @@
 """`pip install "divco[bench]"` must bring everything the plots and the Packed-Ensembles method
-import (issue 9: a user without matplotlib got no plots). torch-uncertainty's packed models
+import (a user without matplotlib got no plots). torch-uncertainty's packed models
 import lightning, rich, scipy, torchmetrics, einops and yaml, but declare only einops and
 seaborn; lightning brings torchmetrics and PyYAML."""
 

@@ -1,4 +1,4 @@
-"""`divco --help` stays light: it imports neither torch, torchvision, the extension nor Triton (issue 11 item 9)."""
+"""`divco --help` stays light: it imports neither torch, torchvision, the extension nor Triton."""
 
 from __future__ import annotations
 

@@ -104,7 +104,7 @@ def test_compare_prints_the_s1_versus_s2_table(tmp_path, capsys, cache):
 
 
 def test_usage_errors_are_one_line(tmp_path, capsys):
-    # issue 10 item 8: `--branches abc` printed the whole usage block
+    # `--branches abc` printed the whole usage block
     with pytest.raises(SystemExit) as exit:
         main(["train", *TINY, "--branches", "abc", "--out", str(tmp_path / "run")])
     assert exit.value.code == 2

@@ -1,4 +1,4 @@
-"""The options of divco train / compare are generated from TrainConfig (issue 11 item 4)."""
+"""The options of divco train / compare are generated from TrainConfig."""
 
 from __future__ import annotations
 

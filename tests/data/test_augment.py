@@ -160,7 +160,7 @@ def test_cuda_views_and_mixup_never_synchronise(policy):
     assert views.is_cuda and torch.isfinite(views).all()
 
 
-# -- issue 14: the official ImageNet crop and label smoothing ---------------------------------------
+# -- the official ImageNet crop and label smoothing ---------------------------------------
 
 from divco.data.augment import random_resized_crop  # noqa: E402
 

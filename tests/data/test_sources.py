@@ -243,7 +243,7 @@ def test_shared_cifar10_jpg_archive(tmp_path):
 
 
 def test_identify_dataset_reads_names_only(tmp_path, digits):
-    """Issue 14 item 6: the recipe follows the dataset, identified from the source without decoding."""
+    """The recipe follows the dataset, identified from the source without decoding."""
     from divco.data.sources import identify_dataset
 
     assert identify_dataset("digits") == "digits"

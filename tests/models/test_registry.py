@@ -53,7 +53,7 @@ def test_registering_a_name_twice_raises():
 
 
 def test_every_registered_name_is_spelled_out_in_the_source():
-    """Issue 11: each name is findable with grep (an explicit table, as timm's explicit functions)."""
+    """Each name is findable with grep (an explicit table, as timm's explicit functions)."""
     from pathlib import Path
 
     source = "\n".join(p.read_text() for p in Path(divco.models.__file__).parent.glob("*.py"))
@@ -122,7 +122,7 @@ def test_readme_documents_set_conv_impl_as_the_api_takes_it():
 
 
 def test_models_do_not_import_higher_layers():
-    """Issue 11 item 5: the model layer imports neither divco.stacking nor divco.train."""
+    """The model layer imports neither divco.stacking nor divco.train."""
     import ast
     from pathlib import Path
 

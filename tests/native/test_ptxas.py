@@ -18,7 +18,7 @@ _spec.loader.exec_module(ptxas_report)
 ARCHS = (80, 90)
 SOURCES = [str(p.relative_to(ptxas_report.CSRC)) for p in ptxas_report.cuda_sources()]
 DTYPES = ("float", "c10::BFloat16", "c10::Half")
-#: The defect the native engineer is fixing (issue 9, item 8): cotrain_rows_kernel<T, 16> (9 <= S
+#: A defect once present: cotrain_rows_kernel<T, 16> (9 <= S
 #: <= 16) spills under __launch_bounds__(512) (456 B fp32, 40 B bf16/fp16 on sm_90). Expected to
 #: fail until that fix is merged, then to pass (an imperative xfail, so not strict).
 

@@ -1,4 +1,4 @@
-"""Edge values give the same answer on every backend (issue 10 items 9-12, issue 9 items 5 and 7).
+"""Edge values give the same answer on every backend.
 
 -inf logits (masked classes) have probability 0 and add nothing; logits near ±3e38 give the
 reference's finite values; NaN counts as the maximum of the max ensembles and routes their
@@ -76,7 +76,7 @@ def test_a_branch_entirely_masked_is_nan(backend):
 @pytest.mark.parametrize("backend", edge_params("torch", "triton", "cpu", "cuda"))
 def test_a_whole_tile_of_minus_inf_in_one_branch(backend):
     """K spans many tiles and branch 1's first 8,192 classes are -inf: the online softmax must
-    not compute -inf - -inf (issue 9 item 5)."""
+    not compute -inf - -inf."""
     K = 40_000
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(1, 2, K, generator=g)
@@ -164,7 +164,7 @@ def test_double_backward_through_the_torch_backend():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_grad_scaler_sized_gradients_do_not_overflow_or_flush(backend, dtype):
     """A GradScaler multiplies the loss by 65536: the fused backward must scale in float32 and
-    cast last (issue 9 item 4). At N = 256 an fp16-stored gradient loses its small entries."""
+    cast last. At N = 256 an fp16-stored gradient loses its small entries."""
     N, S, K = 256, 4, 1000 if backend != "triton" else 200
     g = torch.Generator().manual_seed(3)
     values = (torch.randn(N, S, K, generator=g) * 3).to(dtype)
@@ -187,7 +187,7 @@ def test_grad_scaler_sized_gradients_do_not_overflow_or_flush(backend, dtype):
 @pytest.mark.parametrize("backend", edge_params())
 def test_top1_counts_treat_nan_as_the_maximum(backend):
     """tl.max ignores NaN on GPUs and propagates it in the interpreter: the kernels take their
-    max over NaN-free values and handle NaN explicitly, as torch.argmax does (issue 9 item 7)."""
+    max over NaN-free values and handle NaN explicitly, as torch.argmax does."""
     nan = math.nan
     logits = torch.tensor([[[0.0, nan, 5.0, 1.0], [2.0, 1.0, 0.0, 0.0]],
                            [[3.0, 1.0, 0.0, nan], [nan, 9.0, 0.0, 0.0]],

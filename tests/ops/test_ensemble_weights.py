@@ -1,4 +1,4 @@
-"""Per-branch weights and the "vote" mode of divco.ops.ensemble on every backend (issue 13, item 1).
+"""Per-branch weights and the "vote" mode of divco.ops.ensemble on every backend.
 
 Against the float64 reference (values and gradients, hypothesis), hand-computed votes, ties and
 NaN rows, weights of 0 next to ±inf / NaN logits, the input errors, opcheck with weights and

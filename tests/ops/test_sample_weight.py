@@ -1,4 +1,4 @@
-"""Per-sample weights of the co-training loss (issue 13, item 1): every mean over the batch
+"""Per-sample weights of the co-training loss: every mean over the batch
 becomes mean_n v_n · loss_n, on every backend. The random comparison with the float64
 reference (values and gradients, hard and soft targets, "js" and "kl", zeros among the
 weights) is part of test_backends.test_cotrain_loss_matches_reference; here: exact cases,

@@ -94,7 +94,7 @@ def test_kernels_compile_for_gpus():
 
 
 def test_nothing_probes_the_kernels_at_call_time(monkeypatch):
-    """Whether the kernels are interpreted is decided at import (issue 9 item 1): an isinstance
+    """Whether the kernels are interpreted is decided at import: an isinstance
     on a Triton kernel inside a traced call breaks torch.compile before torch 2.12."""
     import torch
     import triton.runtime.interpreter
@@ -118,7 +118,7 @@ def test_nothing_probes_the_kernels_at_call_time(monkeypatch):
 
 
 def test_device_guard_makes_the_logits_device_current(monkeypatch):
-    """Triton launches on the current device: tensors on cuda:1 need cuda:1 current (issue 9 item 6)."""
+    """Triton launches on the current device: tensors on cuda:1 need cuda:1 current."""
     import contextlib
 
     import torch
@@ -160,7 +160,7 @@ def test_every_launcher_enters_the_device_guard(monkeypatch):
 
 
 def test_the_gradient_has_its_own_buffer_without_compute_grad(monkeypatch):
-    """The ensemble buffer is never passed as the gradient pointer too (issue 9 item 9): that
+    """The ensemble buffer is never passed as the gradient pointer too: that
     was correct only while Inductor pruned the masked store."""
     import torch
 
@@ -194,7 +194,7 @@ def test_the_gradient_has_its_own_buffer_without_compute_grad(monkeypatch):
 
 
 def test_a_missing_kernels_package_is_a_packaging_error():
-    """Running from a checkout without installing: not "Triton unavailable" but a clear error (item 10)."""
+    """Running from a checkout without installing: not "Triton unavailable" but a clear error."""
     code = (
         "import sys\n"
         "sys.modules['divco.kernels'] = None  # what a checkout without pip install -e . looks like\n"

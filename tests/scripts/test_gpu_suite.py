@@ -70,7 +70,7 @@ def test_dry_run_builds_collects_in_order_and_fits_the_budget(tmp_path):
     assert inductor and int(inductor[1]) == int(kernels[3]) + int(rest[3]) > 0, log
     assert re.search(r"bench\s+plan estimate ~\d+s of \d+s", log), log
     assert "wide_resnet16_8/S4/train/" in log  # the bench stage's comparisons are listed
-    assert re.search(r"batchnorm\s+\d+ benchmarks collected", log), log  # the fused BatchNorm rows (issue 12)
+    assert re.search(r"batchnorm\s+\d+ benchmarks collected", log), log  # the fused BatchNorm rows
     assert log.rstrip().endswith("RESULT: OK"), log[-2000:]
     assert {p.name for p in _files(out)} == {"suite.log", "build.log"}
     assert "=== summary" in (out / "suite.log").read_text()

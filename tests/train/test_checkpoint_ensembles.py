@@ -1,4 +1,4 @@
-"""--method snapshot|cbnn (issue 13 item 2): member checkpoints of one run, their weights, stacking, resume.
+"""--method snapshot|cbnn: member checkpoints of one run, their weights, stacking, resume.
 
 Tiny real runs on the digits at 8x8 (WRN-16-1, 48 training images, batches of 16: 3 steps an epoch).
 """

@@ -28,7 +28,7 @@ def test_resume_compares_only_what_changes_results(tmp_path):
                                     dict(backend="torch"), dict(execution="per_branch"),
                                     dict(eval_batch_size=7), dict(on_nan="skip-step")])
 def test_options_that_change_the_numbers_are_run_defining(tmp_path, change):
-    # issue 10 item 3: a resume with another precision (...) used to be accepted and overwrote config.json
+    # a resume with another precision (...) used to be accepted and overwrote config.json
     config = tiny_config(tmp_path, device="cuda")
     assert len(config.run_defining_differences(config.replace(**change))) == 1
     differences = config.run_defining_differences(config.replace(seed=5, augment=AugmentConfig(mixup_alpha=0.0)))

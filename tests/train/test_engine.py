@@ -51,7 +51,7 @@ def test_end_to_end_training_learns_and_records(tmp_path):
     best = load_checkpoint(out / "best.pt")
     assert best["best"]["test_ensemble_acc"] == max(r["test_ensemble_acc"] for r in records)
     stored = json.loads((out / "config.json").read_text())
-    resolved = stored.pop("resolved")  # the recipe values used (issue 14 item 10: warm-ups stored)
+    resolved = stored.pop("resolved")  # the recipe values used (warm-ups stored)
     assert stored == config.to_dict()
     assert resolved["recipe"] == "quick" and resolved["warmup_epochs"] == result.info["resolved"]["warmup_epochs"]
     assert "acc %" in result.final.table() and "pairwise disagreement" in result.final.table()

@@ -1,4 +1,4 @@
-"""Issue 10 items 1-4, 6, 8: diverging runs, the run lock, strict resume, write failures, crafted checkpoints."""
+"""Diverging runs, the run lock, strict resume, write failures, crafted checkpoints."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""--method independent: S independent networks in one launch (issue 13 item 2), each branch its own
+"""--method independent: S independent networks in one launch, each branch its own
 initialisation, augmentation and order of the training set, no co-training term; resume keeps it."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Lower layers never import higher ones (issue 11 item 5): training does not load the benchmark package."""
+"""Lower layers never import higher ones: training does not load the benchmark package."""
 
 from __future__ import annotations
 

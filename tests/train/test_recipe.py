@@ -81,7 +81,7 @@ def test_cot_weight_warmup_is_the_official_per_epoch_rule():
     assert schedules.cot_weight_for_epoch(0, 0.0, 10) == 0.0  # no co-training stays none
 
 
-# -- issue 14: the official recipe per dataset and architecture ------------------------------------
+# -- the official recipe per dataset and architecture ------------------------------------
 
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
