@@ -138,11 +138,16 @@ if (( DRY_RUN )); then
     # every run's options through divco train's own parser and resolution, in one process
     $PYTHON - "$SCRATCH"/*.args <<'PYEOF' || exit 1
 import contextlib, io, json, sys
+
+import torch
+
 from divco.cli import main
 
 failed = 0
 for path in sys.argv[1:]:
     argv = open(path).read().split("\n")[:-1] + ["--print-config"]
+    if not torch.cuda.is_available():  # a rehearsal on a CPU: --print-config refuses a device that is not here
+        argv[argv.index("--device") + 1] = "cpu"
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
