@@ -106,6 +106,10 @@ class TrainConfig:
         None, choices=CBNN_ERROR_KINDS,
         help="cbnn: a member's per-sample error, zero_one (top-1 wrong: the paper's rule, the default) or "
              "probability (1 - p(true class)); only with --method cbnn")
+    cbnn_weight_ratio: Optional[float] = option_field(
+        None, metavar="R", help="cbnn: cap R (>= 1) on the ratio of the largest to the smallest sample weight after "
+                                "every update; 0: no cap, plain SAMME (default: divco.ensembles.boosting."
+                                "DEFAULT_MAX_WEIGHT_RATIO; only with --method cbnn)")
     cot_weight: float = option_field(0.5)
     cot_kind: str = option_field("js", choices=COT_KINDS)
     cot_warmup_epochs: Optional[int] = option_field(
@@ -240,7 +244,7 @@ class TrainConfig:
     def _validate_checkpoint_ensemble(self, positive_int, number) -> None:
         """--checkpoints, --cbnn-shrinkage and --cbnn-errors: only where they mean something."""
         ensemble_options = {"checkpoints": self.checkpoints, "cbnn_shrinkage": self.cbnn_shrinkage,
-                            "cbnn_errors": self.cbnn_errors}
+                            "cbnn_errors": self.cbnn_errors, "cbnn_weight_ratio": self.cbnn_weight_ratio}
         allowed = {"snapshot": {"checkpoints"}, "cbnn": set(ensemble_options)}.get(self.method, set())
         for name, value in ensemble_options.items():
             if value is not None and name not in allowed:
@@ -257,6 +261,8 @@ class TrainConfig:
             raise ValueError(f"method {self.method!r} trains one network and stacks its {self.members} member "
                              f"checkpoints into the ensemble: branches must be 1, got {self.branches}")
         number("cbnn_shrinkage", self.cbnn_shrinkage, 0.0, low_open=True, allow_none=True)
+        if self.cbnn_weight_ratio is not None and self.cbnn_weight_ratio != 0:
+            number("cbnn_weight_ratio (R >= 1, or 0: no cap)", self.cbnn_weight_ratio, 1.0, low_open=False)
         if self.cbnn_errors is not None and self.cbnn_errors not in CBNN_ERROR_KINDS:
             raise ValueError(f"cbnn_errors must be one of {CBNN_ERROR_KINDS}, got {self.cbnn_errors!r}")
 

@@ -319,7 +319,8 @@ def assemble_run(config: TrainConfig, processes: DistributedContext, device: tor
     if config.checkpoint_ensemble:
         members = CheckpointEnsemble(config.method, config.members, total_steps=total_steps, epochs=config.epochs,
                                      num_samples=len(data.train_labels), num_classes=data.num_classes,
-                                     shrinkage=config.cbnn_shrinkage, error_kind=config.cbnn_errors, device=device)
+                                     shrinkage=config.cbnn_shrinkage, error_kind=config.cbnn_errors, device=device,
+                                     weight_ratio=config.cbnn_weight_ratio)
     cot_warmup = resolved.cot_warmup_epochs
     scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
     cot_weight = torch.zeros((), dtype=torch.float32, device=device)

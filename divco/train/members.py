@@ -39,7 +39,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ..ensembles.boosting import BoostingState, checkpoint_errors
+from ..ensembles.boosting import BoostingState, checkpoint_errors, resolve_damping
 from ..ensembles.snapshot import SnapshotSchedule
 from ..io import atomic_write_text
 from ..models.base import BranchBatchedNetwork
@@ -81,7 +81,7 @@ class CheckpointEnsemble:
 
     def __init__(self, method: str, members: int, *, total_steps: int, epochs: int, num_samples: int,
                  num_classes: int, shrinkage: Optional[float], error_kind: Optional[str],
-                 device: torch.device) -> None:
+                 device: torch.device, weight_ratio: Optional[float] = None) -> None:
         self.method = method
         self.count = members
         self.total_steps = total_steps
@@ -93,9 +93,9 @@ class CheckpointEnsemble:
         if method == "snapshot":
             self.snapshots = SnapshotSchedule(total_steps, members)
         else:
-            self.boosting = BoostingState(num_samples, num_classes, epochs, members,
-                                          shrinkage=1.0 if shrinkage is None else float(shrinkage),
-                                          error_kind=error_kind or "zero_one")
+            shrinkage, max_weight_ratio = resolve_damping(shrinkage, weight_ratio)
+            self.boosting = BoostingState(num_samples, num_classes, epochs, members, shrinkage=shrinkage,
+                                          error_kind=error_kind or "zero_one", max_weight_ratio=max_weight_ratio)
             self._refresh_loss_weights()
 
     # -- when -------------------------------------------------------------------------------

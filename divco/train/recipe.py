@@ -480,7 +480,7 @@ def resolve_run(config: Any, identified: Optional[str] = None) -> dict:
 
 def _checkpoint_ensemble_plan(config: Any, peak: float, schedule: dict, total_steps: int) -> tuple[dict, dict]:
     """The lr schedule and the member plan of a snapshot/cbnn run (--print-config)."""
-    from ..ensembles.boosting import checkpoint_epochs
+    from ..ensembles.boosting import checkpoint_epochs, resolve_damping
     from ..ensembles.snapshot import SnapshotSchedule
 
     plan = {"method": config.method, "members": config.members, "ensemble": "weighted mean of the members' "
@@ -491,7 +491,7 @@ def _checkpoint_ensemble_plan(config: Any, peak: float, schedule: dict, total_st
                     "cycles": config.members, "cycle_steps": cycles.cycle_length, "total_steps": total_steps}
         plan.update(member_iterations=cycles.snapshot_iterations(), weights="equal")
     else:
+        shrinkage, max_weight_ratio = resolve_damping(config.cbnn_shrinkage, config.cbnn_weight_ratio)
         plan.update(member_epochs=checkpoint_epochs(config.epochs, config.members), weights="alpha_j normalised",
-                    shrinkage=config.cbnn_shrinkage if config.cbnn_shrinkage is not None else 1.0,
-                    errors=config.cbnn_errors or "zero_one")
+                    shrinkage=shrinkage, errors=config.cbnn_errors or "zero_one", max_weight_ratio=max_weight_ratio)
     return schedule, plan  # the JSON form (tuples as lists), equal to what is printed
