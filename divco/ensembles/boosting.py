@@ -9,8 +9,16 @@ One training run saves M checkpoints at equal intervals. At each checkpoint j th
 
 Training continues with the new weights in the loss (as per-sample loss weights with mean 1,
 see :func:`loss_weights`); the final ensemble is the alpha-weighted mean of the checkpoints'
-probabilities. This is divco's reading of the paper (no public implementation exists); the
-rule lives in :func:`samme_update` only.
+probabilities. This is divco's reading of the paper (its Algorithm 1 could not be read and no
+public implementation was found: docs/ENSEMBLES.md); the rule lives in :func:`samme_update` only.
+
+Damping (``max_weight_ratio`` R, :func:`cap_weight_ratio`): plain SAMME leaves the misclassified
+samples (K-1)/K of the weight after every update whatever their error, so once a checkpoint's
+training error is small the next interval trains on a handful of images. With R the updated
+log-weights are capped at min + log R: max(w) / min(w) <= R after every update, so m wrong samples
+of N hold at most m R / (m R + N - m) of the weight. ``--method cbnn`` uses
+:data:`DEFAULT_SHRINKAGE` and :data:`DEFAULT_MAX_WEIGHT_RATIO` unless told otherwise
+(:func:`resolve_damping`; ``--cbnn-weight-ratio 0`` is plain SAMME).
 
 Variants (:data:`ERROR_KINDS`):
   ``"zero_one"``     wrong_i in {0, 1}: the top-1 prediction differs from the label (the paper's rule);
@@ -45,7 +53,7 @@ ERROR_EPS = 1e-10
 #: The damping of ``--method cbnn`` when the run names none (see docs/ENSEMBLES.md for the measurement
 #: that chose it): the shrinkage on alpha and the cap on max(w) / min(w) (None: no cap).
 DEFAULT_SHRINKAGE = 1.0
-DEFAULT_MAX_WEIGHT_RATIO: Optional[float] = None
+DEFAULT_MAX_WEIGHT_RATIO: Optional[float] = 4.0
 
 #: Tolerance on "the weights sum to 1".
 _SUM_TOLERANCE = 1e-6

@@ -95,21 +95,22 @@ class TrainConfig:
              "branch s the order a separate run with seed + s would see); snapshot (Snapshot Ensembles: M cosine "
              "cycles with restarts, one member checkpoint per cycle, equal weights; --branches 1); cbnn (boosting "
              "by checkpoints: M member checkpoints at equal intervals of the normal schedule, the training samples "
-             "re-weighted at each as SAMME does, members weighted by alpha; --branches 1)")
+             "re-weighted at each as SAMME does, the weights' spread capped by --cbnn-weight-ratio, members "
+             "weighted by alpha; --branches 1)")
     checkpoints: Optional[int] = option_field(
         None, metavar="M", help=f"M, the member checkpoints of a snapshot or cbnn run (default "
                                 f"{DEFAULT_CHECKPOINTS}; 1 <= M <= epochs; only with those methods)")
     cbnn_shrinkage: Optional[float] = option_field(
         None, help="cbnn: factor (> 0) on every alpha, in the member weights and the sample-weight update alike "
-                   "(default 1: the paper's rule; only with --method cbnn)")
+                   "(default 1: SAMME's alpha; only with --method cbnn)")
     cbnn_errors: Optional[str] = option_field(
         None, choices=CBNN_ERROR_KINDS,
         help="cbnn: a member's per-sample error, zero_one (top-1 wrong: the paper's rule, the default) or "
              "probability (1 - p(true class)); only with --method cbnn")
     cbnn_weight_ratio: Optional[float] = option_field(
         None, metavar="R", help="cbnn: cap R (>= 1) on the ratio of the largest to the smallest sample weight after "
-                                "every update; 0: no cap, plain SAMME (default: divco.ensembles.boosting."
-                                "DEFAULT_MAX_WEIGHT_RATIO; only with --method cbnn)")
+                                "every update; 0: no cap, plain SAMME (default 4, chosen by the measurement in "
+                                "docs/ENSEMBLES.md; only with --method cbnn)")
     cot_weight: float = option_field(0.5)
     cot_kind: str = option_field("js", choices=COT_KINDS)
     cot_warmup_epochs: Optional[int] = option_field(
