@@ -21,7 +21,8 @@ def add_arguments(parser) -> None:
     from ..ensembles.curve import DEFAULT_CURVE_MODE, DEFAULT_MAX_SUBSETS
 
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                        help=f"training run directories (their {RUN_CHECKPOINT} is evaluated) or checkpoint files")
+                        help=f"training run directories (their {RUN_CHECKPOINT} is evaluated; of a snapshot or cbnn "
+                             f"run: its member checkpoints) or checkpoint files")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for curve.json, curve.md and curve.png")
     parser.add_argument("--mode", default=DEFAULT_CURVE_MODE, choices=WEIGHTED_ENSEMBLE_MODES,
                         help="how members are combined (default: geometric mean of probabilities, as Kondratyuk)")
@@ -41,7 +42,8 @@ def load_run_members(run_dir, args):
     The checkpoint and its test data are read as ``divco eval`` reads them
     (:func:`divco.train.evaluate_checkpoint.load_checkpoint_on_test_data`).  The label is the
     network and its branch count, e.g. "wide_resnet16_1 (S=4)"; the FLOPs are 2 x the
-    multiply-accumulates of one member (one branch) on one test image.
+    multiply-accumulates of one member (one branch) on one test image.  The folder of a snapshot
+    or cbnn run (members.json) gives its M member checkpoints instead (:func:`load_checkpoint_members`).
     """
     import torch
 
@@ -49,8 +51,11 @@ def load_run_members(run_dir, args):
     from ..summary import summary
     from ..train.evaluate_checkpoint import load_checkpoint_on_test_data
     from ..train.evaluation import predict
+    from ..train.members import is_members_run
 
     path = Path(run_dir)
+    if is_members_run(path):
+        return load_checkpoint_members(run_dir, args)
     if path.is_dir() and not (path / RUN_CHECKPOINT).is_file():
         raise FileNotFoundError(f"{run_dir}: no {RUN_CHECKPOINT} (expected a training run directory or a checkpoint)")
     if not path.exists():
@@ -62,6 +67,37 @@ def load_run_members(run_dir, args):
     logits = predict(loaded.model, images.to(loaded.device), loaded.normalize, batch_size=args.batch_size)  # [N, S, K]
     info = loaded.state["model_info"]
     return RunMembers(label=run_label(info), logits=logits.transpose(0, 1).to(torch.float64),
+                      labels=loaded.dataset.test_labels.to(loaded.device), member_flops=2.0 * member_macs,
+                      source=str(run_dir))
+
+
+def load_checkpoint_members(run_dir, args):
+    """RunMembers of a snapshot/cbnn run folder: its M member checkpoints (members.json), stacked into
+    one M-branch model as ``divco eval RUN_DIR`` stacks them, on the test data of the first member.
+
+    The curve combines subsets of them by ``--mode`` with equal weights, as for any run; the run's own
+    weighted ensemble (cbnn's alphas) is what ``divco eval RUN_DIR`` reports. The label is e.g.
+    "wide_resnet16_1 (cbnn, M=3)"; the FLOPs are one member's.
+    """
+    import torch
+
+    from ..ensembles.curve import RunMembers
+    from ..summary import summary
+    from ..train.evaluate_checkpoint import load_checkpoint_on_test_data
+    from ..train.evaluation import predict
+    from ..train.members import load_members
+
+    members = load_members(run_dir)
+    first = Path(run_dir) / members.record["members"][0]["file"]
+    loaded = load_checkpoint_on_test_data(first, data=args.data, test_subset=args.test_subset, device=args.device,
+                                          cache_dir=args.cache_dir)
+    model = members.stacked().to(loaded.device)
+    images = loaded.dataset.test_images
+    member_macs = summary(model, tuple(images.shape[1:])).macs_per_branch
+    logits = predict(model, images.to(loaded.device), loaded.normalize, batch_size=args.batch_size)  # [N, M, K]
+    info = members.states[0]["model_info"]
+    label = f"{info['name']} ({members.method}, M={len(members.states)})"
+    return RunMembers(label=label, logits=logits.transpose(0, 1).to(torch.float64),
                       labels=loaded.dataset.test_labels.to(loaded.device), member_flops=2.0 * member_macs,
                       source=str(run_dir))
 

@@ -9,8 +9,16 @@ One training run saves M checkpoints at equal intervals. At each checkpoint j th
 
 Training continues with the new weights in the loss (as per-sample loss weights with mean 1,
 see :func:`loss_weights`); the final ensemble is the alpha-weighted mean of the checkpoints'
-probabilities. This is divco's reading of the paper (no public implementation exists); the
-rule lives in :func:`samme_update` only.
+probabilities. This is divco's reading of the paper (its Algorithm 1 could not be read and no
+public implementation was found: docs/ENSEMBLES.md); the rule lives in :func:`samme_update` only.
+
+Damping (``max_weight_ratio`` R, :func:`cap_weight_ratio`): plain SAMME leaves the misclassified
+samples (K-1)/K of the weight after every update whatever their error, so once a checkpoint's
+training error is small the next interval trains on a handful of images. With R the updated
+log-weights are capped at min + log R: max(w) / min(w) <= R after every update, so m wrong samples
+of N hold at most m R / (m R + N - m) of the weight. ``--method cbnn`` uses
+:data:`DEFAULT_SHRINKAGE` and :data:`DEFAULT_MAX_WEIGHT_RATIO` unless told otherwise
+(:func:`resolve_damping`; ``--cbnn-weight-ratio 0`` is plain SAMME).
 
 Variants (:data:`ERROR_KINDS`):
   ``"zero_one"``     wrong_i in {0, 1}: the top-1 prediction differs from the label (the paper's rule);
@@ -41,6 +49,11 @@ ERROR_KINDS: tuple[str, ...] = ("zero_one", "probability")
 
 #: Default clamp of the weighted error e_j into [eps, 1 - eps].
 ERROR_EPS = 1e-10
+
+#: The damping of ``--method cbnn`` when the run names none (see docs/ENSEMBLES.md for the measurement
+#: that chose it): the shrinkage on alpha and the cap on max(w) / min(w) (None: no cap).
+DEFAULT_SHRINKAGE = 1.0
+DEFAULT_MAX_WEIGHT_RATIO: Optional[float] = 4.0
 
 #: Tolerance on "the weights sum to 1".
 _SUM_TOLERANCE = 1e-6
@@ -83,15 +96,43 @@ def _check_errors(errors: Tensor, n: int, kind: str) -> Tensor:
     return errors
 
 
+def _check_weight_ratio(max_weight_ratio: Optional[float]) -> Optional[float]:
+    if max_weight_ratio is None:
+        return None
+    if not (isinstance(max_weight_ratio, (int, float)) and not isinstance(max_weight_ratio, bool)
+            and math.isfinite(max_weight_ratio) and max_weight_ratio >= 1):
+        raise ValueError(f"max_weight_ratio must be a finite number >= 1 (or None: no cap), got {max_weight_ratio!r}")
+    return float(max_weight_ratio)
+
+
+def resolve_damping(shrinkage: Optional[float], weight_ratio: Optional[float]) -> tuple[float, Optional[float]]:
+    """(shrinkage, max_weight_ratio) of a run's options: None takes the default; a weight ratio of 0
+    means no cap (plain SAMME with ``shrinkage`` 1)."""
+    shrinkage = DEFAULT_SHRINKAGE if shrinkage is None else float(shrinkage)
+    if weight_ratio is None:
+        return shrinkage, DEFAULT_MAX_WEIGHT_RATIO
+    return shrinkage, (None if weight_ratio == 0 else _check_weight_ratio(weight_ratio))
+
+
+def cap_weight_ratio(log_weights: Tensor, max_weight_ratio: Optional[float]) -> Tensor:
+    """Log-weights with max(w) / min(w) <= ``max_weight_ratio``: the log-weights above
+    min + log(ratio) are lowered to it (None: unchanged). Not normalised."""
+    if max_weight_ratio is None:
+        return log_weights
+    return torch.minimum(log_weights, log_weights.min() + math.log(max_weight_ratio))
+
+
 def samme_update(weights: Tensor, wrong: Tensor, num_classes: int, *, shrinkage: float = 1.0,
-                 eps: float = ERROR_EPS) -> BoostingRound:
+                 max_weight_ratio: Optional[float] = None, eps: float = ERROR_EPS) -> BoostingRound:
     """One boosting round at a checkpoint: (alpha_j, e_j, new normalised weights).
 
     ``weights`` [N] sum to 1. ``wrong`` [N] is either bool (True where the checkpoint's top-1
     prediction is wrong: the paper's 0/1 rule) or floating point in [0, 1] (the soft error
     1 - p(true class) of the "probability" variant, see :func:`soft_errors`). ``shrinkage``
     (> 0) multiplies alpha, in the ensemble weight and in the update alike (as scikit-learn's
-    ``learning_rate``). See the module docstring for e_j = 0 and e_j >= (K-1)/K.
+    ``learning_rate``). ``max_weight_ratio`` R (>= 1, None: no cap) bounds the new weights'
+    spread: max(w) / min(w) <= R (:func:`cap_weight_ratio`); alpha is SAMME's either way. See the
+    module docstring for e_j = 0 and e_j >= (K-1)/K.
     """
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
@@ -99,6 +140,7 @@ def samme_update(weights: Tensor, wrong: Tensor, num_classes: int, *, shrinkage:
         raise ValueError(f"shrinkage must be a finite number > 0, got {shrinkage!r}")
     if not (isinstance(eps, float) and 0 < eps < 0.5):
         raise ValueError(f"eps must be a float in (0, 0.5), got {eps!r}")
+    max_weight_ratio = _check_weight_ratio(max_weight_ratio)
     weights = _check_weights(weights)
     kind = "zero_one" if isinstance(wrong, Tensor) and wrong.dtype == torch.bool else "probability"
     errors = _check_errors(wrong, weights.shape[0], kind).to(weights.device)
@@ -109,7 +151,7 @@ def samme_update(weights: Tensor, wrong: Tensor, num_classes: int, *, shrinkage:
     if alpha <= 0.0:  # no better than chance: weight 0, sample weights unchanged
         return BoostingRound(0.0, error, weights / weights.sum())
     # In log space: exp(alpha) can overflow for a tiny e_j, the normalised weights cannot.
-    log_weights = weights.log() + alpha * errors
+    log_weights = cap_weight_ratio(weights.log() + alpha * errors, max_weight_ratio)
     updated = torch.softmax(log_weights, dim=0)
     return BoostingRound(alpha, error, updated)
 
@@ -178,6 +220,7 @@ class BoostingState:
     checkpoints: int
     shrinkage: float = 1.0
     error_kind: str = "zero_one"
+    max_weight_ratio: Optional[float] = None
     weights: Optional[Tensor] = None
     alphas: list[float] = field(default_factory=list)
     errors: list[float] = field(default_factory=list)
@@ -191,6 +234,7 @@ class BoostingState:
         check_choice("error_kind", self.error_kind, ERROR_KINDS)
         if not (isinstance(self.shrinkage, (int, float)) and math.isfinite(self.shrinkage) and self.shrinkage > 0):
             raise ValueError(f"shrinkage must be a finite number > 0, got {self.shrinkage!r}")
+        self.max_weight_ratio = _check_weight_ratio(self.max_weight_ratio)
         self.schedule = checkpoint_epochs(self.epochs, self.checkpoints)
         if self.weights is None:
             self.weights = torch.full((self.num_samples,), 1.0 / self.num_samples, dtype=torch.float64)
@@ -226,7 +270,8 @@ class BoostingState:
             raise ValueError(f"error_kind {self.error_kind!r} takes "
                              f"{'a bool tensor wrong[N]' if expect_bool else 'soft errors 1 - p(true class) [N]'}, got "
                              f"{wrong.dtype if isinstance(wrong, Tensor) else type(wrong).__name__}")
-        result = samme_update(self.weights, wrong, self.num_classes, shrinkage=float(self.shrinkage))
+        result = samme_update(self.weights, wrong, self.num_classes, shrinkage=float(self.shrinkage),
+                              max_weight_ratio=self.max_weight_ratio)
         self.weights = result.weights.cpu()
         self.alphas.append(result.alpha)
         self.errors.append(result.error)
@@ -244,17 +289,19 @@ class BoostingState:
         """A plain dict (a CPU tensor, numbers, strings, lists) for a checkpoint file."""
         return {"num_samples": self.num_samples, "num_classes": self.num_classes, "epochs": self.epochs,
                 "checkpoints": self.checkpoints, "shrinkage": float(self.shrinkage), "error_kind": self.error_kind,
-                "weights": self.weights.detach().cpu().clone(), "alphas": list(self.alphas),
+                "max_weight_ratio": self.max_weight_ratio, "weights": self.weights.detach().cpu().clone(), "alphas": list(self.alphas),
                 "errors": list(self.errors), "next_checkpoint": self.next_checkpoint}
 
     @classmethod
     def from_dict(cls, record: dict) -> "BoostingState":
-        expected = {"num_samples", "num_classes", "epochs", "checkpoints", "shrinkage", "error_kind", "weights",
-                    "alphas", "errors", "next_checkpoint"}
-        if not isinstance(record, dict) or set(record) != expected:
+        expected = {"num_samples", "num_classes", "epochs", "checkpoints", "shrinkage", "error_kind",
+                    "max_weight_ratio", "weights", "alphas", "errors", "next_checkpoint"}
+        # A state written before the weight-ratio cap existed lacks its key: that run had no cap.
+        keys = set(record) | {"max_weight_ratio"} if isinstance(record, dict) else None
+        if keys != expected:
             got = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise ValueError(f"a CBNN state needs exactly the keys {sorted(expected)}, got {got}")
-        values = dict(record)
+        values = {"max_weight_ratio": None, **record}
         values["alphas"] = [float(a) for a in record["alphas"]]
         values["errors"] = [float(e) for e in record["errors"]]
         return cls(**values)

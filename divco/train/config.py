@@ -99,6 +99,10 @@ class TrainConfig:
         None, choices=CBNN_ERROR_KINDS,
         help="cbnn: a member's per-sample error, zero_one (top-1 wrong: the paper's rule, the default) or "
              "probability (1 - p(true class)); only with --method cbnn")
+    cbnn_weight_ratio: Optional[float] = option_field(
+        None, metavar="R", help="cbnn: cap R (>= 1) on the ratio of the largest to the smallest sample weight after "
+                                "every update; 0: no cap, plain SAMME (default 4, chosen by the measurement in "
+                                "docs/ENSEMBLES.md; only with --method cbnn)")
     cot_weight: float = option_field(0.5)
     cot_kind: str = option_field("js", choices=COT_KINDS)
     cot_warmup_epochs: Optional[int] = option_field(

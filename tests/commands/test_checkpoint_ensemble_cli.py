@@ -89,4 +89,7 @@ def test_print_config_shows_the_member_plan(tmp_path, capsys):
     run = json.loads(capsys.readouterr().out)
     assert run["checkpoint_ensemble"]["member_epochs"] == [1, 2, 4]
     assert run["checkpoint_ensemble"]["errors"] == "probability"
+    assert run["checkpoint_ensemble"]["max_weight_ratio"] == 4.0  # the damped default
+    assert main([*base, "--method", "cbnn", "--cbnn-weight-ratio", "0"]) == 0  # plain SAMME
+    assert json.loads(capsys.readouterr().out)["checkpoint_ensemble"]["max_weight_ratio"] is None
     assert not (tmp_path / "run").exists()

@@ -95,3 +95,38 @@ def test_a_label_says_when_the_members_keep_the_full_width():
     assert ensemble_curve.run_label(info) == "wide_resnet16_2 (S=4)"  # divided: four WRN-16-1
     assert ensemble_curve.run_label({**info, "model_kwargs": {"divide": False}}) == "wide_resnet16_2 (S=4, undivided)"
     assert ensemble_curve.run_label({"name": "resnet110", "branches": 1}) == "resnet110 (S=1)"  # older checkpoints
+
+
+@pytest.mark.slow
+def test_a_checkpoint_ensemble_run_gives_its_members(tmp_path):
+    """A cbnn run folder (members.json + member-*.pt): the curve's members are its M member checkpoints,
+    each with the test logits of its own model, not best.pt's one network."""
+    from divco.data import AugmentConfig
+    from divco.train import TrainConfig, train
+    from divco.train.checkpoint import load_checkpoint
+    from divco.train.evaluate_checkpoint import evaluate_members, load_checkpoint_on_test_data
+    from divco.train.evaluation import predict
+    from divco.train.export import model_from_checkpoint
+
+    run = tmp_path / "cbnn"
+    config = TrainConfig(model="wide_resnet16_1", data="digits", image_size=8, progress=False, tensorboard=False,
+                         augment=AugmentConfig(crop_padding=1), method="cbnn", checkpoints=2, epochs=2,
+                         batch_size=16, train_subset=32, test_subset=16, out=str(run))
+    train(config)
+    args = parse([str(run), "--out", str(tmp_path / "curve"), "--device", "cpu", "--mode", "mean_probs"])
+    members = ensemble_curve.load_run_members(str(run), args)
+    assert members.label == "wide_resnet16_1 (cbnn, M=2)" and members.logits.shape == (2, 16, 10)
+    loaded = ensemble_curve.load_run_members(str(run / "best.pt"), args)  # one checkpoint: one member
+    data = load_checkpoint_on_test_data(run / "member-01.pt", device="cpu")
+    for j in range(2):
+        model = model_from_checkpoint(load_checkpoint(run / f"member-0{j + 1}.pt")).eval()
+        own = predict(model, data.dataset.test_images, data.normalize, batch_size=256)[:, 0]
+        torch.testing.assert_close(members.logits[j], own.to(torch.float64), rtol=1e-4, atol=1e-4)
+    assert loaded.logits.shape[0] == 1
+    # the command end to end: n = 1, 2; the 2-member point is the equal-weight mean of both members
+    assert ensemble_curve.run(args) == 0
+    curve = json.loads((tmp_path / "curve" / "curve.json").read_text())
+    (points,) = [c["points"] for c in curve["curves"]]
+    assert [p["n"] for p in points] == [1, 2]
+    accuracies = [m["accuracy"] for m in evaluate_members(run, device="cpu")["members"]]
+    assert points[0]["accuracy"] == pytest.approx(sum(accuracies) / 2)

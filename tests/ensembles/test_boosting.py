@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from divco.ensembles.boosting import (BoostingState, checkpoint_epochs, checkpoint_errors, loss_weights, samme_update,
-                                      soft_errors)
+from divco.ensembles.boosting import (DEFAULT_MAX_WEIGHT_RATIO, DEFAULT_SHRINKAGE, BoostingState, checkpoint_epochs,
+                                      checkpoint_errors, loss_weights, resolve_damping, samme_update, soft_errors)
 
 
 def uniform(n):
@@ -255,3 +255,124 @@ def test_checkpoint_errors_from_logits():
         checkpoint_errors(logits, labels, "hinge")
     with pytest.raises(ValueError, match=r"\[N, K\]"):
         checkpoint_errors(logits[None], labels)
+
+
+# -- the damping: the cap on max(w) / min(w) --------------------------------------------------------
+
+
+def test_weight_ratio_cap_one_wrong_of_four_three_classes():
+    # SAMME would raise the wrong sample x6 (alpha = log 6, the first test above); the cap R = 4 holds it
+    # at 4 times the others: [4, 1, 1, 1] / 7. alpha (its ensemble weight) is SAMME's either way.
+    out = samme_update(uniform(4), torch.tensor([True, False, False, False]), 3, max_weight_ratio=4.0)
+    assert out.alpha == pytest.approx(math.log(6.0), abs=1e-14)
+    torch.testing.assert_close(out.weights, torch.tensor([4 / 7, 1 / 7, 1 / 7, 1 / 7], dtype=torch.float64))
+
+
+def test_weight_ratio_cap_above_the_raise_changes_nothing():
+    wrong = torch.tensor([True, False, False, False])
+    capped = samme_update(uniform(4), wrong, 3, max_weight_ratio=6.5)  # x6 < 6.5: not reached
+    torch.testing.assert_close(capped.weights, samme_update(uniform(4), wrong, 3).weights)
+
+
+def test_weight_ratio_cap_compounds_no_further():
+    # Two rounds, the same sample wrong twice: SAMME gives it 6 * 6 / ... ; the cap keeps it at R = 4.
+    state = BoostingState(4, 3, 6, 2, max_weight_ratio=4.0)
+    state.record(torch.tensor([True, False, False, False]))
+    state.record(torch.tensor([True, False, False, False]))
+    torch.testing.assert_close(state.weights, torch.tensor([4 / 7, 1 / 7, 1 / 7, 1 / 7], dtype=torch.float64))
+    # a second sample wrong in round 2 joins it at the cap: [4, 4, 1, 1] / 10 (its raise x exp(alpha_2) >= 4)
+    state = BoostingState(4, 3, 6, 2, max_weight_ratio=4.0)
+    state.record(torch.tensor([True, False, False, False]))
+    out = state.record(torch.tensor([False, True, False, False]))
+    e2 = 1 / 7
+    assert out.error == pytest.approx(e2) and out.alpha == pytest.approx(math.log((1 - e2) / e2) + math.log(2))
+    torch.testing.assert_close(state.weights, torch.tensor([0.4, 0.4, 0.1, 0.1], dtype=torch.float64))
+
+
+def _misclassified_mass_and_spread(max_weight_ratio, rounds, n, K, seed):
+    """Run ``rounds`` boosting rounds on random wrong masks (a few % wrong, as a well-fitted network's
+    training set): the misclassified images' weight after each update and the final max/min ratio."""
+    g = torch.Generator().manual_seed(seed)
+    state = BoostingState(n, K, rounds, rounds, max_weight_ratio=max_weight_ratio)
+    masses = []
+    for _ in range(rounds):
+        wrong = torch.rand(n, generator=g) < 0.03
+        wrong[0] = True  # at least one wrong image
+        result = state.record(wrong)
+        masses.append((float((state.weights * wrong).sum()), int(wrong.sum()), result.alpha))
+    return masses, float(state.weights.max() / state.weights.min())
+
+
+@pytest.mark.parametrize("max_weight_ratio", [None, 4.0])  # None: plain SAMME, which breaks the bound
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(50, 400), K=st.integers(2, 100), rounds=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
+def test_weight_ratio_cap_bounds_the_misclassified_mass(max_weight_ratio, n, K, rounds, seed):
+    # The property the cap is designed for: after any update, max(w)/min(w) <= R, so m misclassified
+    # images of n hold at most m R / (m R + n - m) of the weight, whatever their error; plain SAMME
+    # gives them (K-1)/K whatever the error (90 % for K = 10, 99 % for K = 100).
+    masses, spread = _misclassified_mass_and_spread(max_weight_ratio, rounds, n, K, seed)
+    bound_ratio = 4.0
+    if max_weight_ratio is None:  # SAMME: the bound fails, the mass is (K-1)/K
+        mass, m, alpha = masses[-1]
+        if alpha == 0:  # an error no better than chance (possible at K = 2): SAMME leaves the weights
+            return
+        assert mass == pytest.approx((K - 1) / K, rel=1e-9)
+        assert K == 2 or mass > m * bound_ratio / (m * bound_ratio + n - m)
+        return
+    assert spread <= bound_ratio * (1 + 1e-12)
+    for mass, m, _ in masses:
+        assert mass <= m * bound_ratio / (m * bound_ratio + n - m) + 1e-12
+
+
+def test_the_cbnn_default_bounds_the_misclassified_mass():
+    # What `--method cbnn` trains with when no damping option is given (resolve_damping(None, None)):
+    # 5 of 1000 CIFAR-100-like images wrong keep a bounded share, not SAMME's 99 %.
+    shrinkage, max_weight_ratio = resolve_damping(None, None)
+    wrong = torch.zeros(1000, dtype=torch.bool)
+    wrong[:5] = True
+    out = samme_update(uniform(1000), wrong, 100, shrinkage=shrinkage, max_weight_ratio=max_weight_ratio)
+    assert float(out.weights[wrong].sum()) <= 5 * DEFAULT_MAX_WEIGHT_RATIO / (5 * DEFAULT_MAX_WEIGHT_RATIO + 995) + 1e-12
+    assert float(out.weights[wrong].sum()) < 0.1
+
+
+def test_resolve_damping():
+    assert resolve_damping(None, None) == (DEFAULT_SHRINKAGE, DEFAULT_MAX_WEIGHT_RATIO)
+    assert resolve_damping(1.0, 0) == (1.0, None)  # 0: no cap, plain SAMME
+    assert resolve_damping(0.5, 2.5) == (0.5, 2.5)
+    with pytest.raises(ValueError, match="max_weight_ratio"):
+        resolve_damping(None, 0.5)
+
+
+@pytest.mark.parametrize("bad", [0.99, 0.0, -2.0, math.inf, math.nan, True, "4"])
+def test_weight_ratio_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="max_weight_ratio"):
+        samme_update(uniform(2), torch.tensor([True, False]), 3, max_weight_ratio=bad)
+    with pytest.raises(ValueError, match="max_weight_ratio"):
+        BoostingState(2, 3, 1, 1, max_weight_ratio=bad)
+
+
+def test_resume_with_the_cap_continues_exactly():
+    g = torch.Generator().manual_seed(5)
+    rounds = [torch.rand(60, generator=g) < p for p in (0.1, 0.05, 0.08)]
+    straight = BoostingState(60, 10, 30, 3, shrinkage=0.5, max_weight_ratio=3.0)
+    for wrong in rounds:
+        straight.record(wrong)
+    resumed = BoostingState(60, 10, 30, 3, shrinkage=0.5, max_weight_ratio=3.0)
+    resumed.record(rounds[0])
+    record = _roundtrip(resumed.to_dict())
+    assert record["max_weight_ratio"] == 3.0
+    resumed = BoostingState.from_dict(record)
+    for wrong in rounds[1:]:
+        resumed.record(wrong)
+    assert resumed.max_weight_ratio == 3.0
+    assert torch.equal(resumed.weights, straight.weights)
+    assert resumed.alphas == straight.alphas and resumed.errors == straight.errors
+
+
+def test_a_state_saved_before_the_cap_resumes_as_plain_samme():
+    old = BoostingState(4, 3, 3, 3).to_dict()
+    del old["max_weight_ratio"]  # the record of a run checkpointed before the option existed
+    state = BoostingState.from_dict(old)
+    assert state.max_weight_ratio is None
+    with pytest.raises(ValueError, match="keys"):
+        BoostingState.from_dict({**old, "stray": 1})

@@ -6,6 +6,7 @@ Tiny real runs on the digits at 8x8 (WRN-16-1, 48 training images, batches of 16
 from __future__ import annotations
 
 import json
+import math
 import types
 
 import pytest
@@ -16,6 +17,7 @@ from train_helpers import tiny_config
 import divco
 from divco.data import AugmentConfig, load_dataset
 from divco.ensembles import BoostingState, SnapshotSchedule, loss_weights
+from divco.ensembles.boosting import resolve_damping
 from divco.train import TrainConfig, load_checkpoint, methods, train
 from divco.train.checkpoint import model_from_checkpoint
 from divco.train.evaluation import predict
@@ -65,6 +67,9 @@ def test_the_methods_and_their_options():
     (dict(method="snapshot", cbnn_shrinkage=0.5), r"cbnn_shrinkage is an option of the method cbnn"),
     (dict(cbnn_shrinkage=0.0), r"cbnn_shrinkage must be a finite number > 0"),
     (dict(cbnn_errors="hinge"), r"cbnn_errors must be one of \('zero_one', 'probability'\)"),
+    (dict(method="snapshot", cbnn_weight_ratio=4.0), r"cbnn_weight_ratio is an option of the method cbnn"),
+    (dict(cbnn_weight_ratio=0.5), r"cbnn_weight_ratio must be a finite number >= 1 \(R\), or 0"),
+    (dict(cbnn_weight_ratio=math.inf), r"cbnn_weight_ratio must be a finite number >= 1 \(R\), or 0"),
 ])
 def test_bad_options_are_refused(changes, message):
     with pytest.raises(ValueError, match=message):
@@ -142,15 +147,18 @@ def train_set(config: TrainConfig):
     return data.train_images, data.train_labels
 
 
-@pytest.mark.parametrize("error_kind, shrinkage", [("zero_one", None), ("probability", 0.5)])
-def test_cbnn_rounds_equal_boosting_replayed_by_hand(tmp_path, monkeypatch, error_kind, shrinkage):
+@pytest.mark.parametrize("error_kind, shrinkage, weight_ratio", [("zero_one", None, None), ("probability", 0.5, 0)])
+def test_cbnn_rounds_equal_boosting_replayed_by_hand(tmp_path, monkeypatch, error_kind, shrinkage, weight_ratio):
     calls = recording_steps(monkeypatch)
-    config = members_config(tmp_path / "run", "cbnn", cbnn_errors=error_kind, cbnn_shrinkage=shrinkage)
+    config = members_config(tmp_path / "run", "cbnn", cbnn_errors=error_kind, cbnn_shrinkage=shrinkage,
+                            cbnn_weight_ratio=weight_ratio)
     result = train(config)
     assert result.completed
     members = load_members(tmp_path / "run")
     images, labels = train_set(config)
-    replay = BoostingState(TRAIN_IMAGES, 10, 3, 3, shrinkage=shrinkage or 1.0, error_kind=error_kind)
+    shrinkage, max_weight_ratio = resolve_damping(shrinkage, weight_ratio)  # None: --method cbnn's default
+    replay = BoostingState(TRAIN_IMAGES, 10, 3, 3, shrinkage=shrinkage, max_weight_ratio=max_weight_ratio,
+                           error_kind=error_kind)
     loss_weights_of_epoch = [replay.loss_weights()]
     for j, state in enumerate(members.states):
         errors = state["member"]["errors"]

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ...ensembles.boosting import ERROR_KINDS, BoostingState, checkpoint_epochs, checkpoint_errors
+from ...ensembles.boosting import ERROR_KINDS, BoostingState, checkpoint_epochs, checkpoint_errors, resolve_damping
 from ..evaluation import predict
 from .checkpoint_ensemble import CheckpointEnsembleMethod
 
@@ -23,8 +23,9 @@ from .checkpoint_ensemble import CheckpointEnsembleMethod
 class Cbnn(CheckpointEnsembleMethod):
     name = "cbnn"
     summary = ("cbnn (boosting by checkpoints: M member checkpoints at equal intervals of the normal schedule, "
-               "the training samples re-weighted at each as SAMME does, members weighted by alpha; --branches 1)")
-    options = frozenset({"checkpoints", "cbnn_shrinkage", "cbnn_errors"})
+               "the training samples re-weighted at each as SAMME does, the weights' spread capped by "
+               "--cbnn-weight-ratio, members weighted by alpha; --branches 1)")
+    options = frozenset({"checkpoints", "cbnn_shrinkage", "cbnn_errors", "cbnn_weight_ratio"})
 
     def __init__(self) -> None:
         super().__init__()
@@ -40,14 +41,22 @@ class Cbnn(CheckpointEnsembleMethod):
             raise ValueError(f"cbnn_shrinkage must be a finite number > 0.0, got {shrinkage!r}")
         if config.cbnn_errors is not None and config.cbnn_errors not in ERROR_KINDS:
             raise ValueError(f"cbnn_errors must be one of {ERROR_KINDS}, got {config.cbnn_errors!r}")
+        ratio = config.cbnn_weight_ratio
+        if ratio is not None and ratio != 0:
+            try:
+                resolve_damping(None, ratio)
+            except ValueError:
+                raise ValueError(f"cbnn_weight_ratio must be a finite number >= 1 (R), or 0 (no cap: plain SAMME), "
+                                 f"got {ratio!r}") from None
 
     def start(self, run) -> None:
         super().start(run)
         config = run.config
         self.device = run.device
+        shrinkage, max_weight_ratio = resolve_damping(config.cbnn_shrinkage, config.cbnn_weight_ratio)
         self.boosting = BoostingState(run.plan.train_images, run.data.num_classes, config.epochs, config.members,
-                                      shrinkage=1.0 if config.cbnn_shrinkage is None else float(config.cbnn_shrinkage),
-                                      error_kind=config.cbnn_errors or "zero_one")
+                                      shrinkage=shrinkage, error_kind=config.cbnn_errors or "zero_one",
+                                      max_weight_ratio=max_weight_ratio)
         self._refresh_loss_weights()
 
     def _refresh_loss_weights(self) -> None:
@@ -76,10 +85,10 @@ class Cbnn(CheckpointEnsembleMethod):
 
     def member_plan(self, plan) -> dict:
         config = plan.config
+        shrinkage, max_weight_ratio = resolve_damping(config.cbnn_shrinkage, config.cbnn_weight_ratio)
         return {**super().member_plan(plan), "member_epochs": checkpoint_epochs(config.epochs, config.members),
-                "weights": "alpha_j normalised",
-                "shrinkage": config.cbnn_shrinkage if config.cbnn_shrinkage is not None else 1.0,
-                "errors": config.cbnn_errors or "zero_one"}
+                "weights": "alpha_j normalised", "shrinkage": shrinkage, "errors": config.cbnn_errors or "zero_one",
+                "max_weight_ratio": max_weight_ratio}
 
     def extra_state(self) -> dict:
         return self.boosting.to_dict()
