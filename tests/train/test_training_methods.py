@@ -83,7 +83,7 @@ def test_the_registry_names_the_methods_and_refuses_others():
                                          r"got 'toy'"):
         methods.create("toy")
     assert methods.method_options() == {"cbnn_errors": ("cbnn",), "cbnn_shrinkage": ("cbnn",),
-                                        "checkpoints": ("snapshot", "cbnn")}
+                                        "cbnn_weight_ratio": ("cbnn",), "checkpoints": ("snapshot", "cbnn")}
 
 
 def test_a_registered_method_runs_through_the_engine(tmp_path, toy):
