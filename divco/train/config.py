@@ -25,7 +25,10 @@ DEVICES = ("auto", "cpu", "cuda")
 #: else - precision, channels_last, compile, backend, execution included - must match when a
 #: run is resumed.  Of ``device`` only the index may change (cuda:0 -> cuda:1), not the type
 #: (the training engine compares the device type a checkpoint was written on).
-OPERATIONAL_FIELDS = frozenset({"out", "resume", "device", "progress", "tensorboard", "keep_checkpoints", "cache_dir"})
+#: ``branch_parallel`` is one of them: a branch-parallel run computes what one process computes, and its
+#: checkpoints hold the one-process state (divco.train.branch_parallel), so a run may resume in another layout.
+OPERATIONAL_FIELDS = frozenset({"out", "resume", "device", "progress", "tensorboard", "keep_checkpoints", "cache_dir",
+                                "branch_parallel"})
 
 
 def option_field(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, **option: Any) -> Any:
@@ -157,6 +160,10 @@ class TrainConfig:
         True, help="on CUDA, let cuDNN time its convolution algorithms once per shape and keep the fastest")
     execution: str = option_field("auto", choices=EXECUTIONS, help="BranchBatchedNetwork.execution")
     sync_bn: bool = option_field(False, help="synchronised BatchNorm across processes (CUDA)")
+    branch_parallel: int = option_field(
+        1, metavar="G", help="spread the S branches over G process groups under torchrun (G divides S and the "
+                             "processes; WORLD_SIZE / G data-parallel shards): each process holds S/G branches and "
+                             "only the logits are exchanged (docs/BRANCH_PARALLEL.md); 1: data parallel (DDP)")
     on_nan: str = option_field("stop", choices=NONFINITE_POLICIES,
                                help="a NaN/inf loss: stop at the end of the epoch (exit status 1), or skip-step "
                                     "(not applied, counted in train_nonfinite_steps)")
@@ -199,6 +206,7 @@ class TrainConfig:
         positive_int("batch_size", self.batch_size)
         positive_int("seed", self.seed, minimum=0)
         positive_int("keep_checkpoints", self.keep_checkpoints)
+        positive_int("branch_parallel", self.branch_parallel)
         positive_int("eval_batch_size", self.eval_batch_size, allow_none=True)
         positive_int("train_subset", self.train_subset, allow_none=True)
         positive_int("test_subset", self.test_subset, allow_none=True)

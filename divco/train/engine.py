@@ -51,10 +51,12 @@ from .cudnn import configure_cudnn
 from .distributed import DistributedContext, convert_sync_batchnorm
 from .evaluation import EvaluationResult, evaluate, evaluate_validation
 from .export import spec_json
+from .layout import TrainingLayout, make_layout
 from .methods import TrainingMethod, method_class
 from .plan import RunPlan, plan_run
 from .recipe import parameter_groups
 from .run_lock import LOCK_NAME, RunLock
+from .branch_parallel.launch import check_processes_agree
 from .run_checks import check_run_options
 from .run_log import CONFIG_NAME, RunLog, warning, write_json
 from .runtime import (
@@ -110,6 +112,7 @@ def train(config: TrainConfig, *, should_stop: Optional[StopRequest] = None) -> 
     check_run_options(config)  # what a run refuses, before any allocation or process group (also --print-config)
     processes = DistributedContext.from_env(resolve_device(config.device).type)
     try:
+        check_processes_agree(config, processes)  # before the data, the model or any run folder
         out = Path(config.out)
         if out.exists() and not out.is_dir():
             raise ValueError(f"{option('out')} must be a folder, got the file {out}")
@@ -213,7 +216,7 @@ def train_in_folder(config: TrainConfig, processes: DistributedContext,
 def _start_line(run: "Run") -> str:
     config, info = run.config, run.info
     return (f"divco {__version__}: {config.model} x{config.branches} on {info['dataset']}; {run.device}, "
-            f"{run.processes.world_size} process(es), {run.steps_per_epoch} steps/epoch, lr "
+            f"{run.layout.describe()}, {run.steps_per_epoch} steps/epoch, lr "
             f"{info['base_lr']:.4g}, wd {info['weight_decay']:.3g}, {info['precision']}; recipe "
             f"{info['resolved']['recipe']}: {run.method.schedule_summary(run.plan)}, "
             f"{run.method.cotrain_summary(run.plan)}")
@@ -249,6 +252,7 @@ class Run:
     step: TrainStep
     augmenter: BatchAugmenter
     info: dict
+    layout: TrainingLayout  # where the branches and the batches are (divco.train.layout)
     best: Optional[dict] = None  # {"epoch", "selected_on", <that metric>} of best.pt (checkpoint.improved_best)
 
     @property
@@ -268,7 +272,7 @@ class Run:
         return self.plan.amp_dtype
 
     @property
-    def batch(self) -> int:  # per process
+    def batch(self) -> int:  # per data shard (per process, shared by a branch-parallel gather group)
         return self.plan.batch
 
     @property
@@ -299,9 +303,10 @@ class Run:
 
 def assemble_run(config: TrainConfig, processes: DistributedContext, device: torch.device) -> Run:
     """Data, plan, model, optimiser, schedule, step and augmenter of a run (seeded: the same every time)."""
-    if config.batch_size % processes.world_size:
+    layout = make_layout(config, processes)  # collective (branch-parallel process groups): first, on every process
+    if config.batch_size % layout.data_parallel:
         raise ValueError(f"batch_size {config.batch_size} is the global batch and must be divisible by the "
-                         f"{processes.world_size} processes")
+                         f"{layout.data_parallel} data shards")
     single_process = method_class(config.method).single_process
     if single_process and processes.enabled:
         raise ValueError(f"method {config.method!r} runs on one process ({single_process}); this launch has "
@@ -313,10 +318,12 @@ def assemble_run(config: TrainConfig, processes: DistributedContext, device: tor
                     num_classes=data.num_classes, world_size=processes.world_size, device=device)
     if plan.steps_per_epoch < 1:
         raise ValueError(f"batch_size {config.batch_size} exceeds the {len(data.train_labels)} training images "
-                         f"({len(data.train_labels) // processes.world_size} per process); lower "
+                         f"({len(data.train_labels) // layout.data_parallel} per data shard); lower "
                          f"{option('batch_size')}")
     method, resolved = plan.method, plan.recipe
-    net = method.build_model(lambda: _build_model(config, processes, device, data.num_classes, plan.channels_last))
+    net = method.build_model(lambda: layout.build_model(
+        lambda: _build_model(config, processes, device, data.num_classes, plan.channels_last),
+        config, device, data.num_classes, plan.channels_last))
     optimizer = torch.optim.SGD(
         parameter_groups(net, resolved.weight_decay, exempt_all_norms=resolved.exempt_all_norms), lr=resolved.lr,
         momentum=resolved.momentum, nesterov=config.nesterov)
@@ -324,17 +331,12 @@ def assemble_run(config: TrainConfig, processes: DistributedContext, device: tor
     scaler = torch.amp.GradScaler("cuda") if plan.needs_scaler else None
     cot_weight = torch.zeros((), dtype=torch.float32, device=device)
 
-    train_model: nn.Module = net
-    if processes.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        train_model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    step = TrainStep(train_model, optimizer, cot_weight=cot_weight, branches=config.branches,
+    step = TrainStep(layout.training_model(net, device), optimizer, cot_weight=cot_weight, branches=config.branches,
                      cot_kind=config.cot_kind, temperature=config.temperature, backend=config.backend,
                      scheduler=schedule, amp_dtype=plan.amp_dtype, scaler=scaler, compile=config.compile,
                      on_nonfinite=config.on_nan, capture=config.capture, **method.step_options())
-    # every process draws its own augmentations
-    augment_seed = int(np.random.SeedSequence([config.seed, processes.rank]).generate_state(1)[0])
+    # every data shard draws its own augmentations (the G processes of a branch-parallel gather group the same)
+    augment_seed = int(np.random.SeedSequence([config.seed, layout.data_rank]).generate_state(1)[0])
     augmenter = BatchAugmenter(resolved.augment_config(), data.mean, data.std, device, seed=augment_seed,
                                label_smoothing=resolved.label_smoothing)
     info = {
@@ -342,10 +344,11 @@ def assemble_run(config: TrainConfig, processes: DistributedContext, device: tor
         "steps_per_epoch": plan.steps_per_epoch, "base_lr": resolved.lr, "weight_decay": resolved.weight_decay,
         "cot_warmup_epochs": resolved.cot_warmup_epochs, "precision": plan.precision,
         "channels_last": plan.channels_last, "execution": unwrap_model(net).execution,
-        "params": sum(p.numel() for p in net.parameters()),
+        "params": layout.parameter_count(net), "branch_parallel": config.branch_parallel,
         "resolved": resolved.to_dict(),  # every recipe value used (warm-ups included); also in config.json
     }
-    run = Run(config, processes, plan, data, net, optimizer, schedule, scaler, cot_weight, step, augmenter, info)
+    run = Run(config, processes, plan, data, net, optimizer, schedule, scaler, cot_weight, step, augmenter, info,
+              layout)
     method.start(run)
     return run
 
@@ -389,22 +392,22 @@ def restore(run: Run, path: Path, state: dict) -> tuple[int, int]:
         raise ValueError(f"{path} is not a divco checkpoint of this run: it says {epochs_done} epoch(s) and "
                          f"{steps_done} step(s) done, the run has {run.config.epochs} epoch(s) of "
                          f"{run.steps_per_epoch} step(s)")
-    unwrap_model(run.net).load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    run.layout.load_state(unwrap_model(run.net), run.optimizer, state["model"], state["optimizer"])
     run.schedule.load_state_dict(state["schedule"])
     if run.scaler is not None and state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
     run.best = state.get("best")
     run.method.load_state_dict(run, state.get("checkpoint_ensemble"))
     local_states = state["local_states"]
-    if len(local_states) == run.processes.world_size:
-        local = local_states[run.processes.rank]
+    local = run.layout.local_state(state)
+    if local is not None:
         run.augmenter.load_state_dict(local["augmenter"])
         run.step.metrics.load_state_dict(local["partial_metrics"])
         set_global_rng_state(local, run.device)
     else:
-        run.report(f"the checkpoint was written by {len(local_states)} process(es), this run has "
-                   f"{run.processes.world_size}: random streams restart, so results will differ from an "
+        run.report(f"the checkpoint was written by {len(local_states)} process(es) "
+                   f"(--branch-parallel {state.get('branch_parallel', 1)}), this run has {run.layout.data_parallel} "
+                   f"data shard(s): random streams restart, so results will differ from an "
                    f"uninterrupted run")
     run.report(f"resuming {path} ({epochs_done} epoch(s) and {steps_done} step(s) done)")
     return epochs_done, steps_done
@@ -419,7 +422,7 @@ def train_epoch(run: Run, epoch: int, first_step: int, images: Tensor, labels: T
     config, processes, method = run.config, run.processes, run.method
     steps = run.steps_per_epoch
     run.cot_weight.fill_(method.cot_weight(run.plan, epoch))
-    order = method.epoch_order(run.plan, epoch, processes.rank, processes.world_size)
+    order = method.epoch_order(run.plan, epoch, run.layout.data_rank, run.layout.data_parallel)
     if run.device.type == "cuda":
         order = order.pin_memory().to(run.device, non_blocking=True)
     run.net.train()
@@ -428,7 +431,7 @@ def train_epoch(run: Run, epoch: int, first_step: int, images: Tensor, labels: T
                       f"epoch {epoch + 1}/{config.epochs}", run.verbose) as bar:
         for i in range(first_step, steps):
             views, targets, step_options = method.batch(run, images, labels, order, i)
-            run.step(to_model_layout(views, run.channels_last), targets, **step_options)
+            run.step(to_model_layout(run.layout.model_inputs(views), run.channels_last), targets, **step_options)
             bar.update(config.batch_size)
             method.after_step(run, epoch, i, epoch * steps + i + 1)
             asked = signals.received is not None or (should_stop is not None and should_stop(epoch, i + 1))
@@ -442,7 +445,7 @@ def finish_epoch(run: Run, epoch: int, first_step: int, started: float, test_ima
                  test_labels: Tensor) -> dict:
     """Read the epoch's training metrics (the one host read), evaluate, build the record."""
     config = run.config
-    train_metrics = run.step.metrics.read(run.processes.metrics_group)
+    train_metrics = run.step.metrics.read(run.layout.metrics_group)
     run.step.metrics.reset()
     elapsed = time.perf_counter() - started
     images_this_session = (run.steps_per_epoch - first_step) * config.batch_size
@@ -450,8 +453,8 @@ def finish_epoch(run: Run, epoch: int, first_step: int, started: float, test_ima
     evaluation = validation = None
     options = dict(batch_size=config.eval_batch_size or max(config.batch_size, 256), amp_dtype=run.amp_dtype,
                    channels_last=run.channels_last, backend=config.backend)
-    if run.processes.is_main:
-        model = run.method.model_to_evaluate(run)
+    model = run.layout.evaluation_model(run.method.model_to_evaluate(run))  # None: not on this process
+    if model is not None:
         evaluation = evaluate(model, test_images, test_labels, run.augmenter.normalize, **options)
         validation = evaluate_validation(model, run.data, run.augmenter.normalize, run.device,
                                          **options)  # best.pt is chosen on it (checkpoint.improved_best)
@@ -500,9 +503,10 @@ def stop_mid_epoch(run: Run, result: TrainResult, signals: SignalStop, epoch: in
 def checkpoint_state(run: Run, epochs_done: int, steps: int, last_record: Optional[dict]) -> Optional[dict]:
     """The checkpoint of this moment on rank 0 (None elsewhere); every process must call it."""
     local_states = run.processes.gather_objects(_local_state(run))
+    config, data, net = run.config, run.data, unwrap_model(run.net)
+    model_state, optimizer_state = run.layout.full_state(net, run.optimizer)  # collective: the one-process state
     if not run.processes.is_main:
         return None
-    config, data, net = run.config, run.data, unwrap_model(run.net)
     return {
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "divco_version": __version__,
         "torch_version": str(torch.__version__), "config": config.to_dict(), "device_type": run.device.type,
@@ -512,10 +516,11 @@ def checkpoint_state(run: Run, epochs_done: int, steps: int, last_record: Option
                        "spec": spec_json(net)},
         "dataset": {"name": data.name, "source": data.source, "classes": list(data.classes),
                     "mean": list(data.mean), "std": list(data.std), "image_size": list(data.image_size)},
-        "model": net.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "model": model_state, "optimizer": optimizer_state,
         "schedule": run.schedule.state_dict(),
         "scaler": run.scaler.state_dict() if run.scaler is not None else None,
-        "best": run.best, "world_size": run.processes.world_size, "local_states": local_states,
+        "best": run.best, "world_size": run.processes.world_size,
+        "branch_parallel": run.layout.branch_groups, "local_states": local_states,
         "last_record": last_record,
         "checkpoint_ensemble": run.method.state_dict(run),
     }

@@ -36,8 +36,8 @@ class RunPlan:
     identified: Optional[str]  # the dataset identified from --data (None: not one divco knows)
     train_images: int  # after train_subset
     num_classes: int
-    world_size: int
-    batch: int  # per process
+    world_size: int  # processes (P)
+    batch: int  # per data shard: per process, of which the G of a branch-parallel gather group share it
     steps_per_epoch: int
     device: torch.device
     amp_dtype: Optional[torch.dtype]
@@ -55,6 +55,16 @@ class RunPlan:
         return warmup_steps(self.recipe.warmup_epochs, self.steps_per_epoch, max(self.total_steps, 1))
 
     @property
+    def branch_parallel(self) -> int:
+        """G, the branch groups (1: every process holds all S branches)."""
+        return self.config.branch_parallel
+
+    @property
+    def data_parallel(self) -> int:
+        """D = P / G, the data shards the global batch splits into."""
+        return self.world_size // self.branch_parallel
+
+    @property
     def precision(self) -> str:
         return str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32"
 
@@ -67,11 +77,12 @@ def plan_run(config: Any, *, identified: Optional[str], train_images: int, num_c
         device = resolve_device(config.device, require_available=False)
     name = recipe_name(config, identified)
     amp_dtype, needs_scaler = resolve_precision(config.precision, device)
-    batch = config.batch_size // world_size
+    data_parallel = world_size // config.branch_parallel  # the data shards (P / G)
+    batch = config.batch_size // data_parallel
     return RunPlan(
         config=config, method=methods.create(config.method), recipe=resolve(config, name), table=dataset_recipe(name),
         identified=identified, train_images=train_images, num_classes=num_classes, world_size=world_size,
-        batch=batch, steps_per_epoch=(train_images // world_size) // batch if batch else 0, device=device,
+        batch=batch, steps_per_epoch=(train_images // data_parallel) // batch if batch else 0, device=device,
         amp_dtype=amp_dtype, needs_scaler=needs_scaler, data_on_disk=data_on_disk,
         channels_last=config.channels_last if config.channels_last is not None else device.type == "cuda")
 
@@ -93,8 +104,10 @@ def plan_from_config(config: Any, num_classes: Optional[int] = None) -> RunPlan:
         train_images, num_classes = len(data.train_labels), data.num_classes
     if config.train_subset is not None:
         train_images = min(train_images, config.train_subset)
+    from .run_checks import planned_world_size
+
     return plan_run(config, identified=identified, train_images=train_images, num_classes=num_classes,
-                    data_on_disk=on_disk)
+                    world_size=planned_world_size(config, print_config=True), data_on_disk=on_disk)
 
 
 # -- the printed plan (divco train --print-config) ---------------------------------------------------
@@ -197,9 +210,32 @@ def describe(plan: RunPlan) -> dict:
         "execution": config.execution,
         "departures": _departures(config, resolved, plan.table),
     }
+    if plan.branch_parallel > 1:
+        printed["branch_parallel"] = branch_parallel_plan(plan)
     if not plan.data_on_disk:
         printed["data"] = {"source": config.data, "on_disk": False,
                            "sizes": f"{plan.train_images} training images of {resolved.recipe}, "
                                     f"{plan.num_classes} classes"}
     plan.method.describe(plan, printed)
     return json.loads(json.dumps(printed))  # the JSON form (tuples as lists), equal to what is printed
+
+
+def branch_parallel_plan(plan: RunPlan) -> dict:
+    """The ``branch_parallel`` entry of ``--print-config``: the G x D process mesh and each rank's branches."""
+    import os
+
+    S, G, P = plan.config.branches, plan.branch_parallel, plan.world_size
+    per = S // G
+    return {
+        "branch_groups": G, "data_parallel": plan.data_parallel, "processes": P,
+        "processes_from": "WORLD_SIZE" if os.environ.get("WORLD_SIZE") else "not under torchrun: the smallest "
+                                                                              "launch, P = G",
+        "branches_per_process": per, "batch_per_data_shard": plan.batch,
+        "ranks": [{"rank": r, "branches": list(range((r % G) * per, (r % G + 1) * per)), "data_shard": r // G}
+                  for r in range(P)],
+        "exchanged_per_step": f"the logits [{plan.batch}, {per}, {plan.num_classes}] of each process, all-gathered "
+                              f"over its {G} branch shards" + (f"; each branch shard's gradients all-reduced over "
+                                                               f"its {plan.data_parallel} data shards (DDP)"
+                                                               if plan.data_parallel > 1 else ""),
+        "checkpoints": "the one-process format (gathered at save, sharded at resume)",
+    }

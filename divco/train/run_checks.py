@@ -38,6 +38,9 @@ def check_run_options(config: Any, *, print_config: bool = False, num_classes: O
         raise ValueError(f"method {config.method!r} runs on one process (its members and sample weights are not "
                          f"sharded yet); this launch has WORLD_SIZE={world_size}: run it without torchrun")
     device = resolve_device(config.device)  # --device cuda without CUDA
+    from .branch_parallel.launch import check_branch_parallel_launch
+
+    check_branch_parallel_launch(config, planned_world_size(config, print_config), device)
     resolve_backend(config.backend, device, torch.float32)  # --backend (or DIVCO_BACKEND) unavailable there
     if config.augment.policy == "randaugment":
         BatchPolicy("randaugment", num_ops=config.augment.randaugment_ops,
@@ -56,6 +59,15 @@ def check_run_options(config: Any, *, print_config: bool = False, num_classes: O
         raise ValueError(f"--num-classes must be an int >= 2 (classification needs two classes), got {num_classes!r}")
     if print_config:
         _check_print_config(config, num_classes, device)
+
+
+def planned_world_size(config: Any, print_config: bool = False) -> int:
+    """The processes of this launch (WORLD_SIZE); ``--print-config`` outside torchrun plans the
+    smallest launch that a ``--branch-parallel G`` run can have, G processes."""
+    world_size = os.environ.get("WORLD_SIZE")
+    if world_size:
+        return int(world_size)
+    return config.branch_parallel if print_config else 1
 
 
 def _check_min_lr(config: Any, option) -> None:

@@ -18,27 +18,20 @@ from typing import Any, Optional
 
 import torch.distributed as dist
 
-#: The training methods branch-parallel runs (the fused co-training loss on all S branches).
-SUPPORTED_METHODS: tuple[str, ...] = ("cotrain",)
-
-
-def check_branch_parallel(branches: int, branch_groups: int, world_size: int, *, method: str = "cotrain",
-                          batch_size: Optional[int] = None, on_nonfinite: str = "stop",
-                          sync_bn: bool = False) -> None:
-    """Raise one clear ``ValueError`` line if this launch cannot run branch-parallel.
+def check_branch_parallel(branches: int, branch_groups: int, world_size: int, *,
+                          batch_size: Optional[int] = None) -> None:
+    """Raise one clear ``ValueError`` line if this mesh cannot be built.
 
     ``branch_groups`` (G) must divide both the branch count S and the number of processes
     (``world_size``; ``world_size // G`` is the data-parallel factor); ``batch_size`` is the
     global batch, split over the ``world_size // G`` data shards.  Call it before building
-    the model or the process groups.
+    the model or the process groups.  What a training run refuses beyond the mesh (methods,
+    options) is :func:`divco.train.branch_parallel.launch.check_branch_parallel_launch`.
     """
     for name, value in (("branches", branches), ("branch_groups", branch_groups), ("world_size", world_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"branch-parallel: {name} must be a positive int, got {value!r}")
     G = branch_groups
-    if method not in SUPPORTED_METHODS:
-        raise ValueError(f"branch-parallel runs the methods {', '.join(SUPPORTED_METHODS)}; this run's method is "
-                         f"{method!r}: drop --branch-parallel")
     if branches % G:
         raise ValueError(f"branch-parallel: --branch-parallel {G} must divide the {branches} branches "
                          f"(each process holds S/G of them)")
@@ -49,11 +42,6 @@ def check_branch_parallel(branches: int, branch_groups: int, world_size: int, *,
     if batch_size is not None and batch_size % data_parallel:
         raise ValueError(f"branch-parallel: batch_size {batch_size} is the global batch and must be divisible by "
                          f"the {data_parallel} data-parallel shards ({world_size} processes / {G} branch groups)")
-    if on_nonfinite != "stop":
-        raise ValueError(f"branch-parallel supports on_nan='stop' only (skipping a step would need every branch "
-                         f"shard to agree on it); got {on_nonfinite!r}")
-    if sync_bn:
-        raise ValueError("branch-parallel does not synchronise BatchNorm over the data shards yet; drop --sync-bn")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,9 @@ Configuration and plan
     ``validate(config)``   raise ValueError for a config this method cannot run (a clear one-line message)
     ``single_process``     why it refuses torchrun launches (its state is not sharded), or "" (it runs anywhere)
     ``checkpoint_ensemble`` True: its ensemble is made of member checkpoints (members.json in the run)
+    ``branch_parallel_refusal``  why it refuses ``--branch-parallel`` (the branches over process groups,
+                           divco.train.branch_parallel), or "" (it runs there: a method whose state is the
+                           model, the optimiser and per-branch orders/targets)
     ``schedule_summary(plan)``  the lr-schedule words of the run's first status line
     ``describe(plan, printed)`` edit the ``--print-config`` dict (its ``lr_schedule``, ``cotrain``, extra keys)
 
@@ -35,7 +38,6 @@ Every epoch and step
                                  set): default the trained network; an averaging method returns its average
                                  (the checkpoint's "model" stays the trained one, so a resume continues it;
                                  such a method keeps its average in ``state_dict``)
-    ``gather_logits(run, logits)``  the full ``[N, S, K]`` logits from this process's (default: all)
 
 State (resume to the bit)
     ``state_dict(run)`` / ``load_state_dict(run, state)``  the checkpoint's ``checkpoint_ensemble``
@@ -45,8 +47,9 @@ How the next methods fit: fge (Garipov et al. 2018) overrides ``lr_schedule`` (p
 phase, then cycles) and takes a member per cycle in ``after_step`` like snapshot; swa (Izmailov
 et al. 2018) keeps ``torch.optim.swa_utils.AveragedModel`` from ``start``, updates it in
 ``after_epoch``, recomputes the BN statistics in ``end_training`` and returns it from
-``model_to_evaluate``; a branch-parallel method builds its processes' branches in
-``build_model`` and all-gathers them in ``gather_logits``.
+``model_to_evaluate``. Where the branches live (all on each process, or S/G per process under
+``--branch-parallel G``) is not a method's business but the run's layout's (divco.train.layout);
+a method says only whether it runs branch-parallel (``branch_parallel_refusal``).
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ class TrainingMethod:
     options: ClassVar[frozenset[str]] = frozenset()
     single_process: ClassVar[str] = ""
     checkpoint_ensemble: ClassVar[bool] = False
+    #: A method runs branch-parallel only once it says so: its hooks must not need all branches' weights.
+    branch_parallel_refusal: ClassVar[str] = "it has not been checked with the branches spread over processes"
 
     # -- configuration and plan -----------------------------------------------------------------
     def validate(self, config: Any) -> None:
@@ -141,9 +146,6 @@ class TrainingMethod:
 
     def model_to_evaluate(self, run: "Run") -> nn.Module:
         return unwrap_model(run.net)
-
-    def gather_logits(self, run: "Run", logits: Tensor) -> Tensor:
-        return logits
 
     # -- state --------------------------------------------------------------------------------------
     def state_dict(self, run: "Run") -> Optional[dict]:

@@ -21,6 +21,7 @@ class CheckpointEnsembleMethod(TrainingMethod):
     options = frozenset({"checkpoints"})
     single_process = "its members and sample weights are not sharded yet"
     checkpoint_ensemble = True
+    branch_parallel_refusal = "it trains one network (branches = 1) whose checkpoints make the ensemble"
 
     def __init__(self) -> None:
         self.members: Optional[CheckpointEnsemble] = None

@@ -12,3 +12,4 @@ from .base import TrainingMethod
 class Cotrain(TrainingMethod):
     name = "cotrain"
     summary = "cotrain (Divide-and-Co-training)"
+    branch_parallel_refusal = ""  # the fused loss on the gathered logits of all S branches

@@ -20,6 +20,8 @@ class Independent(TrainingMethod):
                "used, and each branch its own order of the training set, branch s the order a separate run with "
                "seed + s would see)")
 
+    branch_parallel_refusal = ""  # per-branch targets of the full batch beside the gathered logits
+
     def step_options(self) -> dict:
         return {"independent": True}
 
