@@ -25,6 +25,12 @@ def add_arguments(parser) -> None:
                              "split and the metrics are reported on the test images; for a run without one, T is "
                              "fitted on a seeded half of the test images and reported on the other half)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--devices", default=None, metavar="DEV,DEV",
+                        help="run the branches split over these devices in one process (e.g. cuda:0,cuda:1; the "
+                             "number of devices must divide S); the same metrics")
+    parser.add_argument("--branch-parallel", action="store_true",
+                        help="under torchrun: S/WORLD_SIZE branches per process, their logits all-gathered (rank 0 "
+                             "prints); the same metrics")
 
 
 def run(args) -> int:
@@ -39,10 +45,27 @@ def run(args) -> int:
         print(json.dumps(report) if args.json else members_table(report))
         return 0
 
-    result, description = evaluate_checkpoint(
-        args.checkpoint, data=args.data, image_size=args.image_size, test_subset=args.test_subset,
-        batch_size=args.batch_size, device=args.device, cache_dir=args.cache_dir,
-        temperature=args.temperature)
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
+    if args.branch_parallel:  # every process evaluates its branches; rank 0 prints
+        from ..train.distributed import DistributedContext
+        from ..train.runtime import resolve_device
+
+        processes = DistributedContext.from_env(resolve_device(args.device).type)
+        try:
+            device = str(resolve_device(args.device, processes.local_rank))
+            result, description = evaluate_checkpoint(
+                args.checkpoint, data=args.data, image_size=args.image_size, test_subset=args.test_subset,
+                batch_size=args.batch_size, device=device, cache_dir=args.cache_dir, temperature=args.temperature,
+                branch_parallel=True)
+        finally:
+            processes.close()
+        if not processes.is_main:
+            return 0
+    else:
+        result, description = evaluate_checkpoint(
+            args.checkpoint, data=args.data, image_size=args.image_size, test_subset=args.test_subset,
+            batch_size=args.batch_size, device=args.device, cache_dir=args.cache_dir,
+            temperature=args.temperature, devices=devices)
     if Path(args.checkpoint).is_dir():  # say which checkpoint of the run folder is evaluated, and why
         print(f"divco eval: {chosen_checkpoint(description)}", file=sys.stderr)
     if args.json:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -76,31 +76,60 @@ def load_checkpoint_on_test_data(checkpoint: Union[str, Path], *, data: Optional
 
 def evaluate_checkpoint(checkpoint: Union[str, Path], *, data: Optional[str] = None, image_size: Optional[int] = None,
                         test_subset: Optional[int] = None, batch_size: int = 256, device: str = "auto",
-                        cache_dir=None, temperature: bool = False) -> tuple[EvaluationResult, dict]:
+                        cache_dir=None, temperature: bool = False, devices: Optional[Sequence[str]] = None,
+                        branch_parallel: bool = False) -> tuple[EvaluationResult, dict]:
     """Test metrics of ``checkpoint`` (see :func:`load_checkpoint_on_test_data`) and a description.
 
     With ``temperature``, the description also holds ``temperature_scaling``: post-hoc temperature
     scaling of every branch and ensemble mode, fitted on the run's validation split and reported on
     the test images, or, for a run without one (or on other data), fitted on a held-out half of the
     test images and reported on the other half (:func:`divco.train.evaluation.temperature_scaling`).
+
+    The branches may run spread out, with the same result: ``devices`` (one process, the branches
+    split into ``len(devices)`` shards, one per device; ``device`` is then the first) or
+    ``branch_parallel`` (under torchrun: S/WORLD_SIZE branches per process, their logits all-gathered;
+    every process gets the result).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if devices and branch_parallel:
+        raise ValueError("--devices and --branch-parallel are two ways to spread the branches: choose one")
     loaded = load_checkpoint_on_test_data(checkpoint, data=data, image_size=image_size, test_subset=test_subset,
-                                          device=device, cache_dir=cache_dir)
+                                          device=devices[0] if devices else device, cache_dir=cache_dir)
     dataset, target = loaded.dataset, loaded.device
-    logits = predict(loaded.model, dataset.test_images.to(target), loaded.normalize, batch_size=batch_size,
+    model = _spread(loaded.model, devices, branch_parallel)
+    logits = predict(model, dataset.test_images.to(target), loaded.normalize, batch_size=batch_size,
                      amp_dtype=loaded.amp_dtype, channels_last=target.type == "cuda")
     labels = dataset.test_labels.to(logits.device)
     description = loaded.describe()
     if temperature and dataset.has_validation:
-        fit_logits = predict(loaded.model, dataset.val_images.to(target), loaded.normalize, batch_size=batch_size,
+        fit_logits = predict(model, dataset.val_images.to(target), loaded.normalize, batch_size=batch_size,
                              amp_dtype=loaded.amp_dtype, channels_last=target.type == "cuda")
         description["temperature_scaling"] = temperature_scaling(logits, labels, fit_logits=fit_logits,
                                                                  fit_labels=dataset.val_labels)
     elif temperature:
         description["temperature_scaling"] = temperature_scaling(logits, labels)
     return metrics_from_logits(logits, labels), description
+
+
+def _spread(model: torch.nn.Module, devices: Optional[Sequence[str]], branch_parallel: bool) -> torch.nn.Module:
+    """The model with its branches over ``devices`` or over the processes of this torchrun launch (or as is)."""
+    if devices:
+        from .branch_parallel.inference import MultiDeviceBranches
+
+        return MultiDeviceBranches(model, devices).eval()
+    if branch_parallel:
+        import torch.distributed as dist
+
+        from .branch_parallel.inference import spread_over_processes
+        from .branch_parallel.mesh import build_mesh
+
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        if world_size == 1:
+            raise ValueError("--branch-parallel evaluates the branches on the processes of a torchrun launch "
+                             "(WORLD_SIZE > 1); in one process, spread them over devices with --devices")
+        return spread_over_processes(model, build_mesh(model.branches, world_size)).eval()
+    return model
 
 
 

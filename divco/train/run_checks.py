@@ -34,13 +34,13 @@ def check_run_options(config: Any, *, print_config: bool = False, num_classes: O
 
     check_image_size(config.image_size)
     world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    from .branch_parallel.launch import check_branch_parallel_launch
+
+    check_branch_parallel_launch(config, planned_world_size(config, print_config), resolve_device(config.device))
     if config.checkpoint_ensemble and world_size > 1:  # before init_process_group: no rank waits for another
         raise ValueError(f"method {config.method!r} runs on one process (its members and sample weights are not "
                          f"sharded yet); this launch has WORLD_SIZE={world_size}: run it without torchrun")
     device = resolve_device(config.device)  # --device cuda without CUDA
-    from .branch_parallel.launch import check_branch_parallel_launch
-
-    check_branch_parallel_launch(config, planned_world_size(config, print_config), device)
     resolve_backend(config.backend, device, torch.float32)  # --backend (or DIVCO_BACKEND) unavailable there
     if config.augment.policy == "randaugment":
         BatchPolicy("randaugment", num_ops=config.augment.randaugment_ops,

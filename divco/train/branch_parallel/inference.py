@@ -20,7 +20,25 @@ from ... import ops
 from ...models.base import BranchBatchedNetwork
 from .communication import gather_branch_logits
 from .mesh import BranchParallelMesh, check_branch_parallel
-from .sharding import shard_model_like, shard_state_dict
+from .sharding import build_branch_shard, shard_model_like, shard_state_dict
+
+
+class GatheredBranches(nn.Module):
+    """A branch shard whose forward returns the logits ``[B, S, K]`` of all S branches (collective over
+    its gather group: every process of the group calls it on the same images)."""
+
+    def __init__(self, shard: nn.Module, mesh: BranchParallelMesh) -> None:
+        super().__init__()
+        self.shard, self.mesh = shard, mesh
+
+    def forward(self, images: Tensor) -> Tensor:
+        return gather_branch_logits(self.shard(images), self.mesh.gather_group, self.mesh.branch_shard,
+                                    self.mesh.branch_groups)
+
+
+def spread_over_processes(model: BranchBatchedNetwork, mesh: BranchParallelMesh) -> GatheredBranches:
+    """A trained S-branch model as this process's branch shard, its forward gathering all S branches' logits."""
+    return GatheredBranches(build_branch_shard(model, mesh), mesh)
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..distributed import DistributedContext
 from ..layout import TrainingLayout
-from .communication import gather_branch_logits
+from .inference import GatheredBranches
 from .mesh import build_mesh
 from .model import BranchParallelModel, own_views
 from .sharding import (
@@ -28,18 +28,6 @@ from .sharding import (
     shard_optimizer_state,
     shard_state_dict,
 )
-
-
-class GatheredBranches(nn.Module):
-    """A branch shard whose forward returns the logits of all S branches (for evaluation)."""
-
-    def __init__(self, shard: nn.Module, mesh) -> None:
-        super().__init__()
-        self.shard, self.mesh = shard, mesh
-
-    def forward(self, images: Tensor) -> Tensor:
-        return gather_branch_logits(self.shard(images), self.mesh.gather_group, self.mesh.branch_shard,
-                                    self.mesh.branch_groups)
 
 
 class BranchParallelLayout(TrainingLayout):
