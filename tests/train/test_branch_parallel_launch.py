@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from divco.cli import main
-from divco.train import engine, methods
+from divco.train import assembly, methods
 from divco.train.branch_parallel.launch import check_branch_parallel_launch, check_processes_agree
 from divco.train.config import OPERATIONAL_FIELDS, TrainConfig
 from divco.train.distributed import DistributedContext
@@ -42,7 +42,7 @@ def test_a_launch_that_cannot_run_branch_parallel_is_refused_in_one_line(tmp_pat
     def refused(*args, **kwargs):
         raise AssertionError("the launch went on past its refusal")
 
-    monkeypatch.setattr(engine, "load_dataset", refused)
+    monkeypatch.setattr(assembly, "load_dataset", refused)
     monkeypatch.setattr(torch.distributed, "init_process_group", refused)
     monkeypatch.setenv("WORLD_SIZE", world_size)
     monkeypatch.setenv("RANK", "0")
