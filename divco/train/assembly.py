@@ -23,7 +23,8 @@ from .checkpoint import save_checkpoint
 from .config import TrainConfig
 from .cudnn import configure_cudnn
 from .distributed import DistributedContext, convert_sync_batchnorm
-from .layout import TrainingLayout, make_layout
+from .branch_parallel.layout import BranchParallelLayout
+from .layout import DataParallelLayout, TrainingLayout
 from .methods import TrainingMethod, method_class
 from .plan import RunPlan, plan_run
 from .recipe import parameter_groups
@@ -148,6 +149,13 @@ def assemble_run(config: TrainConfig, processes: DistributedContext, device: tor
               layout)
     method.start(run)
     return run
+
+
+def make_layout(config: TrainConfig, processes: DistributedContext) -> TrainingLayout:
+    """The run's layout (every process calls it, in the same order: branch-parallel creates process groups)."""
+    if config.branch_parallel == 1:
+        return DataParallelLayout(processes)
+    return BranchParallelLayout(config, processes)
 
 
 def _load_data(config: TrainConfig, processes: DistributedContext) -> ImageDataset:

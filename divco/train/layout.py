@@ -8,7 +8,7 @@ Two layouts, chosen by ``--branch-parallel``:
   S/G branches, the G processes of a gather group share one data shard and exchange only their
   logits.
 
-The engine calls the same hooks in both cases, at fixed points: the model to build and the
+divco.train.assembly picks the run's layout (``make_layout``).  The engine calls the same hooks in both cases, at fixed points: the model to build and the
 module the step calls, the rows of the epoch's order (``data_rank`` of ``data_parallel``), the
 augmenter's seed, the inputs of the step, the group the epoch's metrics are summed over, who
 evaluates, and the one-process state of a checkpoint (gathered at save, sharded at resume).
@@ -121,12 +121,3 @@ class DataParallelLayout(TrainingLayout):
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def make_layout(config: Any, processes: DistributedContext) -> TrainingLayout:
-    """The layout of a run (every process must call it, in the same order: it may create process groups)."""
-    if config.branch_parallel == 1:
-        return DataParallelLayout(processes)
-    from .branch_parallel.layout import BranchParallelLayout
-
-    return BranchParallelLayout(config, processes)
