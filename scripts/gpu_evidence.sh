@@ -4,7 +4,8 @@
 # channels_last, the training step captured; per S and per way (S = 1: the undivided network;
 # S > 1: divco's branch-batched execution and the per-branch one) it prints test accuracy (the
 # ensemble's), training images/s (the last epoch: the first one holds the capture) and peak GPU
-# memory, in one table.
+# memory, in one table. On a machine with 2+ GPUs, scripts/gpu_branch_parallel.sh adds the row
+# branch-parallel vs DDP (NCCL; planned, not run yet).
 #
 #   phase   limit + kill grace
 #   data      30 s + 5 s   decode the archive once into a cache every run reads

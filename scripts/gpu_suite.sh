@@ -35,6 +35,9 @@
 # sends back): suite.log (the whole console), build.log, junit.xml (the test phases),
 # bench/results.json, bench/results.md, bench/train.png, bench/infer.png, bench/profiles.md.
 # The last thing printed is a one-screen summary.
+# The calls after it: scripts/gpu_evidence.sh (one GPU, CIFAR-10 at S = 1, 2, 4) and, where the
+# device tool lends 2+ GPUs, scripts/gpu_branch_parallel.sh (branch-parallel vs DDP under torchrun
+# with NCCL, images/s through the real engine; planned, not run yet).
 #
 #   bash scripts/gpu_suite.sh OUT_DIR              # on a CUDA machine
 #   bash scripts/gpu_suite.sh --dry-run OUT_DIR    # CPU rehearsal (CI): builds (pure Python unless

@@ -88,7 +88,8 @@ def saved_config(run) -> TrainConfig:
 
 
 def weights_difference(a, b) -> float:
-    """The largest difference of the model weights and the optimiser's momentum of two checkpoints."""
+    """The largest difference of the model weights and the optimiser's momentum of two checkpoints
+    (printed: ``pytest -s`` shows the numbers docs/BRANCH_PARALLEL.md quotes)."""
     first, second = load_checkpoint(a), load_checkpoint(b)
     assert first["model"].keys() == second["model"].keys()
     worst = max((first["model"][k].double() - second["model"][k].double()).abs().max().item() for k in first["model"])
@@ -97,6 +98,7 @@ def weights_difference(a, b) -> float:
             if isinstance(value, torch.Tensor):
                 other = second["optimizer"]["state"][index][name]
                 worst = max(worst, (value.double() - other.double()).abs().max().item())
+    print(f"\n{a.parent.name} vs {b.parent.name}: largest weight/momentum difference {worst:.3g}")
     return worst
 
 

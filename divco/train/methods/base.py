@@ -16,8 +16,8 @@ Configuration and plan
     ``describe(plan, printed)`` edit the ``--print-config`` dict (its ``lr_schedule``, ``cotrain``, extra keys)
 
 Assembly (once per run)
-    ``build_model(build)``       the network to train; ``build()`` makes the configured one (a
-                                 branch-parallel method builds only this process's branches here)
+    ``build_model(build)``       the network to train; ``build()`` makes the configured one (under
+                                 ``--branch-parallel``: this process's branches, the layout's choice)
     ``lr_schedule(optimizer, plan)``  the StepSchedule (divco.train.schedules) of the run
     ``step_options()``           extra TrainStep keywords (``independent=True``: per-branch targets)
     ``start(run)``               create the method's state (members, sample weights, averaged weights)
