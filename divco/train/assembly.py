@@ -105,10 +105,7 @@ def assemble_run(config: TrainConfig, processes: DistributedContext, device: tor
     if config.batch_size % layout.data_parallel:
         raise ValueError(f"batch_size {config.batch_size} is the global batch and must be divisible by the "
                          f"{layout.data_parallel} data shards")
-    single_process = method_class(config.method).single_process
-    if single_process and processes.enabled:
-        raise ValueError(f"method {config.method!r} runs on one process ({single_process}); this launch has "
-                         f"{processes.world_size}: run it without torchrun")
+    method_class(config.method).check_launch(processes.world_size)
     configure_cudnn(config.cudnn_benchmark, device)
     seed_everything(config.seed)
     data = _load_data(config, processes)
@@ -130,9 +127,8 @@ def assemble_run(config: TrainConfig, processes: DistributedContext, device: tor
     cot_weight = torch.zeros((), dtype=torch.float32, device=device)
 
     step = TrainStep(layout.training_model(net, device), optimizer, cot_weight=cot_weight, branches=config.branches,
-                     cot_kind=config.cot_kind, temperature=config.temperature, backend=config.backend,
-                     scheduler=schedule, amp_dtype=plan.amp_dtype, scaler=scaler, compile=config.compile,
-                     on_nonfinite=config.on_nan, capture=config.capture, **method.step_options())
+                     objective=method.objective(plan, cot_weight), scheduler=schedule, amp_dtype=plan.amp_dtype,
+                     scaler=scaler, compile=config.compile, on_nonfinite=config.on_nan, capture=config.capture)
     # every data shard draws its own augmentations (the G processes of a branch-parallel gather group the same)
     augment_seed = int(np.random.SeedSequence([config.seed, layout.data_rank]).generate_state(1)[0])
     augmenter = BatchAugmenter(resolved.augment_config(), data.mean, data.std, device, seed=augment_seed,
