@@ -217,3 +217,27 @@ def bn_backward_kernel(
     tl.store(grad_x_ptr + offsets, dx.to(grad_x_ptr.dtype.element_ty), mask=mask)
     if WRITE_RESIDUAL:
         tl.store(grad_residual_ptr + offsets, g.to(grad_residual_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def bn_update_stats_kernel(
+    running_mean_ptr, running_var_ptr, mean_ptr, var_ptr, num_batches_ptr, C, momentum, unbias,
+    CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """In place, per channel: r = (1 - f)·r + f·s with s the batch mean or the unbiased batch
+    variance (var·unbias); f = momentum, or 1 / num_batches_tracked (CUMULATIVE: read here, on
+    the device, so momentum=None needs no host read). csrc/divco/batch_norm_math.h's
+    running_update is the same formula."""
+    offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = offs < C
+    if CUMULATIVE:
+        batches = tl.load(num_batches_ptr).to(tl.float64)
+        factor = tl.where(batches > 0, 1.0 / batches, 1.0).to(tl.float32)
+    else:
+        factor = momentum
+    running_mean = tl.load(running_mean_ptr + offs, mask=mask)
+    running_var = tl.load(running_var_ptr + offs, mask=mask)
+    mean = tl.load(mean_ptr + offs, mask=mask)
+    var = tl.load(var_ptr + offs, mask=mask)
+    tl.store(running_mean_ptr + offs, (1.0 - factor) * running_mean + factor * mean, mask=mask)
+    tl.store(running_var_ptr + offs, (1.0 - factor) * running_var + factor * (var * unbias), mask=mask)
