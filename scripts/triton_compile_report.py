@@ -188,7 +188,9 @@ def _batch_norm_plan(quick: bool) -> list[Spec]:
             every_flag = dtype == "float32" and (block_c, block_hw) == tiles[0]
             pairs = list(itertools.product(bools, bools)) if every_flag else [(False, False), (True, True)]
             for backward, relu in pairs:
-                specs.append(Spec("bn_partial_sums_kernel", dtype, (("BACKWARD", backward), ("RELU", relu)) + tile, 4))
+                for finalize in bools if every_flag or not backward else (False,):
+                    specs.append(Spec("bn_partial_sums_kernel", dtype, (("BACKWARD", backward), ("RELU", relu),
+                                                                        ("FINALIZE", finalize)) + tile, 4))
             quads = list(itertools.product(bools, repeat=4)) if every_flag else [(True, True, True, True),
                                                                                  (False, False, False, False)]
             for has_weight, has_bias, has_residual, relu in quads:

@@ -245,6 +245,9 @@ if not TRITON_ERROR:
 #: Elements one program holds in a tile; programs the reductions aim for (a few per SM).
 TILE_ELEMENTS = 2048
 REDUCTION_PROGRAMS = 1024  # as the CUDA kernel's kReductionBlocks
+#: Units (sample, H·W tile) per channel tile up to which one program reduces the whole channel
+#: tile and finalizes it (a launch fewer: small inputs are host-bound, a few tiles take no time).
+SINGLE_CHUNK_UNITS = 8
 #: CUDA's grid limits: axis 0 takes 2^31 - 1 programs, axes 1 and 2 only 65535.
 MAX_GRID = (2**31 - 1, 65535, 65535)
 
@@ -274,6 +277,8 @@ def reduction_grid(shape: tuple[int, int, int, int], block_c: int, block_hw: int
     N, C, H, W = shape
     c_tiles = _cdiv(C, block_c)
     units = N * _cdiv(H * W, block_hw)
+    if units <= SINGLE_CHUNK_UNITS:  # one program walks the channel tile: no finalize launch
+        return c_tiles, 1, units
     units_per_chunk = _cdiv(units, min(units, max(1, REDUCTION_PROGRAMS // c_tiles)))
     return c_tiles, _cdiv(units, units_per_chunk), units_per_chunk
 
@@ -297,17 +302,26 @@ def check_grid(grid: tuple[int, ...], shape) -> tuple[int, ...]:
     return grid
 
 
-def _partial_sums(x, grad, out, mean, backward: bool, relu: bool, block_c: int, block_hw: int) -> tuple[Tensor, int]:
+def _reduce(x, grad, out, mean, first, second, var, eps: float, backward: bool, relu: bool, block_c: int,
+            block_hw: int) -> None:
+    """The reduction of either direction into ``first``/``second`` (forward: mean, biased variance;
+    backward: Σdy', Σdy'·x̂ with ``var`` the saved variance): partial sums then finalize, or one
+    launch that does both when one program per channel tile covers the input (FINALIZE)."""
     N, C, H, W = x.shape
     sn, sc, shw = layout_strides(x)
     c_tiles, chunks, units_per_chunk = reduction_grid(x.shape, block_c, block_hw)
+    single = chunks == 1
     rows = 2 if backward else 3  # forward: mean, variance, count per chunk; backward: two sums
-    partial = torch.empty((chunks, rows, C), dtype=torch.float32, device=x.device)
+    partial = first if single else torch.empty((chunks, rows, C), dtype=torch.float32, device=x.device)
     wrap_triton(bn_partial_sums_kernel)[check_grid((c_tiles, chunks), x.shape)](
-        x, grad, out, mean, partial, C, H * W, sn, sc, shw, N * _cdiv(H * W, block_hw), units_per_chunk,
-        BACKWARD=backward, RELU=relu, BLOCK_C=block_c, BLOCK_HW=block_hw,
+        x, grad, out, mean, partial, first, second, var, C, H * W, sn, sc, shw, N * _cdiv(H * W, block_hw),
+        units_per_chunk, eps, BACKWARD=backward, RELU=relu, FINALIZE=single, BLOCK_C=block_c, BLOCK_HW=block_hw,
     )
-    return partial, chunks
+    if not single:
+        grid, fin = finalize_grid(C)
+        wrap_triton(bn_finalize_kernel)[grid](
+            x, partial, first, second, var, C, chunks, sc, eps, BACKWARD=backward, BLOCK_C=fin,
+        )
 
 
 def batch_norm_triton_impl(
@@ -324,13 +338,9 @@ def batch_norm_triton_impl(
     block_c, block_hw = tile_shape(x)
     with triton_backend.device_guard(x.device), triton_backend.quiet_interpreter():
         if training:
-            partial, chunks = _partial_sums(x, x, x, x, False, False, block_c, block_hw)
             mean = torch.empty((C,), dtype=torch.float32, device=x.device)
             var = torch.empty_like(mean)
-            grid, fin = finalize_grid(C)
-            wrap_triton(bn_finalize_kernel)[grid](
-                x, partial, mean, var, var, C, chunks, sc, eps, BACKWARD=False, BLOCK_C=fin,
-            )
+            _reduce(x, x, x, x, mean, var, var, eps, False, False, block_c, block_hw)
             stats_mean, stats_var = mean, var
         else:
             stats_mean, stats_var = _dense(running_mean), _dense(running_var)
@@ -368,11 +378,8 @@ def batch_norm_backward_triton_impl(
     grad_bias = torch.empty((C,), dtype=torch.float32, device=x.device)
     grad_weight = torch.empty_like(grad_bias)
     with triton_backend.device_guard(x.device), triton_backend.quiet_interpreter():
-        partial, chunks = _partial_sums(x, grad_out, out if relu else x, mean, True, relu, block_c, block_hw)
-        grid, fin = finalize_grid(C)
-        wrap_triton(bn_finalize_kernel)[grid](
-            x, partial, grad_bias, grad_weight, var, C, chunks, sc, eps, BACKWARD=True, BLOCK_C=fin,
-        )
+        _reduce(x, grad_out, out if relu else x, mean, grad_bias, grad_weight, var, eps, True, relu, block_c,
+                block_hw)
         wrap_triton(bn_backward_kernel)[check_grid(elementwise_grid(x.shape, block_c, block_hw), x.shape)](
             grad_out, x, out if relu else x, mean, var, weight if weight is not None else mean,
             grad_bias, grad_weight, grad_x, grad_residual if write_residual else grad_x,

@@ -170,3 +170,19 @@ def test_module_pickles_after_a_fused_call():
     copy = pickle.loads(pickle.dumps(bn))
     x = torch.randn(3, 4, 2, 2)
     torch.testing.assert_close(copy(x), bn(x))
+
+
+@pytest.mark.parametrize("backend", backend_params("triton"))
+def test_small_triton_step_launches_five_kernels(backend):
+    """A small input (one program per channel tile covers it): forward = reduction with its
+    finalize + elementwise pass, then the running update; backward = reduction + elementwise pass."""
+    from divco.benchmark.op_count import count_triton_launches
+
+    device = device_for(backend)
+    x = torch.randn(2, 4, 3, 3, device=device, requires_grad=True)
+    rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
+    with count_triton_launches() as launches:
+        out = batch_norm(x, None, None, rm, rv, training=True, activation="relu", backend=backend)
+        out.backward(torch.ones_like(out))
+    assert dict(launches) == {"bn_partial_sums_kernel": 2, "bn_forward_kernel": 1, "bn_update_stats_kernel": 1,
+                              "bn_backward_kernel": 1}
