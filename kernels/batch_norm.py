@@ -7,7 +7,8 @@ that layout. A tile is [BLOCK_C channels, BLOCK_HW positions of one sample]; Tri
 coalescing pass orders it along whichever stride is 1 (integer arguments equal to 1 are
 specialised). A "unit" is one (sample, H·W tile) pair: units = N · cdiv(HW, BLOCK_HW).
 
-Forward (training), three launches:
+Forward (training), three launches (two for an input of at most SINGLE_CHUNK_UNITS units per
+channel tile: pass 1 then covers the whole channel and writes pass 2's outputs itself, FINALIZE):
   1. per (channel tile, chunk of consecutive units) -- the N·H·W positions are split, as the
      CUDA kernel splits them, so a few large images still give many programs: count, mean and
      biased variance of the chunk, of x - p with the pivot p = x[0, c, 0] (a channel with a
@@ -21,7 +22,8 @@ Forward (training), three launches:
   3. one elementwise pass: y = x·scale + shift (+ residual), ReLU.
 Eval runs only pass 3 on the running statistics.
 
-Backward, dy' = dy · [out > 0] (ReLU; recomputed from the saved output), three launches:
+Backward, dy' = dy · [out > 0] (ReLU; recomputed from the saved output), three launches (two, as
+the forward, for small inputs):
   1. partial sums per (channel tile, chunk of units): Σ dy', Σ dy'·(x - mean);
   2. per channel: grad_bias, grad_weight;
   3. one elementwise pass: dx = k·dy' + b·(x - mean) + c, and dy' as the residual's gradient.
@@ -55,12 +57,16 @@ def _merge(mean, var, count, other_mean, other_var, other_count):
 
 @triton.jit
 def bn_partial_sums_kernel(
-    x_ptr, grad_ptr, out_ptr, mean_ptr, partial_ptr,
-    C, HW, stride_n, stride_c, stride_hw, units, units_per_chunk,
-    BACKWARD: tl.constexpr, RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    x_ptr, grad_ptr, out_ptr, mean_ptr, partial_ptr, first_ptr, second_ptr, var_ptr,
+    C, HW, stride_n, stride_c, stride_hw, units, units_per_chunk, eps,
+    BACKWARD: tl.constexpr, RELU: tl.constexpr, FINALIZE: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
 ):
     """Forward: partial[chunk, 0|1|2, c] = the chunk's mean (less the pivot), biased variance, count.
-    Backward: partial[chunk, 0|1, c] = Σdy', Σdy'·(x - mean)."""
+    Backward: partial[chunk, 0|1, c] = Σdy', Σdy'·(x - mean).
+    FINALIZE (one chunk: the whole channel): the finalize kernel's outputs instead, written here
+    (forward: first = mean, second = biased variance; backward: first = Σdy', second = Σdy'·x̂,
+    with var_ptr the saved variance), so a small input takes one launch fewer."""
     pid_c = tl.program_id(0)
     chunk = tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -84,9 +90,14 @@ def bn_partial_sums_kernel(
                 g = tl.where(o > 0.0, g, 0.0)
             acc1 += g
             acc2 += g * tl.where(mask, x - centre[:, None], 0.0)
-        base = partial_ptr + chunk.to(tl.int64) * 2 * C
-        tl.store(base + offs_c, tl.sum(acc1, axis=1), mask=c_mask)
-        tl.store(base + C + offs_c, tl.sum(acc2, axis=1), mask=c_mask)
+        if FINALIZE:
+            saved_var = tl.load(var_ptr + offs_c, mask=c_mask, other=1.0)
+            tl.store(first_ptr + offs_c, tl.sum(acc1, axis=1), mask=c_mask)
+            tl.store(second_ptr + offs_c, tl.sum(acc2, axis=1) * (1.0 / tl.sqrt(saved_var + eps)), mask=c_mask)
+        else:
+            base = partial_ptr + chunk.to(tl.int64) * 2 * C
+            tl.store(base + offs_c, tl.sum(acc1, axis=1), mask=c_mask)
+            tl.store(base + C + offs_c, tl.sum(acc2, axis=1), mask=c_mask)
     else:
         # shifted by the pivot p = x[0, c, 0]: a channel with a large mean loses nothing to rounding
         pivot = tl.load(x_ptr + offs_c.to(tl.int64) * stride_c, mask=c_mask, other=0.0).to(tl.float32)
@@ -106,10 +117,14 @@ def bn_partial_sums_kernel(
             d = tl.where(mask, (x - tile_mean[:, None]) * tl.sqrt(inv), 0.0)
             tile_var = tl.sum(d * d, axis=1)
             mean, var, count = _merge(mean, var, count, tile_mean, tile_var, tile_count)
-        base = partial_ptr + chunk.to(tl.int64) * 3 * C
-        tl.store(base + offs_c, mean, mask=c_mask)
-        tl.store(base + C + offs_c, var, mask=c_mask)
-        tl.store(base + 2 * C + offs_c, tl.zeros((BLOCK_C,), tl.float32) + count, mask=c_mask)
+        if FINALIZE:
+            tl.store(first_ptr + offs_c, mean + pivot, mask=c_mask)
+            tl.store(second_ptr + offs_c, var, mask=c_mask)
+        else:
+            base = partial_ptr + chunk.to(tl.int64) * 3 * C
+            tl.store(base + offs_c, mean, mask=c_mask)
+            tl.store(base + C + offs_c, var, mask=c_mask)
+            tl.store(base + 2 * C + offs_c, tl.zeros((BLOCK_C,), tl.float32) + count, mask=c_mask)
 
 
 @triton.jit
@@ -217,3 +232,27 @@ def bn_backward_kernel(
     tl.store(grad_x_ptr + offsets, dx.to(grad_x_ptr.dtype.element_ty), mask=mask)
     if WRITE_RESIDUAL:
         tl.store(grad_residual_ptr + offsets, g.to(grad_residual_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def bn_update_stats_kernel(
+    running_mean_ptr, running_var_ptr, mean_ptr, var_ptr, num_batches_ptr, C, momentum, unbias,
+    CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """In place, per channel: r = (1 - f)·r + f·s with s the batch mean or the unbiased batch
+    variance (var·unbias); f = momentum, or 1 / num_batches_tracked (CUMULATIVE: read here, on
+    the device, so momentum=None needs no host read). csrc/divco/batch_norm_math.h's
+    running_update is the same formula."""
+    offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = offs < C
+    if CUMULATIVE:
+        batches = tl.load(num_batches_ptr).to(tl.float64)
+        factor = tl.where(batches > 0, 1.0 / batches, 1.0).to(tl.float32)
+    else:
+        factor = momentum
+    running_mean = tl.load(running_mean_ptr + offs, mask=mask)
+    running_var = tl.load(running_var_ptr + offs, mask=mask)
+    mean = tl.load(mean_ptr + offs, mask=mask)
+    var = tl.load(var_ptr + offs, mask=mask)
+    tl.store(running_mean_ptr + offs, (1.0 - factor) * running_mean + factor * mean, mask=mask)
+    tl.store(running_var_ptr + offs, (1.0 - factor) * running_var + factor * (var * unbias), mask=mask)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 TRITON_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 #: Scalar arguments that are floats; every other non-pointer, non-constexpr argument is an int32.
-FLOAT_SCALARS = {"inv_t", "cot_coef", "temperature", "eps", "momentum", "count"}
+FLOAT_SCALARS = {"inv_t", "cot_coef", "temperature", "eps", "momentum", "count", "unbias"}
 #: The branch counts and class counts whose tile shapes are compiled (the launchers' tile_shape
 #: turns them into BLOCK_S x BLOCK_K and num_warps): from one branch to wide ensembles, from
 #: CIFAR-10 to K past one tile.
@@ -188,7 +188,9 @@ def _batch_norm_plan(quick: bool) -> list[Spec]:
             every_flag = dtype == "float32" and (block_c, block_hw) == tiles[0]
             pairs = list(itertools.product(bools, bools)) if every_flag else [(False, False), (True, True)]
             for backward, relu in pairs:
-                specs.append(Spec("bn_partial_sums_kernel", dtype, (("BACKWARD", backward), ("RELU", relu)) + tile, 4))
+                for finalize in bools if every_flag or not backward else (False,):
+                    specs.append(Spec("bn_partial_sums_kernel", dtype, (("BACKWARD", backward), ("RELU", relu),
+                                                                        ("FINALIZE", finalize)) + tile, 4))
             quads = list(itertools.product(bools, repeat=4)) if every_flag else [(True, True, True, True),
                                                                                  (False, False, False, False)]
             for has_weight, has_bias, has_residual, relu in quads:
@@ -201,6 +203,9 @@ def _batch_norm_plan(quick: bool) -> list[Spec]:
     for dtype in TRITON_DTYPES:
         for backward in bools:
             specs.append(Spec("bn_finalize_kernel", dtype, (("BACKWARD", backward), ("BLOCK_C", 1024)), 4))
+        # float32 statistics whatever the activations' dtype: the dtype changes nothing here
+        for cumulative in bools:
+            specs.append(Spec("bn_update_stats_kernel", dtype, (("CUMULATIVE", cumulative), ("BLOCK_C", 1024)), 4))
     return specs
 
 
@@ -216,11 +221,12 @@ KERNEL_MODULES = {
     "bn_finalize_kernel": "divco.kernels.batch_norm",
     "bn_forward_kernel": "divco.kernels.batch_norm",
     "bn_backward_kernel": "divco.kernels.batch_norm",
+    "bn_update_stats_kernel": "divco.kernels.batch_norm",
 }
 
 #: Pointers of the BatchNorm kernels that hold float32 statistics, parameters or sums (the rest
 #: hold activations, in the activations' dtype).
-BN_FLOAT32_POINTERS = {"mean_ptr", "var_ptr", "weight_ptr", "bias_ptr", "partial_ptr", "first_ptr", "second_ptr",
+BN_FLOAT32_POINTERS = {"running_mean_ptr", "running_var_ptr", "mean_ptr", "var_ptr", "weight_ptr", "bias_ptr", "partial_ptr", "first_ptr", "second_ptr",
                        "sum_dy_ptr", "sum_dy_xhat_ptr"}
 
 
@@ -251,6 +257,8 @@ def _pointer_dtype(arg: str, spec: Spec) -> str:
         return "i32"
     if arg in ("weight_ptr", "sample_weight_ptr", "weights_ptr", "ce_rows_ptr", "cot_rows_ptr"):
         return "fp32"
+    if arg == "num_batches_ptr":
+        return "i64"
     if spec.kernel.startswith("bn_"):
         return "fp32" if arg in BN_FLOAT32_POINTERS else logits
     if arg in ("logits_ptr", "ensemble_ptr", "grad_ptr", "out_ptr", "grad_out_ptr"):

@@ -261,7 +261,10 @@ def _launch_case(op: str, case: dict) -> None:
         stats = torch.zeros(C), torch.ones(C)
         residual = torch.empty_like(x) if case["residual"] else None
         out, mean, var = ops.batch_norm_triton_impl(x, w, w, *stats, residual, case["training"], 1e-5, case["relu"])
-        if not case["training"]:
+        if case["training"]:  # the running-statistics update that follows every training forward
+            ops.batch_norm_update_stats_triton_impl(stats[0].clone(), stats[1].clone(), mean, var, None, 0.1,
+                                                    N * H * W)
+        else:
             mean, var = stats
         ops.batch_norm_backward_triton_impl(torch.empty_like(x), x, out, w, mean, var, case["training"], 1e-5,
                                             case["relu"], case["residual"])

@@ -2,14 +2,19 @@
 // kernels and the CUDA kernels so that both compute the same float32 operations in the
 // same order (the Triton kernels in kernels/batch_norm.py spell the same formulas).
 //
-//   forward   out = act(x·scale + shift (+ residual)),  scale = w / sqrt(var + eps),
-//             shift = b - mean·scale;  act = ReLU keeps NaN (y < 0 ? 0 : y), like torch.relu
+//   forward   out = act((x - mean)·scale + b (+ residual)),  scale = w / sqrt(var + eps);
+//             centred first, so |x| ~ 1e18 keeps its digits (x·scale - mean·scale would cancel);
+//             act = ReLU keeps NaN (y < 0 ? 0 : y), like torch.relu
 //   backward  dy' = dy·[out > 0] (ReLU) and, over the channel's M = N·H·W values,
 //             grad_bias = Σdy',  grad_weight = Σdy'·x̂,  x̂ = (x - mean)/sqrt(var + eps)
 //             dx = k·dy' + b·(x - mean) + c  with k = w·invstd and, in training,
 //             b = -k·invstd·Σdy'x̂/M, c = -k·Σdy'/M (eval: b = c = 0)
-// Batch statistics come from sums shifted by a pivot p (the channel's first value), kept in
-// double: mean = p + Σ(x-p)/M, var = Σ(x-p)²/M - (Σ(x-p)/M)² (biased; float32 results).
+// Batch statistics: each tile of a channel (a row, a chunk of positions) sums x - p for its own
+// pivot p (its first value; the float32 differences of values that close are exact or nearly),
+// in double, into Moments (count, mean, M2); tiles merge with Chan's parallel formula, in a
+// fixed order (mean and biased variance M2/M in float32 at the end).
+//   running   r = (1 - f)·r + f·s (mean: s = batch mean; var: s = unbiased batch variance),
+//             f = momentum, or 1 / num_batches_tracked for the cumulative average (momentum=None)
 #pragma once
 
 #include <cmath>
@@ -28,17 +33,55 @@ struct BatchNormStats {
   float var;  // biased
 };
 
-DIVCO_BN_HD BatchNormStats batch_norm_stats(float pivot, double shifted_sum, double shifted_sum_sq, double count) {
+// count values with this mean and Σ(x - mean)² = m2.
+struct Moments {
+  double count;
+  double mean;
+  double m2;
+};
+
+// The moments of `count` values from their sums shifted by `pivot`: Σ(x-p), Σ(x-p)².
+DIVCO_BN_HD Moments moments_from_shifted_sums(float pivot, double shifted_sum, double shifted_sum_sq, double count) {
+  if (count <= 0.0) return {0.0, 0.0, 0.0};
   const double shift = shifted_sum / count;
-  const double var = shifted_sum_sq / count - shift * shift;
-  return {static_cast<float>(static_cast<double>(pivot) + shift), static_cast<float>(var > 0.0 ? var : 0.0)};
+  const double m2 = shifted_sum_sq - shifted_sum * shift;
+  return {count, static_cast<double>(pivot) + shift, m2 > 0.0 ? m2 : 0.0};
+}
+
+// Chan et al.'s parallel formula: the moments of the union of two disjoint sets.
+DIVCO_BN_HD Moments merge_moments(Moments a, Moments b) {
+  const double count = a.count + b.count;
+  if (b.count <= 0.0) return a;
+  if (a.count <= 0.0) return b;
+  const double delta = b.mean - a.mean;
+  const double wb = b.count / count;
+  return {count, a.mean + delta * wb, a.m2 + b.m2 + delta * delta * a.count * wb};
+}
+
+DIVCO_BN_HD BatchNormStats batch_norm_stats(Moments m) {
+  const double var = m.count > 0.0 ? m.m2 / m.count : 0.0;
+  return {static_cast<float>(m.mean), static_cast<float>(var > 0.0 ? var : 0.0)};
+}
+
+// One running statistic: (1 - factor)·running + factor·(batch·batch_scale); batch_scale turns
+// the biased variance into the unbiased one (M / (M - 1)), 1 for the mean.
+DIVCO_BN_HD float running_update(float running, float batch, float factor, float batch_scale) {
+  return (1.0f - factor) * running + factor * (batch * batch_scale);
+}
+
+// momentum, or 1 / num_batches_tracked for the cumulative average (num_batches_tracked counts
+// this batch too, so it is >= 1 whenever the update runs).
+DIVCO_BN_HD float running_factor(bool cumulative, float momentum, long long num_batches_tracked) {
+  if (!cumulative) return momentum;
+  return num_batches_tracked > 0 ? static_cast<float>(1.0 / static_cast<double>(num_batches_tracked)) : 1.0f;
 }
 
 DIVCO_BN_HD float batch_norm_invstd(float var, float eps) { return 1.0f / std::sqrt(var + eps); }
 
 struct BatchNormAffine {
+  float mean;
   float scale;
-  float shift;
+  float bias;
 };
 
 // weight / bias: nullptr when the BatchNorm has none (weight 1, bias 0).
@@ -46,16 +89,14 @@ DIVCO_BN_HD BatchNormAffine batch_norm_affine(float mean, float var, float eps, 
                                               long long c) {
   float scale = batch_norm_invstd(var, eps);
   if (weight != nullptr) scale = scale * weight[c];
-  float shift = -mean * scale;
-  if (bias != nullptr) shift = shift + bias[c];
-  return {scale, shift};
+  return {mean, scale, bias != nullptr ? bias[c] : 0.0f};
 }
 
 DIVCO_BN_HD float relu_keep_nan(float y) { return y < 0.0f ? 0.0f : y; }
 
 // residual: 0 when there is none (adding +0.0f leaves every value, -0 aside, unchanged).
 DIVCO_BN_HD float batch_norm_forward_value(float x, BatchNormAffine a, float residual, bool relu) {
-  const float y = x * a.scale + a.shift + residual;
+  const float y = (x - a.mean) * a.scale + a.bias + residual;
   return relu ? relu_keep_nan(y) : y;
 }
 

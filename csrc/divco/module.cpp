@@ -19,7 +19,8 @@ namespace py = pybind11;
 namespace {
 
 const std::vector<std::string> kOperators = {"cotrain_loss_native", "ensemble_native", "ensemble_backward_native",
-                                             "batch_norm_native", "batch_norm_backward_native"};
+                                             "batch_norm_native", "batch_norm_backward_native",
+                                             "batch_norm_update_stats_native"};
 
 // setup.py / CMake pass the torch version (and torch's CUDA version) as bare tokens, e.g.
 // -DDIVCO_TORCH_VERSION=2.14.1+cu130; stringified here.

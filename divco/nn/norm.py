@@ -10,6 +10,7 @@ function and keep the same state (weights, running statistics, num_batches_track
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -147,6 +148,23 @@ class BranchBatchNorm2d(nn.BatchNorm2d):
         self._checked_key = None
         return super()._apply(fn, *args, **kwargs)
 
+    def _implementation(self, x: Tensor) -> tuple[str, Optional[str]]:
+        """("fused", backend) or ("eager", None) for this input, resolved once per (impl, device,
+        dtype, DIVCO_BACKEND) rather than per call: the backend choice and the extension's
+        availability do not change between calls. "auto" on a tensor inside a torch.func
+        transform is eager (per input: the fused op has no batching rule)."""
+        if (self.impl == "auto" and not torch.compiler.is_compiling()
+                and torch._C._functorch.is_functorch_wrapped_tensor(x)):
+            return "eager", None
+        key = (self.impl, x.device, x.dtype, os.environ.get("DIVCO_BACKEND"))
+        cached = self.__dict__.get("_implementation_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        impl = default_norm_impl(x) if self.impl == "auto" else self.impl
+        resolved = (impl, _fused_op().resolve_backend(None, x) if impl == "fused" else None)
+        self._implementation_cache = (key, resolved)
+        return resolved
+
     def forward(self, x: Tensor, residual: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
         self._check_input_dim(x)
         index = active_branch()
@@ -176,12 +194,12 @@ class BranchBatchNorm2d(nn.BatchNorm2d):
         if index is not None:
             weight, bias, running_mean, running_var = (
                 None if t is None else branch_slice(t, index, C) for t in (weight, bias, running_mean, running_var))
-        impl = default_norm_impl(x) if self.impl == "auto" else self.impl
+        impl, backend = self._implementation(x)
         if impl == "fused" or (momentum is None and use_batch_stats and running_mean is not None):
             # (eager with momentum=None: the torch backend of the same op, whose factor stays on the
             # device; nn.BatchNorm2d would read num_batches_tracked back to the host every step)
             ops = _fused_op()
-            backend = ops.resolve_backend(None, x) if impl == "fused" else "torch"
+            backend = backend if impl == "fused" else "torch"
             self._checked_parameters(x, index, weight, bias, running_mean, running_var, use_batch_stats, momentum,
                                      backend, tensors)
             ops.check_batch_norm_x(x, residual, use_batch_stats)

@@ -31,7 +31,8 @@ from .validation import FUSED_DTYPES
 
 
 #: The ops whose ``divco::<op>_native`` operator divco calls: a build lacking one is stale.
-NATIVE_OPERATORS = ("cotrain_loss", "ensemble", "ensemble_backward", "batch_norm", "batch_norm_backward")
+NATIVE_OPERATORS = ("cotrain_loss", "ensemble", "ensemble_backward", "batch_norm", "batch_norm_backward",
+                    "batch_norm_update_stats")
 
 
 def _probe_native() -> tuple[bool, str, bool]:

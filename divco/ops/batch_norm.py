@@ -70,6 +70,10 @@ BATCH_NORM_BACKWARD_SCHEMA = declare("batch_norm_backward",
     "float eps, bool relu, bool residual_grad) -> (Tensor grad_x, Tensor grad_residual, Tensor grad_weight, "
     "Tensor grad_bias)"
 )
+BATCH_NORM_UPDATE_STATS_SCHEMA = declare("batch_norm_update_stats",
+    "(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, Tensor? num_batches_tracked, "
+    "float? momentum, int count) -> ()"
+)
 
 
 # -- checks and layouts ---------------------------------------------------------------------
@@ -189,15 +193,37 @@ def _backward_for(suffix: str):
     return backward
 
 
+def _update_stats_fake(running_mean, running_var, mean, var, num_batches_tracked, momentum, count) -> None:
+    return None
+
+
 #: The backward formula per operator suffix (registered with the operator, used by _FusedBatchNorm).
 _BACKWARDS: dict = {}
 
 
+def has_cpp_autograd(suffix: str) -> bool:
+    """Whether divco._C registers batch_norm_<suffix>'s autograd itself (the native operator of an
+    extension that has it: a C++ autograd node, no Python per call)."""
+    return suffix == "native" and torch._C._dispatch_has_kernel_for_dispatch_key(
+        qualified_name("batch_norm", "native"), "Autograd")
+
+
 def _register(suffix: str) -> None:
+    registration.register("batch_norm_update_stats", suffix, fake=_update_stats_fake)
     registration.register("batch_norm_backward", suffix, fake=_backward_fake)
     _BACKWARDS[suffix] = _backward_for(suffix)
-    registration.register("batch_norm", suffix, fake=_forward_fake, backward=_BACKWARDS[suffix],
-                          setup_context=_setup_context)
+    cpp_autograd = has_cpp_autograd(suffix)
+    registration.register("batch_norm", suffix, fake=_forward_fake,
+                          backward=None if cpp_autograd else _BACKWARDS[suffix],
+                          setup_context=None if cpp_autograd else _setup_context)
+    if cpp_autograd:
+        _DIRECT_OPS[suffix] = getattr(torch.ops.divco, op_name("batch_norm", suffix)).default
+
+
+#: suffix -> the forward operator, for the operators whose autograd is C++ (called directly).
+_DIRECT_OPS: dict = {}
+#: suffix -> the running-statistics update operator, where it exists (filled once at import).
+_UPDATE_STATS_OPS: dict = {}
 
 
 # -- the Triton launchers ------------------------------------------------------------------------
@@ -213,11 +239,15 @@ if not TRITON_ERROR:
         bn_finalize_kernel,
         bn_forward_kernel,
         bn_partial_sums_kernel,
+        bn_update_stats_kernel,
     )
 
 #: Elements one program holds in a tile; programs the reductions aim for (a few per SM).
 TILE_ELEMENTS = 2048
 REDUCTION_PROGRAMS = 1024  # as the CUDA kernel's kReductionBlocks
+#: Units (sample, H·W tile) per channel tile up to which one program reduces the whole channel
+#: tile and finalizes it (a launch fewer: small inputs are host-bound, a few tiles take no time).
+SINGLE_CHUNK_UNITS = 8
 #: CUDA's grid limits: axis 0 takes 2^31 - 1 programs, axes 1 and 2 only 65535.
 MAX_GRID = (2**31 - 1, 65535, 65535)
 
@@ -247,6 +277,8 @@ def reduction_grid(shape: tuple[int, int, int, int], block_c: int, block_hw: int
     N, C, H, W = shape
     c_tiles = _cdiv(C, block_c)
     units = N * _cdiv(H * W, block_hw)
+    if units <= SINGLE_CHUNK_UNITS:  # one program walks the channel tile: no finalize launch
+        return c_tiles, 1, units
     units_per_chunk = _cdiv(units, min(units, max(1, REDUCTION_PROGRAMS // c_tiles)))
     return c_tiles, _cdiv(units, units_per_chunk), units_per_chunk
 
@@ -270,17 +302,26 @@ def check_grid(grid: tuple[int, ...], shape) -> tuple[int, ...]:
     return grid
 
 
-def _partial_sums(x, grad, out, mean, backward: bool, relu: bool, block_c: int, block_hw: int) -> tuple[Tensor, int]:
+def _reduce(x, grad, out, mean, first, second, var, eps: float, backward: bool, relu: bool, block_c: int,
+            block_hw: int) -> None:
+    """The reduction of either direction into ``first``/``second`` (forward: mean, biased variance;
+    backward: Σdy', Σdy'·x̂ with ``var`` the saved variance): partial sums then finalize, or one
+    launch that does both when one program per channel tile covers the input (FINALIZE)."""
     N, C, H, W = x.shape
     sn, sc, shw = layout_strides(x)
     c_tiles, chunks, units_per_chunk = reduction_grid(x.shape, block_c, block_hw)
+    single = chunks == 1
     rows = 2 if backward else 3  # forward: mean, variance, count per chunk; backward: two sums
-    partial = torch.empty((chunks, rows, C), dtype=torch.float32, device=x.device)
+    partial = first if single else torch.empty((chunks, rows, C), dtype=torch.float32, device=x.device)
     wrap_triton(bn_partial_sums_kernel)[check_grid((c_tiles, chunks), x.shape)](
-        x, grad, out, mean, partial, C, H * W, sn, sc, shw, N * _cdiv(H * W, block_hw), units_per_chunk,
-        BACKWARD=backward, RELU=relu, BLOCK_C=block_c, BLOCK_HW=block_hw,
+        x, grad, out, mean, partial, first, second, var, C, H * W, sn, sc, shw, N * _cdiv(H * W, block_hw),
+        units_per_chunk, eps, BACKWARD=backward, RELU=relu, FINALIZE=single, BLOCK_C=block_c, BLOCK_HW=block_hw,
     )
-    return partial, chunks
+    if not single:
+        grid, fin = finalize_grid(C)
+        wrap_triton(bn_finalize_kernel)[grid](
+            x, partial, first, second, var, C, chunks, sc, eps, BACKWARD=backward, BLOCK_C=fin,
+        )
 
 
 def batch_norm_triton_impl(
@@ -297,13 +338,9 @@ def batch_norm_triton_impl(
     block_c, block_hw = tile_shape(x)
     with triton_backend.device_guard(x.device), triton_backend.quiet_interpreter():
         if training:
-            partial, chunks = _partial_sums(x, x, x, x, False, False, block_c, block_hw)
             mean = torch.empty((C,), dtype=torch.float32, device=x.device)
             var = torch.empty_like(mean)
-            grid, fin = finalize_grid(C)
-            wrap_triton(bn_finalize_kernel)[grid](
-                x, partial, mean, var, var, C, chunks, sc, eps, BACKWARD=False, BLOCK_C=fin,
-            )
+            _reduce(x, x, x, x, mean, var, var, eps, False, False, block_c, block_hw)
             stats_mean, stats_var = mean, var
         else:
             stats_mean, stats_var = _dense(running_mean), _dense(running_var)
@@ -341,11 +378,8 @@ def batch_norm_backward_triton_impl(
     grad_bias = torch.empty((C,), dtype=torch.float32, device=x.device)
     grad_weight = torch.empty_like(grad_bias)
     with triton_backend.device_guard(x.device), triton_backend.quiet_interpreter():
-        partial, chunks = _partial_sums(x, grad_out, out if relu else x, mean, True, relu, block_c, block_hw)
-        grid, fin = finalize_grid(C)
-        wrap_triton(bn_finalize_kernel)[grid](
-            x, partial, grad_bias, grad_weight, var, C, chunks, sc, eps, BACKWARD=True, BLOCK_C=fin,
-        )
+        _reduce(x, grad_out, out if relu else x, mean, grad_bias, grad_weight, var, eps, True, relu, block_c,
+                block_hw)
         wrap_triton(bn_backward_kernel)[check_grid(elementwise_grid(x.shape, block_c, block_hw), x.shape)](
             grad_out, x, out if relu else x, mean, var, weight if weight is not None else mean,
             grad_bias, grad_weight, grad_x, grad_residual if write_residual else grad_x,
@@ -354,6 +388,47 @@ def batch_norm_backward_triton_impl(
             BLOCK_C=block_c, BLOCK_HW=block_hw,
         )
     return grad_x, grad_residual, grad_weight, grad_bias
+
+
+def check_update_stats_operands(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                                num_batches_tracked: Optional[Tensor], momentum: Optional[float], count: int) -> None:
+    """What batch_norm_update_stats_<b> takes (the native operator checks the same in C++)."""
+    C = running_mean.shape[0] if running_mean.dim() == 1 else -1
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("mean", mean), ("var", var)):
+        if t.dtype != torch.float32 or t.dim() != 1 or t.shape[0] != C or not t.is_contiguous():
+            raise ValueError(f"batch_norm_update_stats: {name} must be contiguous float32 [C] (C = running_mean's "
+                             f"length); got {t.dtype} {list(t.shape)}")
+    if count < 2:
+        raise ValueError(f"batch_norm_update_stats: count (values per channel) must be >= 2; got {count}")
+    if momentum is None:
+        _check_num_batches_tracked(num_batches_tracked)
+    elif not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"batch_norm_update_stats: momentum must be in [0, 1] or None; got {momentum}")
+
+
+def _check_num_batches_tracked(num_batches_tracked) -> None:
+    if (not isinstance(num_batches_tracked, Tensor) or num_batches_tracked.dtype != torch.int64
+            or num_batches_tracked.numel() != 1):
+        got = (f"{num_batches_tracked.dtype} {list(num_batches_tracked.shape)}"
+               if isinstance(num_batches_tracked, Tensor) else type(num_batches_tracked).__name__)
+        raise ValueError("momentum=None (the cumulative average) needs num_batches_tracked as a one-element int64 "
+                         f"tensor (nn.BatchNorm2d's buffer); got {got}")
+
+
+def batch_norm_update_stats_triton_impl(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, num_batches_tracked: Optional[Tensor],
+    momentum: Optional[float], count: int,
+) -> None:
+    check_update_stats_operands(running_mean, running_var, mean, var, num_batches_tracked, momentum, count)
+    C = running_mean.shape[0]
+    grid, block = finalize_grid(C)
+    with triton_backend.device_guard(running_mean.device), triton_backend.quiet_interpreter():
+        wrap_triton(bn_update_stats_kernel)[grid](
+            running_mean, running_var, mean, var,
+            num_batches_tracked if num_batches_tracked is not None else running_mean,
+            C, 0.0 if momentum is None else float(momentum), count / (count - 1),
+            CUMULATIVE=momentum is None, BLOCK_C=block,
+        )
 
 
 def native_available() -> tuple[bool, str]:
@@ -369,10 +444,15 @@ _NATIVE_AVAILABLE = native_available()  # fixed once divco._C is loaded: not loo
 if not TRITON_ERROR:
     batch_norm_triton = triton_backend.define("batch_norm")(batch_norm_triton_impl)
     batch_norm_backward_triton = triton_backend.define("batch_norm_backward")(batch_norm_backward_triton_impl)
+    batch_norm_update_stats_triton = triton_backend.define(
+        "batch_norm_update_stats", mutates_args=("running_mean", "running_var"))(batch_norm_update_stats_triton_impl)
 
 for _suffix in registration.defined_suffixes():
     if _suffix != "native" or native_available()[0]:  # an extension older than this op: torch fallback
         _register(_suffix)
+        _update_name = op_name("batch_norm_update_stats", _suffix)
+        if hasattr(torch.ops.divco, _update_name):
+            _UPDATE_STATS_OPS[_suffix] = getattr(torch.ops.divco, _update_name).default
 
 
 # -- the public function --------------------------------------------------------------------------
@@ -453,7 +533,9 @@ def batch_norm_checked(x: Tensor, weight: Tensor | None, bias: Tensor | None, ru
     if x.stride() != canonical:
         x = x.as_strided(x.shape, canonical)  # odd strides of size-1 dims: one layout for every backend
     f32 = torch.float32
-    out, mean, var = _FusedBatchNorm.apply(
+    suffix = _OPERATOR_SUFFIX[backend]
+    direct = _DIRECT_OPS.get(suffix)
+    arguments = (
         x,
         weight if weight is None or weight.dtype == f32 else weight.to(f32),
         bias if bias is None or bias.dtype == f32 else bias.to(f32),
@@ -463,12 +545,28 @@ def batch_norm_checked(x: Tensor, weight: Tensor | None, bias: Tensor | None, ru
         training,
         eps,
         activation == "relu",
-        _OPERATOR_SUFFIX[backend],
     )
+    if direct is not None:  # the operator's own (C++) autograd node
+        out, mean, var = direct(*arguments)
+    else:
+        out, mean, var = _FusedBatchNorm.apply(*arguments, suffix)
     if training and running_mean is not None:
-        update_running_stats(running_mean, running_var, mean, var, momentum, x.numel() // x.shape[1],
-                             num_batches_tracked)
+        count = x.numel() // x.shape[1]
+        if _update_op_takes(running_mean, running_var, suffix):
+            # one launch, in place, no host read (momentum=None: the factor is read on the device)
+            _UPDATE_STATS_OPS[suffix](running_mean, running_var, mean, var, num_batches_tracked, momentum, count)
+        else:
+            update_running_stats(running_mean, running_var, mean, var, momentum, count, num_batches_tracked)
     return out
+
+
+def _update_op_takes(running_mean: Tensor, running_var: Tensor, suffix: str) -> bool:
+    """Whether batch_norm_update_stats_<suffix> can update these buffers: float32 and contiguous
+    (a branch's slice of the module's buffers is), not requiring grad, with the operator present
+    (an extension built before it: the three ATen ops of update_running_stats, the same values)."""
+    return (suffix in _UPDATE_STATS_OPS and running_mean.dtype == torch.float32
+            and running_var.dtype == torch.float32 and running_mean.is_contiguous() and running_var.is_contiguous()
+            and not (running_mean.requires_grad or running_var.requires_grad))
 
 
 _OPERATOR_SUFFIX = {"triton": "triton", "cpu": "native", "cuda": "native"}
@@ -517,6 +615,8 @@ def update_running_stats(
                                         num_batches_tracked)
     if mean.dtype != running_mean.dtype:
         mean, var = mean.to(running_mean.dtype), var.to(running_var.dtype)
+    if momentum is None:
+        _check_num_batches_tracked(num_batches_tracked)
     if momentum is not None:
         # three in-place ops and no temporary (a foreach lerp of both, after unbiasing, takes twice the host time)
         running_mean.lerp_(mean, momentum)

@@ -103,11 +103,12 @@ def tile_shape(S: int, K: int) -> tuple[int, int, int]:
     return block_s, block_k, num_warps
 
 
-def define(base: str):
+def define(base: str, mutates_args: tuple[str, ...] = ()):
     """triton_op on a GPU; an opaque custom_op when the kernels are interpreted on the CPU.
+    ``mutates_args``: the arguments the operator writes in place (``Tensor(a!)`` in the schema).
 
     The schema is inferred from the launcher's annotations (torch 2.11 ignores ``schema=`` for
     triton_op and infers it anyway), so it is the same on torch 2.5-2.14; see
     divco.ops.schema.signature for what matches the contract."""
     define = torch.library.custom_op if KERNELS_INTERPRETED else triton_op
-    return define(qualified_name(base, "triton"), mutates_args=())
+    return define(qualified_name(base, "triton"), mutates_args=mutates_args)

@@ -330,6 +330,9 @@ def check_batch_norm_parameters(C: int, dtype: torch.dtype, device: torch.device
         if not isinstance(num_batches_tracked, Tensor) or num_batches_tracked.numel() != 1:
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked, a one-element tensor "
                              f"counting the batches including this one; got {type(num_batches_tracked).__name__}")
+        if num_batches_tracked.dtype != torch.int64:  # the kernels read the counter as int64 on the device
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked as an int64 tensor "
+                             f"(nn.BatchNorm2d's buffer); got {num_batches_tracked.dtype}")
         if num_batches_tracked.device != device:
             raise ValueError(f"num_batches_tracked is on {num_batches_tracked.device}, x on {device}; "
                              "expected one device")

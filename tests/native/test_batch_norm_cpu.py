@@ -75,3 +75,33 @@ def test_grad_out_in_another_layout_is_accepted(ops):
                                        False, False)
     for u, v in zip(a, b):
         assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("case", ["squares_past_float32", "rows_far_apart", "offset_1e18"])
+def test_statistics_of_extreme_magnitudes(native, channels_last, case):
+    """Every float32 input whose variance fits float32, against float64: differences of 2e19
+    (their float32 square overflows, the variance 1e38 does not), rows whose means lie 1e18
+    apart (each row shifted by its own pivot, merged with Chan's formula), and a spread of
+    1e12 on an offset of 1e18 (the output centred first: x·scale - mean·scale cancels)."""
+    g = torch.Generator().manual_seed(0)
+    N, C, H, W = 6, 5, 7, 9
+    if case == "squares_past_float32":
+        x = torch.randn(N, C, H, W, generator=g, dtype=torch.float64).sign() * 1e19 + 1e18
+    elif case == "rows_far_apart":
+        x = torch.randn(N, C, H, W, generator=g, dtype=torch.float64) * 1e6
+        x += torch.arange(N, dtype=torch.float64).view(N, 1, 1, 1) * 1e18
+    else:
+        x = torch.randn(N, C, H, W, generator=g, dtype=torch.float64) * 1e12 + 1e18
+    x = x.float()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = bn.batch_norm(x, None, None, None, None, training=True, backend="cpu")
+    x64 = x.double()
+    mean = x64.mean((0, 2, 3), keepdim=True)
+    std = x64.var((0, 2, 3), correction=0, keepdim=True).add(1e-5).sqrt()
+    expected = (x64 - mean) / std
+    # the float32 mean carries up to half an ulp of error: its share of the tolerance
+    mean_rounding = (mean.float().double() - mean).abs() / std
+    assert torch.isfinite(out).all()
+    assert ((out.double() - expected).abs() <= 1e-3 + 1.01 * mean_rounding + 1e-4 * expected.abs()).all()

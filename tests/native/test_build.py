@@ -15,7 +15,7 @@ from divco.ops import schema
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Every native operator, as build_info() lists it; registration.cpp defines all their schemas.
-OPERATORS = ("cotrain_loss", "ensemble", "ensemble_backward", "batch_norm", "batch_norm_backward")
+OPERATORS = ("cotrain_loss", "ensemble", "ensemble_backward", "batch_norm", "batch_norm_backward", "batch_norm_update_stats")
 
 
 def load_setup_module():

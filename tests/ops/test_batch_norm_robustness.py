@@ -83,10 +83,10 @@ def test_strided_channel_vectors(backend, training):
     torch.testing.assert_close(out.cpu().double(), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", backend_params("triton"))  # (the native kernels are csrc's)
+@pytest.mark.parametrize("backend", backend_params(*FUSED))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("scale,shift", [(1e18, 0.0), (1e18, 3e18), (1.0, 1e4), (1e-20, 1e-18)],
-                         ids=["huge", "huge_shifted", "large_mean", "tiny"])
+@pytest.mark.parametrize("scale,shift", [(1e18, 0.0), (1e18, 3e18), (1e19, 1e18), (1.0, 1e4), (1e-20, 1e-18)],
+                         ids=["huge", "huge_shifted", "squares_past_float32", "large_mean", "tiny"])
 def test_statistics_of_extreme_magnitudes(backend, channels_last, scale, shift):
     """Every float32 input whose variance fits float32: a sum of squares of 400 values of 1e18
     overflows (the output was 0 where float64 gives +-3)."""

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 MAX_SPECIALISATIONS = 128
 #: Every Triton kernel divco launches (scripts/triton_compile_report.py's KERNEL_MODULES).
 KERNELS = {"cotrain_loss_kernel", "ensemble_kernel", "ensemble_backward_kernel", "bn_partial_sums_kernel",
-           "bn_finalize_kernel", "bn_forward_kernel", "bn_backward_kernel"}
+           "bn_finalize_kernel", "bn_forward_kernel", "bn_backward_kernel", "bn_update_stats_kernel"}
 
 needs_triton = pytest.mark.skipif(bool(triton_backend.TRITON_ERROR), reason="Triton is not importable")
 

@@ -134,5 +134,18 @@ struct BatchNormArgs {
   float eps = 1e-5f;
 };
 
+// The running-statistics update of batch_norm_update_stats_native: float32 [C] tensors, in place.
+struct BatchNormUpdateArgs {
+  int64_t channels = 0;
+  float* running_mean = nullptr;
+  float* running_var = nullptr;
+  const float* mean = nullptr;  // the batch mean
+  const float* var = nullptr;   // the biased batch variance
+  const int64_t* num_batches_tracked = nullptr;  // read on the device when cumulative
+  bool cumulative = false;  // momentum=None: factor 1 / num_batches_tracked
+  float momentum = 0.1f;
+  float unbias = 1.0f;  // count / (count - 1)
+};
+
 }  // namespace ops
 }  // namespace divco

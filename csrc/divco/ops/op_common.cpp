@@ -356,6 +356,55 @@ BatchNormBackwardCall prepare_batch_norm_backward(const at::Tensor& grad_out, co
   return call;
 }
 
+namespace {
+
+float* running_vector(const at::Tensor& t, const char* name, int64_t channels, c10::DeviceType device, const char* op) {
+  TORCH_CHECK_VALUE(t.device().type() == device, op, ": ", name, " must be on ", c10::DeviceTypeName(device),
+                    "; got one on ", t.device());
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == channels && t.is_contiguous(), op,
+                    ": ", name, " must be contiguous float32 [", channels, "]; got ", t.scalar_type(), " ", t.sizes(),
+                    t.is_contiguous() ? "" : " (not contiguous)");
+  return t.data_ptr<float>();
+}
+
+}  // namespace
+
+BatchNormUpdateArgs prepare_batch_norm_update_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                                    const at::Tensor& mean, const at::Tensor& var,
+                                                    const std::optional<at::Tensor>& num_batches_tracked,
+                                                    std::optional<double> momentum, int64_t count,
+                                                    c10::DeviceType expected_device) {
+  const char* op = "batch_norm_update_stats_native";
+  TORCH_CHECK_VALUE(running_mean.dim() == 1, op, ": running_mean must be 1-D [C]; got shape ", running_mean.sizes());
+  const int64_t C = running_mean.size(0);
+  TORCH_CHECK_VALUE(count >= 2, op, ": count (values per channel) must be >= 2 for the unbiased variance; got ",
+                    count);
+  BatchNormUpdateArgs a;
+  a.channels = C;
+  a.running_mean = running_vector(running_mean, "running_mean", C, expected_device, op);
+  a.running_var = running_vector(running_var, "running_var", C, expected_device, op);
+  a.mean = running_vector(mean, "mean", C, expected_device, op);
+  a.var = running_vector(var, "var", C, expected_device, op);
+  a.cumulative = !momentum.has_value();
+  if (a.cumulative) {
+    TORCH_CHECK_VALUE(num_batches_tracked.has_value(), op,
+                      ": momentum=None (the cumulative average) needs num_batches_tracked");
+    const at::Tensor& n = *num_batches_tracked;
+    TORCH_CHECK_VALUE(n.scalar_type() == at::kLong && n.numel() == 1, op,
+                      ": num_batches_tracked must be a one-element int64 tensor; got ", n.scalar_type(), " ",
+                      n.sizes());
+    TORCH_CHECK_VALUE(n.device() == running_mean.device(), op, ": num_batches_tracked is on ", n.device(),
+                      ", running_mean on ", running_mean.device());
+    a.num_batches_tracked = n.data_ptr<int64_t>();
+  } else {
+    TORCH_CHECK_VALUE(*momentum >= 0.0 && *momentum <= 1.0, op, ": momentum must be in [0, 1] or None; got ",
+                      *momentum);
+    a.momentum = static_cast<float>(*momentum);
+  }
+  a.unbias = static_cast<float>(static_cast<double>(count) / static_cast<double>(count - 1));
+  return a;
+}
+
 // -- the limits of the CUDA kernels ---------------------------------------------------------
 
 void check_cuda_extents(const LogitsView& v, const char* op) {

@@ -83,6 +83,14 @@ BatchNormBackwardCall prepare_batch_norm_backward(const at::Tensor& grad_out, co
                                                   const at::Tensor& var, bool training, double eps, bool relu,
                                                   bool residual_grad, c10::DeviceType expected_device);
 
+// Checks the running-statistics update (every tensor float32 [C] contiguous on the expected
+// device, num_batches_tracked a one-element int64 tensor when momentum is None, count >= 2).
+BatchNormUpdateArgs prepare_batch_norm_update_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                                    const at::Tensor& mean, const at::Tensor& var,
+                                                    const std::optional<at::Tensor>& num_batches_tracked,
+                                                    std::optional<double> momentum, int64_t count,
+                                                    c10::DeviceType expected_device);
+
 // -- the limits of the CUDA kernels (the values come from cuda/launchers.h) --
 
 // Rows and classes are indexed with 32-bit ints on the GPU.

@@ -34,28 +34,36 @@ constexpr int64_t kChannelBlock = 16;     // channels_last reductions: one 64-by
 constexpr int64_t kRowsPerFloatSum = 256;  // channels_last: float partial sums, flushed to double
 constexpr int64_t kWorkPerTask = 32768;    // fewest elements worth a thread
 
-// Σ term(i) over i < count: kLanes float partial sums and the tail, combined in a fixed order.
-template <typename Term>
+// Σ term(i) over i < count: kLanes partial sums and the tail, combined in a fixed order. The
+// second sum is accumulated in Acc2: double for the forward's squares (a float square of a
+// difference above 1.8e19 would overflow while the variance still fits float32).
+template <typename Acc2 = float, typename Term>
 DIVCO_CPU_INLINE void lane_sums2(int64_t count, Term&& term, double& s1, double& s2) {
-  float a1[kLanes] = {}, a2[kLanes] = {};
+  float a1[kLanes] = {};
+  Acc2 a2[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= count; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      float t1, t2;
+      float t1;
+      Acc2 t2;
       term(i + l, t1, t2);
       a1[l] += t1;
       a2[l] += t2;
     }
   }
-  float tail1 = 0.0f, tail2 = 0.0f;
+  float tail1 = 0.0f;
+  Acc2 tail2 = 0;
   for (; i < count; ++i) {
-    float t1, t2;
+    float t1;
+    Acc2 t2;
     term(i, t1, t2);
     tail1 += t1;
     tail2 += t2;
   }
+  Acc2 sum2 = 0;
+  for (int l = 0; l < kLanes; ++l) sum2 += a2[l];
   s1 += static_cast<double>(combine_lanes(a1) + tail1);
-  s2 += static_cast<double>(combine_lanes(a2) + tail2);
+  s2 += static_cast<double>(sum2 + tail2);
 }
 
 // ---- NCHW: one task = a range of channels -----------------------------------------------------
@@ -77,17 +85,20 @@ DIVCO_CPU_INLINE void forward_channels_nchw(const BatchNormArgs& a, int64_t begi
   const int64_t HW = l.spatial;
   for (int64_t c = begin; c < end; ++c) {
     if (a.training) {
-      const float pivot = to_float(x[c * HW]);
-      double s1 = 0.0, s2 = 0.0;
+      // one tile per row (n, c), shifted by the row's first value, merged in row order
+      math::Moments moments{0.0, 0.0, 0.0};
       for (int64_t n = 0; n < l.batch; ++n) {
         const scalar_t* row = x + (n * l.channels + c) * HW;
-        lane_sums2(HW, [&](int64_t i, float& t1, float& t2) {
+        const float pivot = to_float(row[0]);
+        double s1 = 0.0, s2 = 0.0;
+        lane_sums2<double>(HW, [&](int64_t i, float& t1, double& t2) {
           const float d = to_float(row[i]) - pivot;
           t1 = d;
-          t2 = d * d;
+          t2 = static_cast<double>(d) * d;
         }, s1, s2);
+        moments = math::merge_moments(moments, math::moments_from_shifted_sums(pivot, s1, s2, static_cast<double>(HW)));
       }
-      const auto stats = math::batch_norm_stats(pivot, s1, s2, static_cast<double>(l.batch * HW));
+      const auto stats = math::batch_norm_stats(moments);
       a.mean[c] = stats.mean;
       a.var[c] = stats.var;
     }
@@ -174,24 +185,28 @@ DIVCO_CPU_INLINE void backward_channels_nchw(const BatchNormArgs& a, int64_t beg
 
 // ---- channels_last: reductions over blocks of channels, elementwise over rows --------------------
 
-// Σ over all rows m of term(m, j) for the channels [c0, c0 + width), width <= kChannelBlock.
-template <typename Term>
+// Σ over all rows m of term(m, j) for the channels [c0, c0 + width), width <= kChannelBlock
+// (the second sum in Acc2, as lane_sums2).
+template <typename Acc2 = float, typename Term>
 DIVCO_CPU_INLINE void block_sums(int64_t rows, int64_t width, Term&& term, double* s1, double* s2) {
   for (int64_t j = 0; j < width; ++j) s1[j] = s2[j] = 0.0;
   for (int64_t m0 = 0; m0 < rows; m0 += kRowsPerFloatSum) {
-    float a1[kChannelBlock] = {}, a2[kChannelBlock] = {};
+    float a1[kChannelBlock] = {};
+    Acc2 a2[kChannelBlock] = {};
     const int64_t m1 = std::min(rows, m0 + kRowsPerFloatSum);
     for (int64_t m = m0; m < m1; ++m) {
       if (width == kChannelBlock) {
         for (int64_t j = 0; j < kChannelBlock; ++j) {
-          float t1, t2;
+          float t1;
+          Acc2 t2;
           term(m, j, t1, t2);
           a1[j] += t1;
           a2[j] += t2;
         }
       } else {
         for (int64_t j = 0; j < width; ++j) {
-          float t1, t2;
+          float t1;
+          Acc2 t2;
           term(m, j, t1, t2);
           a1[j] += t1;
           a2[j] += t2;
@@ -212,16 +227,26 @@ DIVCO_CPU_INLINE void forward_stats_nhwc(const BatchNormArgs& a, int64_t block_b
   const int64_t C = l.channels, rows = l.batch * l.spatial;
   for (int64_t block = block_begin; block < block_end; ++block) {
     const int64_t c0 = block * kChannelBlock, width = std::min(kChannelBlock, C - c0);
-    float pivot[kChannelBlock] = {};
-    for (int64_t j = 0; j < width; ++j) pivot[j] = to_float(x[c0 + j]);
-    double s1[kChannelBlock], s2[kChannelBlock];
-    block_sums(rows, width, [&](int64_t m, int64_t j, float& t1, float& t2) {
-      const float d = to_float(x[m * C + c0 + j]) - pivot[j];
-      t1 = d;
-      t2 = d * d;
-    }, s1, s2);
+    // one tile per kRowsPerFloatSum rows, shifted by the tile's first row, merged in row order
+    math::Moments moments[kChannelBlock];
+    for (int64_t j = 0; j < width; ++j) moments[j] = {0.0, 0.0, 0.0};
+    for (int64_t m0 = 0; m0 < rows; m0 += kRowsPerFloatSum) {
+      const int64_t tile_rows = std::min(kRowsPerFloatSum, rows - m0);
+      float pivot[kChannelBlock] = {};
+      for (int64_t j = 0; j < width; ++j) pivot[j] = to_float(x[m0 * C + c0 + j]);
+      double s1[kChannelBlock], s2[kChannelBlock];
+      block_sums<double>(tile_rows, width, [&](int64_t m, int64_t j, float& t1, double& t2) {
+        const float d = to_float(x[(m0 + m) * C + c0 + j]) - pivot[j];
+        t1 = d;
+        t2 = static_cast<double>(d) * d;
+      }, s1, s2);
+      for (int64_t j = 0; j < width; ++j) {
+        moments[j] = math::merge_moments(
+            moments[j], math::moments_from_shifted_sums(pivot[j], s1[j], s2[j], static_cast<double>(tile_rows)));
+      }
+    }
     for (int64_t j = 0; j < width; ++j) {
-      const auto stats = math::batch_norm_stats(pivot[j], s1[j], s2[j], static_cast<double>(rows));
+      const auto stats = math::batch_norm_stats(moments[j]);
       a.mean[c0 + j] = stats.mean;
       a.var[c0 + j] = stats.var;
     }
@@ -229,8 +254,8 @@ DIVCO_CPU_INLINE void forward_stats_nhwc(const BatchNormArgs& a, int64_t block_b
 }
 
 template <typename scalar_t, bool kResidual, bool kRelu>
-DIVCO_CPU_INLINE void forward_rows_nhwc_impl(const BatchNormArgs& a, const float* scale, const float* shift,
-                                             int64_t begin, int64_t end) {
+DIVCO_CPU_INLINE void forward_rows_nhwc_impl(const BatchNormArgs& a, const BatchNormAffine* affine, int64_t begin,
+                                             int64_t end) {
   const int64_t C = a.layout.channels;
   const auto* x = static_cast<const scalar_t*>(a.x);
   const auto* r = static_cast<const scalar_t*>(a.residual);
@@ -241,20 +266,20 @@ DIVCO_CPU_INLINE void forward_rows_nhwc_impl(const BatchNormArgs& a, const float
     scalar_t* orow = out + m * C;
     for (int64_t c = 0; c < C; ++c) {
       const float res = kResidual ? to_float(rr[c]) : 0.0f;
-      orow[c] = from_float<scalar_t>(math::batch_norm_forward_value(to_float(xr[c]), BatchNormAffine{scale[c], shift[c]}, res, kRelu));
+      orow[c] = from_float<scalar_t>(math::batch_norm_forward_value(to_float(xr[c]), affine[c], res, kRelu));
     }
   }
 }
 
 template <typename scalar_t>
-DIVCO_CPU_INLINE void forward_rows_nhwc(const BatchNormArgs& a, const float* scale, const float* shift, int64_t begin,
+DIVCO_CPU_INLINE void forward_rows_nhwc(const BatchNormArgs& a, const BatchNormAffine* affine, int64_t begin,
                                         int64_t end) {
   if (a.residual != nullptr) {
-    if (a.relu) forward_rows_nhwc_impl<scalar_t, true, true>(a, scale, shift, begin, end);
-    else forward_rows_nhwc_impl<scalar_t, true, false>(a, scale, shift, begin, end);
+    if (a.relu) forward_rows_nhwc_impl<scalar_t, true, true>(a, affine, begin, end);
+    else forward_rows_nhwc_impl<scalar_t, true, false>(a, affine, begin, end);
   } else {
-    if (a.relu) forward_rows_nhwc_impl<scalar_t, false, true>(a, scale, shift, begin, end);
-    else forward_rows_nhwc_impl<scalar_t, false, false>(a, scale, shift, begin, end);
+    if (a.relu) forward_rows_nhwc_impl<scalar_t, false, true>(a, affine, begin, end);
+    else forward_rows_nhwc_impl<scalar_t, false, false>(a, affine, begin, end);
   }
 }
 
@@ -340,8 +365,8 @@ DIVCO_BN_CLONES(backward_channels_nchw, int64_t begin, int64_t end)
 DIVCO_BN_CLONES(forward_stats_nhwc, int64_t begin, int64_t end)
 DIVCO_BN_CLONES(backward_sums_nhwc, int64_t begin, int64_t end)
 #undef ARGS
-#define ARGS scale, shift, begin, end
-DIVCO_BN_CLONES(forward_rows_nhwc, const float* scale, const float* shift, int64_t begin, int64_t end)
+#define ARGS affine, begin, end
+DIVCO_BN_CLONES(forward_rows_nhwc, const BatchNormAffine* affine, int64_t begin, int64_t end)
 #undef ARGS
 #define ARGS k, b, cc, begin, end
 DIVCO_BN_CLONES(backward_rows_nhwc, const float* k, const float* b, const float* cc, int64_t begin, int64_t end)
@@ -370,14 +395,10 @@ void run_batch_norm(const BatchNormArgs& a) {
     const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
     at::parallel_for(0, blocks, grain(rows * kChannelBlock), [&](int64_t begin, int64_t end) { stats(a, begin, end); });
   }
-  std::vector<float> scale(static_cast<size_t>(C)), shift(static_cast<size_t>(C));
-  for (int64_t c = 0; c < C; ++c) {
-    const auto af = math::batch_norm_affine(a.mean[c], a.var[c], a.eps, a.weight, a.bias, c);
-    scale[c] = af.scale;
-    shift[c] = af.shift;
-  }
+  std::vector<BatchNormAffine> affine(static_cast<size_t>(C));
+  for (int64_t c = 0; c < C; ++c) affine[c] = math::batch_norm_affine(a.mean[c], a.var[c], a.eps, a.weight, a.bias, c);
   auto fn = by_dtype(l.dtype, forward_rows_nhwc_f32, forward_rows_nhwc_bf16, forward_rows_nhwc_f16);
-  at::parallel_for(0, rows, grain(C), [&](int64_t begin, int64_t end) { fn(a, scale.data(), shift.data(), begin, end); });
+  at::parallel_for(0, rows, grain(C), [&](int64_t begin, int64_t end) { fn(a, affine.data(), begin, end); });
 }
 
 void run_batch_norm_backward(const BatchNormArgs& a) {
@@ -428,6 +449,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
   return {call.grad_x, call.grad_residual, call.grad_weight, call.grad_bias};
 }
 
+void batch_norm_update_stats_cpu(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
+                                 const at::Tensor& var, const std::optional<at::Tensor>& num_batches_tracked,
+                                 std::optional<double> momentum, int64_t count) {
+  const BatchNormUpdateArgs a = prepare_batch_norm_update_stats(running_mean, running_var, mean, var,
+                                                                num_batches_tracked, momentum, count,
+                                                                c10::DeviceType::CPU);
+  const float factor = math::running_factor(a.cumulative, a.momentum,
+                                            a.num_batches_tracked != nullptr ? *a.num_batches_tracked : 0);
+  for (int64_t c = 0; c < a.channels; ++c) {
+    a.running_mean[c] = math::running_update(a.running_mean[c], a.mean[c], factor, 1.0f);
+    a.running_var[c] = math::running_update(a.running_var[c], a.var[c], factor, a.unbias);
+  }
+}
+
 }  // namespace
 
 }  // namespace ops
@@ -436,4 +471,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
 TORCH_LIBRARY_IMPL(divco, CPU, m) {
   m.impl("batch_norm_native", &divco::ops::batch_norm_cpu);
   m.impl("batch_norm_backward_native", &divco::ops::batch_norm_backward_cpu);
+  m.impl("batch_norm_update_stats_native", &divco::ops::batch_norm_update_stats_cpu);
 }

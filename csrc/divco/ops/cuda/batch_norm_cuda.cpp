@@ -51,11 +51,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
   return {call.grad_x, call.grad_residual, call.grad_weight, call.grad_bias};
 }
 
+void batch_norm_update_stats_cuda(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                  const at::Tensor& mean, const at::Tensor& var,
+                                  const std::optional<at::Tensor>& num_batches_tracked, std::optional<double> momentum,
+                                  int64_t count) {
+  const BatchNormUpdateArgs args = prepare_batch_norm_update_stats(running_mean, running_var, mean, var,
+                                                                   num_batches_tracked, momentum, count,
+                                                                   c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(running_mean.device());
+  C10_CUDA_CHECK(cuda::launch_batch_norm_update_stats(args, c10::cuda::getCurrentCUDAStream()));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(divco, CUDA, m) {
   m.impl("batch_norm_native", &batch_norm_cuda);
   m.impl("batch_norm_backward_native", &batch_norm_backward_cuda);
+  m.impl("batch_norm_update_stats_native", &batch_norm_update_stats_cuda);
 }
 
 }  // namespace ops

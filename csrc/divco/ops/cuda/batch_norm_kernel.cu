@@ -5,8 +5,9 @@
 //      256 threads walk its contiguous H·W runs) or 32 channels x 8 rows (channels_last: each
 //      warp reads 32 neighbouring channels of a row). Threads sum in float, the block combines
 //      its threads in a fixed order in double -> partial[chunk, 0|1, c].
-//   2. finalize, one thread per channel: chunks summed in order (double) -> forward: mean,
-//      biased variance, scale, shift; backward: grad_bias, grad_weight and the dx coefficients.
+//   2. finalize, one thread per channel: chunks merged in order (double; forward: each chunk's
+//      moments about its own pivot, Chan's formula) -> forward: mean, biased variance, scale,
+//      bias; backward: grad_bias, grad_weight and the dx coefficients.
 //   3. one elementwise pass (grid-stride): forward out; backward dx and the residual's gradient.
 // Per-channel formulas: ../../batch_norm_math.h (shared with the CPU kernels). Deterministic:
 // the chunking depends on the shape only.
@@ -15,6 +16,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "../../batch_norm_math.h"
 #include "../kernel_args.h"
@@ -67,9 +69,15 @@ __global__ void __launch_bounds__(kThreads) partial_sums_kernel(const BatchNormA
   const int64_t positions = l.batch * l.spatial;
   const int64_t p0 = chunk * per_chunk;
   const int64_t p1 = p0 + per_chunk < positions ? p0 + per_chunk : positions;
-  float s1 = 0.0f, s2 = 0.0f;
+  // forward: double, since a float square of a difference above 1.8e19 overflows while the
+  // variance still fits float32; backward: float (products of gradients and centred x)
+  using acc_t = typename std::conditional<kBackward, float, double>::type;
+  acc_t s1 = 0, s2 = 0;
+  // forward: the chunk's own pivot (its first value), so far-apart chunks keep their digits
+  const float centre = c >= l.channels ? 0.0f
+                       : kBackward     ? a.mean[c]
+                                       : load<scalar_t>(a.x, offset_of<kChannelsLast>(l, p0 < positions ? p0 : 0, c));
   if (c < l.channels) {
-    const float centre = kBackward ? a.mean[c] : load<scalar_t>(a.x, offset_of<kChannelsLast>(l, 0, c));
     for (int64_t p = p0 + tr; p < p1; p += kRows) {
       const int64_t i = offset_of<kChannelsLast>(l, p, c);
       const float d = load<scalar_t>(a.x, i) - centre;
@@ -79,11 +87,11 @@ __global__ void __launch_bounds__(kThreads) partial_sums_kernel(const BatchNormA
         s2 += dy * d;
       } else {
         s1 += d;
-        s2 += d * d;
+        s2 += static_cast<acc_t>(d) * d;
       }
     }
   }
-  __shared__ float shared1[kThreads], shared2[kThreads];
+  __shared__ acc_t shared1[kThreads], shared2[kThreads];
   shared1[threadIdx.x] = s1;
   shared2[threadIdx.x] = s2;
   __syncthreads();
@@ -93,22 +101,40 @@ __global__ void __launch_bounds__(kThreads) partial_sums_kernel(const BatchNormA
       t1 += static_cast<double>(shared1[r * kTile + tc]);
       t2 += static_cast<double>(shared2[r * kTile + tc]);
     }
+    if (!kBackward) {  // the chunk's moments: mean and M2 (Chan's merge in finalize)
+      const m::Moments mo = m::moments_from_shifted_sums(centre, t1, t2, static_cast<double>(p1 > p0 ? p1 - p0 : 0));
+      t1 = mo.mean;
+      t2 = mo.m2;
+    }
     partial[(chunk * 2) * l.channels + c] = t1;
     partial[(chunk * 2 + 1) * l.channels + c] = t2;
   }
 }
 
-// coefficients [3, C]: forward scale, shift; backward k, b, c.
+// coefficients [3, C]: forward scale, bias, mean; backward k, b, c.
 template <typename scalar_t, bool kChannelsLast, bool kBackward>
 __global__ void __launch_bounds__(kThreads) finalize_kernel(const BatchNormArgs a, const double* partial, int64_t chunks,
-                                                            float* coefficients) {
+                                                            int64_t per_chunk, float* coefficients) {
   const BatchNormLayout& l = a.layout;
   const int64_t C = l.channels;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (c >= C) return;
   const double count = static_cast<double>(l.batch * l.spatial);
   double s1 = 0.0, s2 = 0.0;
-  if (kBackward || a.training) {
+  if (!kBackward && a.training) {  // chunks' moments merged in chunk order
+    const int64_t positions = l.batch * l.spatial;
+    m::Moments moments{0.0, 0.0, 0.0};
+    for (int64_t k = 0; k < chunks; ++k) {
+      const int64_t p0 = k * per_chunk;
+      const int64_t n = (p0 + per_chunk < positions ? p0 + per_chunk : positions) - p0;
+      moments = m::merge_moments(moments, m::Moments{static_cast<double>(n), partial[(k * 2) * C + c],
+                                                     partial[(k * 2 + 1) * C + c]});
+    }
+    const m::BatchNormStats stats = m::batch_norm_stats(moments);
+    a.mean[c] = stats.mean;
+    a.var[c] = stats.var;
+  }
+  if (kBackward) {
     for (int64_t k = 0; k < chunks; ++k) {
       s1 += partial[(k * 2) * C + c];
       s2 += partial[(k * 2 + 1) * C + c];
@@ -126,15 +152,20 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(const BatchNormArgs 
     coefficients[2 * C + c] = co.c;
     return;
   }
-  if (a.training) {
-    const float pivot = load<scalar_t>(a.x, offset_of<kChannelsLast>(l, 0, c));
-    const m::BatchNormStats stats = m::batch_norm_stats(pivot, s1, s2, count);
-    a.mean[c] = stats.mean;
-    a.var[c] = stats.var;
-  }
   const m::BatchNormAffine af = m::batch_norm_affine(a.mean[c], a.var[c], a.eps, a.weight, a.bias, c);
   coefficients[c] = af.scale;
-  coefficients[C + c] = af.shift;
+  coefficients[C + c] = af.bias;
+  coefficients[2 * C + c] = af.mean;
+}
+
+// One thread per channel; the factor is read on the device (no host sync for momentum=None).
+__global__ void __launch_bounds__(kThreads) update_stats_kernel(const BatchNormUpdateArgs a) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (c >= a.channels) return;
+  const float factor = m::running_factor(a.cumulative, a.momentum,
+                                         a.num_batches_tracked != nullptr ? *a.num_batches_tracked : 0);
+  a.running_mean[c] = m::running_update(a.running_mean[c], a.mean[c], factor, 1.0f);
+  a.running_var[c] = m::running_update(a.running_var[c], a.var[c], factor, a.unbias);
 }
 
 __device__ __forceinline__ int64_t channel_of(const BatchNormLayout& l, int64_t i) {
@@ -149,7 +180,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const BatchNormArgs a
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int64_t c = channel_of(a.layout, i);
     const float res = kResidual ? load<scalar_t>(a.residual, i) : 0.0f;
-    const m::BatchNormAffine af{coefficients[c], coefficients[C + c]};
+    const m::BatchNormAffine af{coefficients[2 * C + c], coefficients[c], coefficients[C + c]};
     store<scalar_t>(a.out, i, m::batch_norm_forward_value(load<scalar_t>(a.x, i), af, res, kRelu));
   }
 }
@@ -186,7 +217,8 @@ void forward(const BatchNormArgs& a, double* partial, float* coefficients, cudaS
     partial_sums_kernel<scalar_t, kChannelsLast, false, false><<<grid, kThreads, 0, stream>>>(a, partial, per_chunk);
   }
   const unsigned channel_blocks = static_cast<unsigned>((l.channels + kThreads - 1) / kThreads);
-  finalize_kernel<scalar_t, kChannelsLast, false><<<channel_blocks, kThreads, 0, stream>>>(a, partial, chunks, coefficients);
+  finalize_kernel<scalar_t, kChannelsLast, false><<<channel_blocks, kThreads, 0, stream>>>(a, partial, chunks, per_chunk,
+                                                                                         coefficients);
   const int64_t numel = l.batch * l.channels * l.spatial;
   const int blocks = elementwise_blocks(numel);
   if (a.residual != nullptr) {
@@ -208,7 +240,8 @@ void backward(const BatchNormArgs& a, double* partial, float* coefficients, cuda
   if (a.relu) partial_sums_kernel<scalar_t, kChannelsLast, true, true><<<grid, kThreads, 0, stream>>>(a, partial, per_chunk);
   else partial_sums_kernel<scalar_t, kChannelsLast, true, false><<<grid, kThreads, 0, stream>>>(a, partial, per_chunk);
   const unsigned channel_blocks = static_cast<unsigned>((l.channels + kThreads - 1) / kThreads);
-  finalize_kernel<scalar_t, kChannelsLast, true><<<channel_blocks, kThreads, 0, stream>>>(a, partial, chunks, coefficients);
+  finalize_kernel<scalar_t, kChannelsLast, true><<<channel_blocks, kThreads, 0, stream>>>(a, partial, chunks, per_chunk,
+                                                                                        coefficients);
   const int64_t numel = l.batch * l.channels * l.spatial;
   const int blocks = elementwise_blocks(numel);
   if (a.relu) {
@@ -249,6 +282,12 @@ cudaError_t launch_batch_norm(const BatchNormArgs& args, double* partial, float*
 cudaError_t launch_batch_norm_backward(const BatchNormArgs& args, double* partial, float* coefficients,
                                        cudaStream_t stream) {
   DIVCO_BN_DISPATCH(backward, args, partial, coefficients, stream)
+  return cudaGetLastError();
+}
+
+cudaError_t launch_batch_norm_update_stats(const BatchNormUpdateArgs& args, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>((args.channels + kThreads - 1) / kThreads);
+  if (blocks > 0) update_stats_kernel<<<blocks, kThreads, 0, stream>>>(args);
   return cudaGetLastError();
 }
 

@@ -39,6 +39,8 @@ int64_t batch_norm_chunks(const BatchNormLayout& layout);
 cudaError_t launch_batch_norm(const BatchNormArgs& args, double* partial, float* coefficients, cudaStream_t stream);
 cudaError_t launch_batch_norm_backward(const BatchNormArgs& args, double* partial, float* coefficients,
                                        cudaStream_t stream);
+// The running-statistics update, one thread per channel.
+cudaError_t launch_batch_norm_update_stats(const BatchNormUpdateArgs& args, cudaStream_t stream);
 
 struct BuildInfo {
   std::vector<int> archs;  // __CUDA_ARCH_LIST__ of the compilation, e.g. {800, 900}
