@@ -52,7 +52,8 @@ def recording_steps(monkeypatch) -> list[dict]:
 
 
 def test_the_methods_and_their_options():
-    assert {n for n in methods.names() if methods.method_class(n).checkpoint_ensemble} == {"snapshot", "cbnn"}
+    assert {n for n in methods.names() if methods.method_class(n).checkpoint_ensemble} == {"snapshot", "cbnn", "fge",
+                                                                                            "swa"}
     config = members_config("x", "cbnn")
     assert config.checkpoints is None and config.members == 3
     assert members_config("x", "snapshot", checkpoints=2).members == 2
@@ -62,7 +63,7 @@ def test_the_methods_and_their_options():
     (dict(checkpoints=0), r"checkpoints must be an int >= 1, got 0"),
     (dict(checkpoints=4), r"checkpoints must be <= epochs \(3\).*got 4"),
     (dict(branches=2), r"method 'cbnn' trains one network.*branches must be 1, got 2"),
-    (dict(method="cotrain", checkpoints=2, branches=2), r"checkpoints is an option of the methods snapshot and cbnn; "
+    (dict(method="cotrain", checkpoints=2, branches=2), r"checkpoints is an option of the methods snapshot, cbnn and fge; "
                                                         r"this run's method is 'cotrain'"),
     (dict(method="snapshot", cbnn_shrinkage=0.5), r"cbnn_shrinkage is an option of the method cbnn"),
     (dict(cbnn_shrinkage=0.0), r"cbnn_shrinkage must be a finite number > 0"),

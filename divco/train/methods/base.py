@@ -9,6 +9,7 @@ Configuration and plan
     ``validate(config)``   raise ValueError for a config this method cannot run (a clear one-line message)
     ``single_process``     why it refuses torchrun launches (its state is not sharded), or "" (it runs anywhere)
     ``checkpoint_ensemble`` True: its ensemble is made of member checkpoints (members.json in the run)
+    ``member_count(config)``  M, the member checkpoints of a run (swa: always 1, the average)
     ``schedule_summary(plan)``  the lr-schedule words of the run's first status line
     ``describe(plan, printed)`` edit the ``--print-config`` dict (its ``lr_schedule``, ``cotrain``, extra keys)
 
@@ -65,6 +66,10 @@ if TYPE_CHECKING:
     from ..plan import RunPlan
 
 
+#: M, the member checkpoints of a snapshot, cbnn or fge run, when ``checkpoints`` is not given.
+DEFAULT_CHECKPOINTS = 3
+
+
 class TrainingMethod:
     """Plain divide-and-co-training; subclasses override the hooks their method changes."""
 
@@ -77,6 +82,11 @@ class TrainingMethod:
     checkpoint_ensemble: ClassVar[bool] = False
 
     # -- configuration and plan -----------------------------------------------------------------
+    @classmethod
+    def member_count(cls, config: Any) -> int:
+        """M, the member checkpoints of a run of this method (``checkpoints`` or its default)."""
+        return config.checkpoints if config.checkpoints is not None else DEFAULT_CHECKPOINTS
+
     def validate(self, config: Any) -> None:
         """Raise ValueError when ``config`` does not fit this method."""
 
