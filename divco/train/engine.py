@@ -20,66 +20,34 @@ the uninterrupted run computes.
 
 from __future__ import annotations
 
-import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
-import numpy as np
-import torch
-from torch import Tensor, nn
-
-from .. import __version__, models
-from ..data import BatchAugmenter, ImageDataset, load_dataset
-from ..data.sources import identify_loaded_dataset
-from ..io import WriteError, atomic_link_or_copy, remove_temporaries
-from .checkpoint import (
-    BEST_NAME,
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_VERSION,
-    checkpoint_name,
-    find_resume_point,
-    improved_best,
-    prune_checkpoints,
-    restore_best,
-    save_checkpoint,
-)
+from .. import __version__
+from .assembly import Run, assemble_run
+from .checkpoint import BEST_NAME, find_resume_point, restore_best
 from .config import TrainConfig
-from .cudnn import configure_cudnn
-from .distributed import DistributedContext, convert_sync_batchnorm
-from .evaluation import EvaluationResult, evaluate, evaluate_validation
-from .export import spec_json
-from .methods import TrainingMethod, method_class
-from .plan import RunPlan, plan_run
-from .recipe import parameter_groups
-from .run_lock import LOCK_NAME, RunLock
+from .distributed import DistributedContext
+from .epoch import StopRequest, finish_epoch, train_epoch
+from .evaluation import EvaluationResult
+from .run_checkpoint import checkpoint_state, restore, save_epoch, stop_mid_epoch
 from .run_checks import check_run_options
-from .run_log import CONFIG_NAME, RunLog, warning, write_json
-from .runtime import (
-    SignalStop,
-    global_rng_state,
-    option,
-    progress_bar,
-    resolve_device,
-    seed_everything,
-    set_global_rng_state,
-    status_line,
-    to_model_layout,
-)
-from .schedules import StepSchedule
-from .step import TrainStep, unwrap_model
+from .run_folder import locked_run_folder
+from .run_log import CONFIG_NAME, RunLog, write_json
+from .runtime import SignalStop, option, resolve_device, status_line
+
+# What the engine's parts export, importable from here as before the split:
+__all__ = ["NONFINITE_STOP", "TIMING_FIELDS", "Run", "StopRequest", "TrainResult", "assemble_run", "checkpoint_state",
+           "finish_epoch", "locked_run_folder", "restore", "save_epoch", "stop_mid_epoch", "train", "train_epoch",
+           "train_in_folder"]
 
 #: Record fields that measure the machine, not the run (they differ between identical runs).
 TIMING_FIELDS = ("images_per_s", "epoch_time_s", "eval_time_s")
 
 #: TrainResult.interrupted of a run stopped because its loss became NaN or infinite (on_nan="stop").
 NONFINITE_STOP = "non-finite loss"
-
-#: ``should_stop(epoch, steps_done_in_epoch) -> bool``, asked after every step.
-StopRequest = Callable[[int, int], bool]
-
 
 @dataclass
 class TrainResult:
@@ -121,31 +89,7 @@ def train(config: TrainConfig, *, should_stop: Optional[StopRequest] = None) -> 
         processes.close()
 
 
-class locked_run_folder:  # noqa: N801 - used as a context manager, like open()
-    """Create ``out`` if needed, hold its lock, remove leftover temporaries; on failure remove what it created."""
 
-    def __init__(self, out: Path, *, verbose: bool) -> None:
-        self.out, self.verbose = out, verbose
-        self.created = not out.exists()
-        self.lock: Optional[RunLock] = None
-
-    def __enter__(self) -> Path:
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.lock = RunLock(self.out, announce=warning).acquire()
-        except WriteError:
-            raise
-        except OSError as error:
-            raise WriteError(f"cannot write in the run folder {self.out}: {error.strerror or error}") from None
-        for leftover in remove_temporaries(self.out):  # of a killed process (the lock says none runs)
-            warning(f"removed {leftover.name}, left by an interrupted write")
-        return self.out
-
-    def __exit__(self, kind, error, traceback) -> None:
-        self.lock.release()
-        # a failed start leaves no new empty run folder
-        if kind is not None and self.created and all(p.name == LOCK_NAME for p in self.out.iterdir()):
-            shutil.rmtree(self.out, ignore_errors=True)
 
 
 def train_in_folder(config: TrainConfig, processes: DistributedContext,
@@ -176,7 +120,10 @@ def train_in_folder(config: TrainConfig, processes: DistributedContext,
                 started = time.perf_counter()
                 stopped_at, stop = train_epoch(run, epoch, first, train_images, train_labels, signals, should_stop)
                 if stopped_at is not None:
-                    return stop_mid_epoch(run, result, signals, epoch, stopped_at, log)
+                    result.interrupted = signals.received or "stop request"
+                    result.checkpoint = stop_mid_epoch(run, result.interrupted, epoch, stopped_at,
+                                                       log.last if log is not None else None)
+                    return result
                 if epoch + 1 == config.epochs:
                     run.method.end_training(run)
                 record = finish_epoch(run, epoch, first, started, test_images, test_labels)
@@ -210,7 +157,7 @@ def train_in_folder(config: TrainConfig, processes: DistributedContext,
     return result
 
 
-def _start_line(run: "Run") -> str:
+def _start_line(run: Run) -> str:
     config, info = run.config, run.info
     return (f"divco {__version__}: {config.model} x{config.branches} on {info['dataset']}; {run.device}, "
             f"{run.processes.world_size} process(es), {run.steps_per_epoch} steps/epoch, lr "
@@ -219,7 +166,7 @@ def _start_line(run: "Run") -> str:
             f"{run.method.cotrain_summary(run.plan)}")
 
 
-def _result_so_far(run: "Run", log: Optional[RunLog], epochs_done: int) -> TrainResult:
+def _result_so_far(run: Run, log: Optional[RunLog], epochs_done: int) -> TrainResult:
     """The result of the epochs already done (of a resumed run: its records, last metrics and best.pt)."""
     result = TrainResult(out=run.out, epochs_done=epochs_done, history=list(log.records) if log else [],
                          final=None, info=run.info)
@@ -229,302 +176,6 @@ def _result_so_far(run: "Run", log: Optional[RunLog], epochs_done: int) -> Train
     result.best_checkpoint = best_path if best_path.exists() else None
     return result
 
-
-# -- assembling a run --------------------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    """Everything a run trains with, assembled once by :func:`assemble_run` from its plan."""
-
-    config: TrainConfig
-    processes: DistributedContext
-    plan: RunPlan
-    data: ImageDataset
-    net: nn.Module  # the BranchBatchedNetwork (SyncBN-converted when asked)
-    optimizer: torch.optim.Optimizer
-    schedule: StepSchedule
-    scaler: Optional[torch.amp.GradScaler]
-    cot_weight: Tensor
-    step: TrainStep
-    augmenter: BatchAugmenter
-    info: dict
-    best: Optional[dict] = None  # {"epoch", "selected_on", <that metric>} of best.pt (checkpoint.improved_best)
-
-    @property
-    def method(self) -> TrainingMethod:
-        return self.plan.method
-
-    @property
-    def device(self) -> torch.device:
-        return self.plan.device
-
-    @property
-    def channels_last(self) -> bool:
-        return self.plan.channels_last
-
-    @property
-    def amp_dtype(self) -> Optional[torch.dtype]:
-        return self.plan.amp_dtype
-
-    @property
-    def batch(self) -> int:  # per process
-        return self.plan.batch
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.plan.steps_per_epoch
-
-    @property
-    def out(self) -> Path:
-        return Path(self.config.out)
-
-    @property
-    def verbose(self) -> bool:
-        """Status lines and progress bars: on the main process, unless progress is off."""
-        return self.processes.is_main and self.config.progress
-
-    def report(self, line: str) -> None:
-        status_line(line, self.verbose)
-
-    def checkpoint_state(self, epochs_done: int, steps: int, last_record: Optional[dict]) -> Optional[dict]:
-        """:func:`checkpoint_state` of this run (what a method writes a member checkpoint with)."""
-        return checkpoint_state(self, epochs_done, steps, last_record)
-
-    @staticmethod
-    def write_checkpoint(path: Path, state: dict) -> Path:
-        """Write a checkpoint (atomic); what a method writes its member checkpoints with."""
-        return save_checkpoint(path, state)
-
-
-def assemble_run(config: TrainConfig, processes: DistributedContext, device: torch.device) -> Run:
-    """Data, plan, model, optimiser, schedule, step and augmenter of a run (seeded: the same every time)."""
-    if config.batch_size % processes.world_size:
-        raise ValueError(f"batch_size {config.batch_size} is the global batch and must be divisible by the "
-                         f"{processes.world_size} processes")
-    single_process = method_class(config.method).single_process
-    if single_process and processes.enabled:
-        raise ValueError(f"method {config.method!r} runs on one process ({single_process}); this launch has "
-                         f"{processes.world_size}: run it without torchrun")
-    configure_cudnn(config.cudnn_benchmark, device)
-    seed_everything(config.seed)
-    data = _load_data(config, processes)
-    plan = plan_run(config, identified=identify_loaded_dataset(config.data, data), train_images=len(data.train_labels),
-                    num_classes=data.num_classes, world_size=processes.world_size, device=device)
-    if plan.steps_per_epoch < 1:
-        raise ValueError(f"batch_size {config.batch_size} exceeds the {len(data.train_labels)} training images "
-                         f"({len(data.train_labels) // processes.world_size} per process); lower "
-                         f"{option('batch_size')}")
-    method, resolved = plan.method, plan.recipe
-    net = method.build_model(lambda: _build_model(config, processes, device, data.num_classes, plan.channels_last))
-    optimizer = torch.optim.SGD(
-        parameter_groups(net, resolved.weight_decay, exempt_all_norms=resolved.exempt_all_norms), lr=resolved.lr,
-        momentum=resolved.momentum, nesterov=config.nesterov)
-    schedule = method.lr_schedule(optimizer, plan)
-    scaler = torch.amp.GradScaler("cuda") if plan.needs_scaler else None
-    cot_weight = torch.zeros((), dtype=torch.float32, device=device)
-
-    train_model: nn.Module = net
-    if processes.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        train_model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    step = TrainStep(train_model, optimizer, cot_weight=cot_weight, branches=config.branches,
-                     cot_kind=config.cot_kind, temperature=config.temperature, backend=config.backend,
-                     scheduler=schedule, amp_dtype=plan.amp_dtype, scaler=scaler, compile=config.compile,
-                     on_nonfinite=config.on_nan, capture=config.capture, **method.step_options())
-    # every process draws its own augmentations
-    augment_seed = int(np.random.SeedSequence([config.seed, processes.rank]).generate_state(1)[0])
-    augmenter = BatchAugmenter(resolved.augment_config(), data.mean, data.std, device, seed=augment_seed,
-                               label_smoothing=resolved.label_smoothing)
-    info = {
-        "dataset": data.describe(), "device": str(device), "processes": processes.world_size,
-        "steps_per_epoch": plan.steps_per_epoch, "base_lr": resolved.lr, "weight_decay": resolved.weight_decay,
-        "cot_warmup_epochs": resolved.cot_warmup_epochs, "precision": plan.precision,
-        "channels_last": plan.channels_last, "execution": unwrap_model(net).execution,
-        "params": sum(p.numel() for p in net.parameters()),
-        "resolved": resolved.to_dict(),  # every recipe value used (warm-ups included); also in config.json
-    }
-    run = Run(config, processes, plan, data, net, optimizer, schedule, scaler, cot_weight, step, augmenter, info)
-    method.start(run)
-    return run
-
-
-def _load_data(config: TrainConfig, processes: DistributedContext) -> ImageDataset:
-    if not processes.is_main:  # rank 0 decodes and writes the cache; the others then read it
-        processes.barrier()
-    data = load_dataset(config.data, image_size=config.image_size, cache_dir=config.cache_dir)
-    if processes.is_main:
-        processes.barrier()
-    return data.with_validation(config.val_split, config.seed).subset(config.train_subset, config.test_subset)
-
-
-def _build_model(config: TrainConfig, processes: DistributedContext, device: torch.device, num_classes: int,
-                 channels_last: bool) -> nn.Module:
-    try:
-        model = models.create(config.model, num_classes=num_classes, branches=config.branches,
-                              **config.model_kwargs)
-    except TypeError as error:  # a builder argument of the wrong name or type
-        import json
-
-        raise ValueError(f"{option('model_kwargs', json.dumps(config.model_kwargs))} does not fit {config.model}: "
-                         f"{error}") from None
-    model.execution = config.execution
-    if config.sync_bn:
-        if not (processes.enabled and device.type == "cuda"):
-            raise ValueError(f"sync_bn needs a distributed run on CUDA devices (torchrun with NCCL); "
-                             f"this run has {processes.world_size} process(es) on {device}")
-        model = convert_sync_batchnorm(model)
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model
-
-
-def restore(run: Run, path: Path, state: dict) -> tuple[int, int]:
-    """Load a checkpoint into the run; return (epochs done, steps done in the next epoch)."""
-    epochs_done, steps_done = state["epochs_done"], state["steps_into_epoch"]
-    if epochs_done > run.config.epochs or steps_done >= run.steps_per_epoch or \
-            (epochs_done == run.config.epochs and steps_done):
-        raise ValueError(f"{path} is not a divco checkpoint of this run: it says {epochs_done} epoch(s) and "
-                         f"{steps_done} step(s) done, the run has {run.config.epochs} epoch(s) of "
-                         f"{run.steps_per_epoch} step(s)")
-    unwrap_model(run.net).load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.schedule.load_state_dict(state["schedule"])
-    if run.scaler is not None and state.get("scaler"):
-        run.scaler.load_state_dict(state["scaler"])
-    run.best = state.get("best")
-    run.method.load_state_dict(run, state.get("checkpoint_ensemble"))
-    local_states = state["local_states"]
-    if len(local_states) == run.processes.world_size:
-        local = local_states[run.processes.rank]
-        run.augmenter.load_state_dict(local["augmenter"])
-        run.step.metrics.load_state_dict(local["partial_metrics"])
-        set_global_rng_state(local, run.device)
-    else:
-        run.report(f"the checkpoint was written by {len(local_states)} process(es), this run has "
-                   f"{run.processes.world_size}: random streams restart, so results will differ from an "
-                   f"uninterrupted run")
-    run.report(f"resuming {path} ({epochs_done} epoch(s) and {steps_done} step(s) done)")
-    return epochs_done, steps_done
-
-
-# -- an epoch ----------------------------------------------------------------------------------------
-
-
-def train_epoch(run: Run, epoch: int, first_step: int, images: Tensor, labels: Tensor, signals: SignalStop,
-                should_stop: Optional[StopRequest]) -> tuple[Optional[int], bool]:
-    """Steps ``first_step..`` of ``epoch``; returns (the step to checkpoint mid-epoch or None, stop after)."""
-    config, processes, method = run.config, run.processes, run.method
-    steps = run.steps_per_epoch
-    run.cot_weight.fill_(method.cot_weight(run.plan, epoch))
-    order = method.epoch_order(run.plan, epoch, processes.rank, processes.world_size)
-    if run.device.type == "cuda":
-        order = order.pin_memory().to(run.device, non_blocking=True)
-    run.net.train()
-    stop = False
-    with progress_bar(steps * config.batch_size, first_step * config.batch_size,
-                      f"epoch {epoch + 1}/{config.epochs}", run.verbose) as bar:
-        for i in range(first_step, steps):
-            views, targets, step_options = method.batch(run, images, labels, order, i)
-            run.step(to_model_layout(views, run.channels_last), targets, **step_options)
-            bar.update(config.batch_size)
-            method.after_step(run, epoch, i, epoch * steps + i + 1)
-            asked = signals.received is not None or (should_stop is not None and should_stop(epoch, i + 1))
-            stop = processes.any(asked)  # every process stops at the same step
-            if stop and i + 1 < steps:
-                return i + 1, True
-    return None, stop
-
-
-def finish_epoch(run: Run, epoch: int, first_step: int, started: float, test_images: Tensor,
-                 test_labels: Tensor) -> dict:
-    """Read the epoch's training metrics (the one host read), evaluate, build the record."""
-    config = run.config
-    train_metrics = run.step.metrics.read(run.processes.metrics_group)
-    run.step.metrics.reset()
-    elapsed = time.perf_counter() - started
-    images_this_session = (run.steps_per_epoch - first_step) * config.batch_size
-    eval_started = time.perf_counter()
-    evaluation = validation = None
-    options = dict(batch_size=config.eval_batch_size or max(config.batch_size, 256), amp_dtype=run.amp_dtype,
-                   channels_last=run.channels_last, backend=config.backend)
-    if run.processes.is_main:
-        model = run.method.model_to_evaluate(run)
-        evaluation = evaluate(model, test_images, test_labels, run.augmenter.normalize, **options)
-        validation = evaluate_validation(model, run.data, run.augmenter.normalize, run.device,
-                                         **options)  # best.pt is chosen on it (checkpoint.improved_best)
-    evaluation, validation = run.processes.broadcast_object((evaluation, validation))
-    return {
-        "epoch": epoch + 1,
-        "lr": run.schedule.current_lr(),
-        "cot_weight": run.method.cot_weight(run.plan, epoch),
-        **train_metrics,
-        **evaluation.to_dict(),
-        **validation,
-        "images_per_s": images_this_session / elapsed if elapsed > 0 else math.inf,
-        "epoch_time_s": elapsed,
-        "eval_time_s": time.perf_counter() - eval_started,
-    }
-
-
-# -- checkpoints -------------------------------------------------------------------------------------
-
-
-def save_epoch(run: Run, epoch: int, record: dict, keep_older: bool = False) -> Path:
-    """Checkpoint the end of ``epoch`` (rank 0), update best.pt, prune old checkpoints (unless keep_older)."""
-    improved = improved_best(run.best, record)  # on the validation split (the test set without one)
-    run.best = improved or run.best
-    path = save_checkpoint(run.out / checkpoint_name(epoch + 1, 0), checkpoint_state(run, epoch + 1, 0, record))
-    if improved:
-        atomic_link_or_copy(path, run.out / BEST_NAME)
-    if not keep_older:
-        prune_checkpoints(run.out, run.config.keep_checkpoints)
-    return path
-
-
-def stop_mid_epoch(run: Run, result: TrainResult, signals: SignalStop, epoch: int, steps: int,
-                   log: Optional[RunLog]) -> TrainResult:
-    result.interrupted = signals.received or "stop request"
-    state = checkpoint_state(run, epoch, steps, log.last if log is not None else None)
-    if run.processes.is_main:
-        result.checkpoint = save_checkpoint(run.out / checkpoint_name(epoch, steps), state)
-        prune_checkpoints(run.out, run.config.keep_checkpoints)
-        status_line(f"{result.interrupted}: saved {result.checkpoint} ({steps} step(s) into epoch {epoch + 1}); "
-                    f"continue with {option('resume', True)}")
-    run.processes.barrier()
-    return result
-
-
-def checkpoint_state(run: Run, epochs_done: int, steps: int, last_record: Optional[dict]) -> Optional[dict]:
-    """The checkpoint of this moment on rank 0 (None elsewhere); every process must call it."""
-    local_states = run.processes.gather_objects(_local_state(run))
-    if not run.processes.is_main:
-        return None
-    config, data, net = run.config, run.data, unwrap_model(run.net)
-    return {
-        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "divco_version": __version__,
-        "torch_version": str(torch.__version__), "config": config.to_dict(), "device_type": run.device.type,
-        "epochs_done": epochs_done, "steps_into_epoch": steps,
-        "model_info": {"name": config.model, "branches": config.branches, "num_classes": data.num_classes,
-                       "model_kwargs": config.model_kwargs, "family": getattr(net, "family", ""),
-                       "spec": spec_json(net)},
-        "dataset": {"name": data.name, "source": data.source, "classes": list(data.classes),
-                    "mean": list(data.mean), "std": list(data.std), "image_size": list(data.image_size)},
-        "model": net.state_dict(), "optimizer": run.optimizer.state_dict(),
-        "schedule": run.schedule.state_dict(),
-        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
-        "best": run.best, "world_size": run.processes.world_size, "local_states": local_states,
-        "last_record": last_record,
-        "checkpoint_ensemble": run.method.state_dict(run),
-    }
-
-
-def _local_state(run: Run) -> dict:
-    """What each process must restore to continue bit-exactly (gathered to rank 0)."""
-    return {"augmenter": run.augmenter.state_dict(), "partial_metrics": run.step.metrics.state_dict(),
-            **global_rng_state(run.device)}
 
 
 def _epoch_line(record: dict, epochs: int) -> str:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from divco.train import TrainConfig
-from divco.train import engine
+from divco.train import assembly
 from divco.train.cudnn import configure_cudnn
 from divco.train.distributed import DistributedContext
 
@@ -38,11 +38,11 @@ def test_cudnn_benchmark_is_on_by_default():
 
 
 @pytest.mark.parametrize("enabled", [True, False])
-def test_engine_sets_cudnn_from_the_config(tmp_path, monkeypatch, enabled):
+def test_assembly_sets_cudnn_from_the_config(tmp_path, monkeypatch, enabled):
     seen = []
-    monkeypatch.setattr(engine, "configure_cudnn", lambda flag, device: seen.append((flag, device)))
+    monkeypatch.setattr(assembly, "configure_cudnn", lambda flag, device: seen.append((flag, device)))
     config = tiny_config(tmp_path, cudnn_benchmark=enabled, capture="compile")
-    run = engine.assemble_run(config, DistributedContext.from_env("cpu"), torch.device("cpu"))
+    run = assembly.assemble_run(config, DistributedContext.from_env("cpu"), torch.device("cpu"))
     assert seen == [(enabled, torch.device("cpu"))]
     assert run.step._forward_loss is not run.step.forward_loss  # capture="compile" reached the step
 
@@ -61,4 +61,4 @@ def test_bad_capture_options_are_refused(tmp_path, changes, message):
 def test_cuda_graph_on_a_cpu_run_is_refused(tmp_path):
     config = tiny_config(tmp_path, capture="cuda-graph", device="cpu")
     with pytest.raises(ValueError, match="capture='cuda-graph' needs a CUDA device, got cpu"):
-        engine.assemble_run(config, DistributedContext.from_env("cpu"), torch.device("cpu"))
+        assembly.assemble_run(config, DistributedContext.from_env("cpu"), torch.device("cpu"))

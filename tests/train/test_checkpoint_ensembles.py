@@ -78,7 +78,7 @@ def test_bad_options_are_refused(changes, message):
 
 
 def test_distributed_runs_are_refused(tmp_path):
-    from divco.train.engine import assemble_run
+    from divco.train.assembly import assemble_run
 
     processes = types.SimpleNamespace(world_size=2, enabled=True)
     with pytest.raises(ValueError, match=r"method 'snapshot' runs on one process.*this launch has 2"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from divco.cli import main
-from divco.train import engine, run_checks
+from divco.train import assembly, engine, run_checks
 from divco.train.config import TrainConfig
 
 TINY = ["--model", "wide_resnet16_1", "--data", "digits", "--image-size", "8", "--batch-size", "64",
@@ -36,7 +36,7 @@ def test_print_config_refuses_what_a_run_refuses(tmp_path, capsys, monkeypatch, 
     def no_data(*args, **kwargs):
         raise AssertionError("the run read its data before refusing its options")
 
-    monkeypatch.setattr(engine, "load_dataset", no_data)
+    monkeypatch.setattr(assembly, "load_dataset", no_data)
     for extra in (["--print-config"], []):
         code = main(["train", *TINY, "--out", str(tmp_path / "run"), *arguments, *extra])
         captured = capsys.readouterr()

@@ -12,7 +12,7 @@ from train_helpers import checkpoint_state, tiny_config
 from divco.train import read_metrics, save_checkpoint
 from divco.train import train as run_training
 from divco.train.checkpoint import BEST_NAME, checkpoint_name, checkpoint_of, load_checkpoint
-from divco.train.engine import locked_run_folder
+from divco.train.run_folder import locked_run_folder
 from divco.train.members import MEMBERS_FORMAT, MEMBERS_NAME, load_members, member_name
 from divco.train.run_lock import LOCK_NAME
 from divco.train.run_log import METRICS_NAME, RunLog

@@ -62,7 +62,7 @@ from ..schedules import StepSchedule, WarmupCosineSchedule, cot_weight_for_epoch
 from ..step import unwrap_model
 
 if TYPE_CHECKING:
-    from ..engine import Run
+    from ..assembly import Run
     from ..plan import RunPlan
 
 
