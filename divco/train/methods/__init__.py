@@ -7,9 +7,9 @@ it from this table.
 
 from __future__ import annotations
 
-from .base import TrainingMethod
+from .base import DEFAULT_CHECKPOINTS, TrainingMethod
 from .cbnn import Cbnn
-from .checkpoint_ensemble import DEFAULT_CHECKPOINTS, CheckpointEnsembleMethod
+from .checkpoint_ensemble import CheckpointEnsembleMethod
 from .cotrain import Cotrain
 from .fge import Fge
 from .independent import Independent

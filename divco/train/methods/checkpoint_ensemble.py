@@ -12,7 +12,7 @@ import math
 from typing import Any, Optional
 
 from ..member_record import CheckpointEnsemble
-from .base import DEFAULT_CHECKPOINTS, TrainingMethod
+from .base import TrainingMethod
 
 
 def positive_number(name: str, value: Any, *, allow_zero: bool = False) -> None:
