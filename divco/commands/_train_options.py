@@ -144,11 +144,13 @@ def config_from_args(args: argparse.Namespace, config_class: type, **fixed: Any)
     return config_class(**values)
 
 
-def add_train_options(parser: argparse.ArgumentParser, *, several_branches: bool = False) -> None:
-    """Every TrainConfig option of ``divco train`` / ``divco compare`` (they add ``--out`` and ``--resume``)."""
+def add_train_options(parser: argparse.ArgumentParser, *, several_branches: bool = False,
+                      overrides: Optional[dict[str, dict]] = None) -> None:
+    """Every TrainConfig option of ``divco train`` / ``compare`` / ``checkpoint-ensembles`` (they add ``--out``
+    and ``--resume``); ``overrides``: :func:`add_config_options`'s."""
     from ..train.config import TrainConfig
 
-    overrides = {}
+    overrides = dict(overrides or {})
     if several_branches:
         overrides["branches"] = dict(nargs="+", default=[1, 4], help="numbers of branches to compare (default: 1 4)")
     add_config_options(parser, TrainConfig, overrides=overrides)

@@ -47,6 +47,13 @@ from ..vocabulary import check_choice
 #: How a checkpoint's per-sample error is measured (see the module docstring).
 ERROR_KINDS: tuple[str, ...] = ("zero_one", "probability")
 
+#: The lr schedule of a cbnn run: the recipe's restarted in every member interval, or the recipe's over the run.
+SCHEDULES: tuple[str, ...] = ("restarts", "recipe")
+DEFAULT_SCHEDULE = "restarts"
+
+#: The members' ensemble weights: fitted on held-out data (divco.ensembles.heldout), or SAMME's alphas.
+MEMBER_WEIGHTINGS: tuple[str, ...] = ("validation", "alpha")
+
 #: Default clamp of the weighted error e_j into [eps, 1 - eps].
 ERROR_EPS = 1e-10
 

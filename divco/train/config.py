@@ -12,6 +12,8 @@ from ..data.dataset import DEFAULT_VAL_SPLIT, check_val_split, parse_val_split
 from ..data.policies import POLICIES
 from ..data.sources import describe_sources
 from ..ensembles.boosting import ERROR_KINDS as CBNN_ERROR_KINDS
+from ..ensembles.boosting import MEMBER_WEIGHTINGS as CBNN_MEMBER_WEIGHTS
+from ..ensembles.boosting import SCHEDULES as CBNN_SCHEDULES
 from ..vocabulary import BACKENDS, LR_SCALINGS, NONFINITE_POLICIES, PRECISIONS, RECIPES
 from ..vocabulary import COTRAIN_KINDS as COT_KINDS
 from ..vocabulary import EXECUTION_MODES as EXECUTIONS
@@ -93,7 +95,7 @@ class TrainConfig:
         methods.DEFAULT_METHOD, group="co-training", choices=methods.names(),
         help="; ".join(methods.METHODS[name].summary for name in methods.names()))
     checkpoints: Optional[int] = option_field(
-        None, metavar="M", help=f"M, the member checkpoints of a snapshot or cbnn run (default "
+        None, metavar="M", help=f"M, the member checkpoints of a snapshot, cbnn or fge run (default "
                                 f"{DEFAULT_CHECKPOINTS}; 1 <= M <= epochs; only with those methods)")
     cbnn_shrinkage: Optional[float] = option_field(
         None, help="cbnn: factor (> 0) on every alpha, in the member weights and the sample-weight update alike "
@@ -106,6 +108,37 @@ class TrainConfig:
         None, metavar="R", help="cbnn: cap R (>= 1) on the ratio of the largest to the smallest sample weight after "
                                 "every update; 0: no cap, plain SAMME (default 4, chosen by the measurement in "
                                 "docs/ENSEMBLES.md; only with --method cbnn)")
+    cbnn_schedule: Optional[str] = option_field(
+        None, choices=CBNN_SCHEDULES,
+        help="cbnn: restarts (the recipe's warm-up + cosine restarted in every member interval, so each member ends "
+             "annealed; the default, chosen by the measurement in docs/ENSEMBLES.md) or recipe (one schedule over "
+             "the run); only with --method cbnn")
+    cbnn_member_weights: Optional[str] = option_field(
+        None, choices=CBNN_MEMBER_WEIGHTS,
+        help="cbnn: the members' ensemble weights, validation (fitted on the validation split: the weights that "
+             "maximise its likelihood; the default when the run has one) or alpha (SAMME's alphas on the training "
+             "set; the default without a validation split); only with --method cbnn")
+    fge_start: Optional[float] = option_field(
+        None, metavar="EPOCHS", help="fge: the pre-training epochs before the first cycle (default: so that the last "
+                                     "member falls on the last iteration; only with --method fge)")
+    fge_cycle: Optional[float] = option_field(
+        None, metavar="EPOCHS", help="fge: c, the cycle length in epochs (default 2; a member at each cycle's middle, "
+                                     "where the lr reaches --fge-lr2; only with --method fge)")
+    fge_lr1: Optional[float] = option_field(
+        None, help="fge: the cycles' maximum lr (default half the recipe's lr, Garipov et al.'s 0.05 for 0.1)")
+    fge_lr2: Optional[float] = option_field(
+        None, help="fge: the cycles' minimum lr (default the recipe's lr / 200, Garipov et al.'s 0.0005 for 0.1)")
+    swa_start: Optional[float] = option_field(
+        None, metavar="EPOCHS", help="swa: the epochs before the averaging phase (default three quarters of the epochs; "
+                                     "only with --method swa)")
+    swa_lr: Optional[float] = option_field(
+        None, help="swa: the lr of the averaging phase (its maximum when cyclic; default half the recipe's lr, "
+                   "Izmailov et al.'s 0.05 for 0.1)")
+    swa_cycle: Optional[float] = option_field(
+        None, metavar="EPOCHS", help="swa: the weights join the average every this many epochs (default 1)")
+    swa_lr_min: Optional[float] = option_field(
+        None, help="swa: a cyclic rate, from --swa-lr down to this within each cycle (default: none, a constant "
+                   "--swa-lr)")
     cot_weight: float = option_field(0.5)
     cot_kind: str = option_field("js", choices=COT_KINDS)
     cot_warmup_epochs: Optional[int] = option_field(
@@ -260,14 +293,15 @@ class TrainConfig:
         method = methods.method_class(self.method)
         for name, owners in methods.method_options().items():
             if getattr(self, name) is not None and name not in method.options:
-                whose = f"methods {' and '.join(owners)}" if len(owners) > 1 else f"method {owners[0]}"
+                whose = f"methods {', '.join(owners[:-1])} and {owners[-1]}" if len(owners) > 1 else \
+                    f"method {owners[0]}"
                 raise ValueError(f"{name} is an option of the {whose}; this run's method is {self.method!r}")
         method().validate(self)
 
     @property
     def members(self) -> int:
         """M, the member checkpoints of a snapshot/cbnn run (``checkpoints`` or its default)."""
-        return self.checkpoints if self.checkpoints is not None else DEFAULT_CHECKPOINTS
+        return methods.method_class(self.method).member_count(self)
 
     @property
     def checkpoint_ensemble(self) -> bool:

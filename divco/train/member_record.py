@@ -90,14 +90,21 @@ class CheckpointEnsemble:
 
 
 def ensemble_weights(entries: list[dict]) -> list[float]:
-    """The members' weights: their alphas normalised to sum 1 where they carry one (cbnn),
-    else equal (snapshot).
+    """The members' weights: the last member's ``validation_weights`` where it carries them (cbnn fitted
+    on held-out data), else their alphas normalised to sum 1 where they carry one (cbnn), else equal
+    (snapshot, fge; swa's one member).
 
     Members whose every alpha so far is 0 (none better than chance) have no ensemble
     weights: a ValueError, never invented weights.
     """
     if not entries:
         return []
+    if "validation_weights" in entries[-1]:  # cbnn's weights fitted on held-out data, over every member so far
+        weights = [float(w) for w in entries[-1]["validation_weights"]]
+        if len(weights) != len(entries):
+            raise ValueError(f"the last member's validation_weights name {len(weights)} member(s), the record has "
+                             f"{len(entries)}")
+        return weights
     if "alpha" in entries[0]:
         alphas = [float(e["alpha"]) for e in entries]
         total = sum(alphas)

@@ -99,6 +99,8 @@ def load_members(folder: Union[str, Path]) -> RunMembers:
 #: The fields of a member entry that its checkpoint's ``member`` entry also holds (cbnn adds alpha, error).
 _ENTRY_FIELDS = ("index", "file", "epochs_done", "steps_into_epoch", "iteration")
 _BOOSTING_FIELDS = ("alpha", "error")
+#: Fields some members carry (cbnn's held-out weights, swa's count of averaged models).
+_OPTIONAL_FIELDS = ("validation_weights", "averaged")
 
 
 def validate_members_record(path: Path, record: dict, states: list[dict]) -> None:
@@ -120,7 +122,9 @@ def validate_members_record(path: Path, record: dict, states: list[dict]) -> Non
             fail(f"it says 'checkpoints' {record.get('checkpoints')!r}, but {name} belongs to a run of "
                  f"{config.members} member checkpoints")
         truth = state["member"]
-        for key in _ENTRY_FIELDS + (_BOOSTING_FIELDS if "alpha" in truth else ()):
+        checked = _ENTRY_FIELDS + (_BOOSTING_FIELDS if "alpha" in truth else ()) + \
+            tuple(key for key in _OPTIONAL_FIELDS if key in truth)
+        for key in checked:
             if key not in entry:
                 fail(f"member {position + 1} has no {key!r} (its checkpoint: {truth.get(key)!r})")
             if not _same(entry[key], truth.get(key)):

@@ -102,3 +102,16 @@ class SnapshotLR(StepSchedule):
     def lr(self, step: int) -> float:
         """The rate of 0-based iteration ``step`` (iteration t = step + 1; held after the last)."""
         return self.cycles.lr(min(step + 1, self.cycles.total_iterations), self.base_lr)
+
+
+class CyclicLR(StepSchedule):
+    """The rate of a schedule object with ``lr(step)`` (divco.ensembles.cyclic: FGE's, SWA's); the step
+    counter and its state are :class:`StepSchedule`'s."""
+
+    def __init__(self, optimizer, rates) -> None:
+        super().__init__(optimizer)
+        self.rates = rates
+        self._apply(self.lr(0))
+
+    def lr(self, step: int) -> float:
+        return self.rates.lr(step)

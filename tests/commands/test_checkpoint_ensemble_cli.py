@@ -70,7 +70,7 @@ def test_cbnn_train_eval_json_and_export(tmp_path, capsys):
     (["--method", "cbnn", "--checkpoints", "0"], "checkpoints must be an int >= 1, got 0"),
     (["--method", "cbnn", "--epochs", "2"], "checkpoints must be <= epochs (2): each member needs at least one "
                                             "epoch of its own; got 3"),
-    (["--method", "cotrain", "--checkpoints", "2"], "checkpoints is an option of the methods snapshot and cbnn"),
+    (["--method", "cotrain", "--checkpoints", "2"], "checkpoints is an option of the methods snapshot, cbnn and fge"),
 ])
 def test_bad_checkpoint_ensemble_options_are_usage_errors(tmp_path, capsys, arguments, message):
     code = main(["train", *TINY, "--epochs", "3", "--out", str(tmp_path / "run"), *arguments])

@@ -52,7 +52,8 @@ def recording_steps(monkeypatch) -> list[dict]:
 
 
 def test_the_methods_and_their_options():
-    assert {n for n in methods.names() if methods.method_class(n).checkpoint_ensemble} == {"snapshot", "cbnn"}
+    assert {n for n in methods.names() if methods.method_class(n).checkpoint_ensemble} == {"snapshot", "cbnn", "fge",
+                                                                                            "swa"}
     config = members_config("x", "cbnn")
     assert config.checkpoints is None and config.members == 3
     assert members_config("x", "snapshot", checkpoints=2).members == 2
@@ -62,7 +63,7 @@ def test_the_methods_and_their_options():
     (dict(checkpoints=0), r"checkpoints must be an int >= 1, got 0"),
     (dict(checkpoints=4), r"checkpoints must be <= epochs \(3\).*got 4"),
     (dict(branches=2), r"method 'cbnn' trains one network.*branches must be 1, got 2"),
-    (dict(method="cotrain", checkpoints=2, branches=2), r"checkpoints is an option of the methods snapshot and cbnn; "
+    (dict(method="cotrain", checkpoints=2, branches=2), r"checkpoints is an option of the methods snapshot, cbnn and fge; "
                                                         r"this run's method is 'cotrain'"),
     (dict(method="snapshot", cbnn_shrinkage=0.5), r"cbnn_shrinkage is an option of the method cbnn"),
     (dict(cbnn_shrinkage=0.0), r"cbnn_shrinkage must be a finite number > 0"),
@@ -257,3 +258,31 @@ def test_cbnn_members_without_a_positive_alpha_have_no_weights():
     assert ensemble_weights([{}, {}, {}]) == [1 / 3] * 3
     with pytest.raises(ValueError, match=r"every cbnn member so far has alpha 0"):
         ensemble_weights([{"alpha": 0.0}, {"alpha": 0.0}])
+
+
+def test_cbnn_default_restarts_the_schedule_and_weights_members_on_the_validation_split(tmp_path, monkeypatch):
+    from divco.ensembles.cyclic import RestartSchedule
+    from divco.ensembles.heldout import heldout_weights, true_class_probabilities
+
+    calls = recording_steps(monkeypatch)
+    config = members_config(tmp_path / "run", "cbnn", val_split=16)
+    result = train(config)
+    assert result.completed
+    base = result.info["base_lr"]
+    rates = RestartSchedule((3, 6, 9), base, warmup=0, warmup_start_lr=config.warmup_start_lr, min_lr=1e-4)
+    assert calls[3]["lr"] == pytest.approx(base) and calls[6]["lr"] == pytest.approx(base)  # restarts at members
+    assert [c["lr"] for c in calls[3:9]] == pytest.approx([rates.lr(s) for s in range(3, 9)])
+    members = load_members(tmp_path / "run")
+    data = load_dataset(config.data, image_size=config.image_size).with_validation(16, config.seed) \
+        .subset(config.train_subset, config.test_subset)
+    q = torch.stack([true_class_probabilities(predict(model_from_checkpoint(state), data.val_images,
+                                                      _normalize(state))[:, 0], data.val_labels)
+                     for state in members.states], 1)
+    assert members.weights == pytest.approx(heldout_weights(q), abs=1e-6)
+    assert [len(m["validation_weights"]) for m in members.record["members"]] == [1, 2, 3]
+
+
+def test_cbnn_validation_weights_need_a_validation_split():
+    with pytest.raises(ValueError, match=r"cbnn_member_weights 'validation' .* holds none out"):
+        members_config("x", "cbnn", cbnn_member_weights="validation")  # the tests' runs have val_split=0
+    assert members_config("x", "cbnn", cbnn_member_weights="alpha").cbnn_member_weights == "alpha"

@@ -77,13 +77,17 @@ def toy(monkeypatch):
 
 
 def test_the_registry_names_the_methods_and_refuses_others():
-    assert methods.names() == ("cotrain", "independent", "snapshot", "cbnn")
+    assert methods.names() == ("cotrain", "independent", "snapshot", "cbnn", "fge", "swa")
     assert [methods.create(n).name for n in methods.names()] == list(methods.names())
-    with pytest.raises(ValueError, match=r"method must be one of \('cotrain', 'independent', 'snapshot', 'cbnn'\), "
-                                         r"got 'toy'"):
+    with pytest.raises(ValueError, match=r"method must be one of \('cotrain', 'independent', 'snapshot', 'cbnn', "
+                                         r"'fge', 'swa'\), got 'toy'"):
         methods.create("toy")
-    assert methods.method_options() == {"cbnn_errors": ("cbnn",), "cbnn_shrinkage": ("cbnn",),
-                                        "cbnn_weight_ratio": ("cbnn",), "checkpoints": ("snapshot", "cbnn")}
+    cbnn = ("cbnn",)
+    assert methods.method_options() == {
+        "cbnn_errors": cbnn, "cbnn_member_weights": cbnn, "cbnn_schedule": cbnn, "cbnn_shrinkage": cbnn,
+        "cbnn_weight_ratio": cbnn, "checkpoints": ("snapshot", "cbnn", "fge"),
+        "fge_cycle": ("fge",), "fge_lr1": ("fge",), "fge_lr2": ("fge",), "fge_start": ("fge",),
+        "swa_cycle": ("swa",), "swa_lr": ("swa",), "swa_lr_min": ("swa",), "swa_start": ("swa",)}
 
 
 def test_a_registered_method_runs_through_the_engine(tmp_path, toy):

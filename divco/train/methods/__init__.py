@@ -7,12 +7,14 @@ it from this table.
 
 from __future__ import annotations
 
-from .base import TrainingMethod
+from .base import DEFAULT_CHECKPOINTS, TrainingMethod
 from .cbnn import Cbnn
-from .checkpoint_ensemble import DEFAULT_CHECKPOINTS, CheckpointEnsembleMethod
+from .checkpoint_ensemble import CheckpointEnsembleMethod
 from .cotrain import Cotrain
+from .fge import Fge
 from .independent import Independent
 from .snapshot import Snapshot
+from .swa import Swa
 
 #: name -> strategy class, in the order ``--method`` lists them.
 METHODS: dict[str, type[TrainingMethod]] = {method.name: method for method in (
@@ -20,6 +22,8 @@ METHODS: dict[str, type[TrainingMethod]] = {method.name: method for method in (
     Independent,
     Snapshot,
     Cbnn,
+    Fge,
+    Swa,
 )}
 
 DEFAULT_METHOD = "cotrain"

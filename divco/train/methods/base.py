@@ -17,6 +17,7 @@ Configuration and plan
     ``branch_parallel_refusal``  why it refuses ``--branch-parallel`` (the branches over process groups,
                            divco.train.branch_parallel), or "" (it runs there: a method whose state is the
                            model, the optimiser and per-branch orders/targets)
+    ``member_count(config)``  M, the member checkpoints of a run (swa: always 1, the average)
     ``schedule_summary(plan)``  the lr-schedule words of the run's first status line
     ``describe(plan, printed)`` edit the ``--print-config`` dict (its ``lr_schedule``, ``cotrain``, extra keys)
 
@@ -75,6 +76,10 @@ if TYPE_CHECKING:
     from ..plan import RunPlan
 
 
+#: M, the member checkpoints of a snapshot, cbnn or fge run, when ``checkpoints`` is not given.
+DEFAULT_CHECKPOINTS = 3
+
+
 class TrainingMethod:
     """Plain divide-and-co-training; subclasses override the hooks their method changes."""
 
@@ -89,6 +94,11 @@ class TrainingMethod:
     branch_parallel_refusal: ClassVar[str] = "it has not been checked with the branches spread over processes"
 
     # -- configuration and plan -----------------------------------------------------------------
+    @classmethod
+    def member_count(cls, config: Any) -> int:
+        """M, the member checkpoints of a run of this method (``checkpoints`` or its default)."""
+        return config.checkpoints if config.checkpoints is not None else DEFAULT_CHECKPOINTS
+
     def validate(self, config: Any) -> None:
         """Raise ValueError when ``config`` does not fit this method."""
 

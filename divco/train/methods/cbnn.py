@@ -1,10 +1,13 @@
 """cbnn: boosting by checkpoints, divco's reading of Wang et al. 2021 (SAMME applied to checkpoints).
 
-ONE network (``--branches 1``) on the recipe's schedule; after the epochs of
+ONE network (``--branches 1``); by default the recipe's warm-up + cosine restarts in every member
+interval (``--cbnn-schedule restarts``; ``recipe``: one schedule over the run). After the epochs of
 ``checkpoint_epochs(E, M)`` the model in eval mode predicts the un-augmented training set,
 :class:`divco.ensembles.boosting.BoostingState` gives the member's alpha and the new sample
 weights (the rule of divco.ensembles.boosting.samme_update), and the loss weighs each image by
-its sample weight from then on (mean 1 over the training set). The ensemble weights are the
+its sample weight from then on (mean 1 over the training set). The ensemble weights
+(``--cbnn-member-weights``) are fitted on the validation split (divco.ensembles.heldout: the
+weights that maximise its likelihood, refitted at every member) when the run has one, else the
 alphas normalised to sum 1.
 """
 
@@ -15,9 +18,29 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ...ensembles.boosting import ERROR_KINDS, BoostingState, checkpoint_epochs, checkpoint_errors, resolve_damping
+from ...ensembles.boosting import (DEFAULT_SCHEDULE, ERROR_KINDS, MEMBER_WEIGHTINGS, SCHEDULES, BoostingState,
+                                   checkpoint_epochs, checkpoint_errors, resolve_damping)
+from ...ensembles.cyclic import RestartSchedule
+from ...ensembles.heldout import heldout_weights, true_class_probabilities
 from ..evaluation import predict
+from ..runtime import option
+from ..schedules import CyclicLR
 from .checkpoint_ensemble import CheckpointEnsembleMethod
+
+
+def member_weighting(config: Any) -> str:
+    """validation when the run holds a validation split out (and nothing else was asked), else alpha."""
+    if config.cbnn_member_weights is not None:
+        return config.cbnn_member_weights
+    return "validation" if config.val_split else "alpha"
+
+
+def restart_schedule(plan) -> RestartSchedule:
+    """The recipe's warm-up + cosine restarted at every member epoch."""
+    config, recipe = plan.config, plan.recipe
+    ends = tuple(epoch * plan.steps_per_epoch for epoch in checkpoint_epochs(config.epochs, config.members))
+    return RestartSchedule(ends, recipe.lr, warmup=plan.warmup_steps, warmup_start_lr=recipe.warmup_start_lr,
+                           min_lr=recipe.min_lr)
 
 
 class Cbnn(CheckpointEnsembleMethod):
@@ -25,13 +48,15 @@ class Cbnn(CheckpointEnsembleMethod):
     summary = ("cbnn (boosting by checkpoints: M member checkpoints at equal intervals of the normal schedule, "
                "the training samples re-weighted at each as SAMME does, the weights' spread capped by "
                "--cbnn-weight-ratio, members weighted by alpha; --branches 1)")
-    options = frozenset({"checkpoints", "cbnn_shrinkage", "cbnn_errors", "cbnn_weight_ratio"})
+    options = frozenset({"checkpoints", "cbnn_shrinkage", "cbnn_errors", "cbnn_weight_ratio", "cbnn_schedule",
+                         "cbnn_member_weights"})
 
     def __init__(self) -> None:
         super().__init__()
         self.boosting: Optional[BoostingState] = None
         self.device: Optional[torch.device] = None
         self.loss_weights: Optional[Tensor] = None
+        self.heldout: list[Tensor] = []  # [N_val] true-class probabilities of each member (validation weights)
 
     def validate(self, config: Any) -> None:
         super().validate(config)
@@ -48,6 +73,25 @@ class Cbnn(CheckpointEnsembleMethod):
             except ValueError:
                 raise ValueError(f"cbnn_weight_ratio must be a finite number >= 1 (R), or 0 (no cap: plain SAMME), "
                                  f"got {ratio!r}") from None
+        if config.cbnn_schedule is not None and config.cbnn_schedule not in SCHEDULES:
+            raise ValueError(f"cbnn_schedule must be one of {SCHEDULES}, got {config.cbnn_schedule!r}")
+        if config.cbnn_member_weights is not None and config.cbnn_member_weights not in MEMBER_WEIGHTINGS:
+            raise ValueError(f"cbnn_member_weights must be one of {MEMBER_WEIGHTINGS}, got "
+                             f"{config.cbnn_member_weights!r}")
+        if config.cbnn_member_weights == "validation" and not config.val_split:
+            raise ValueError(f"cbnn_member_weights 'validation' fits the members' weights on the validation split; "
+                             f"this run holds none out ({option('val_split', config.val_split)}): give "
+                             f"{option('val_split')} or use 'alpha'")
+
+    def schedule_summary(self, plan) -> str:
+        if (plan.config.cbnn_schedule or DEFAULT_SCHEDULE) == "recipe":
+            return super().schedule_summary(plan)
+        return f"lr warm-up {plan.recipe.warmup_epochs:g} epoch(s), cosine restarted at every member"
+
+    def lr_schedule(self, optimizer, plan):
+        if (plan.config.cbnn_schedule or DEFAULT_SCHEDULE) == "recipe":
+            return super().lr_schedule(optimizer, plan)
+        return CyclicLR(optimizer, restart_schedule(plan))
 
     def start(self, run) -> None:
         super().start(run)
@@ -79,19 +123,41 @@ class Cbnn(CheckpointEnsembleMethod):
         self._refresh_loss_weights()
         run.report(f"cbnn member {len(self.members.taken) + 1}/{self.members.count}: weighted training error "
                    f"{result.error:.4f}, alpha {result.alpha:.4f}")
+        weighting = {"alpha": result.alpha, "error": result.error}
+        if member_weighting(run.config) == "validation":
+            weighting["validation_weights"] = self._fit_validation_weights(run)
         self.take_member(run, epoch + 1, 0, (epoch + 1) * run.steps_per_epoch,
-                         weighting={"alpha": result.alpha, "error": result.error}, errors=errors, record=record)
+                         weighting=weighting, errors=errors, record=record)
         record["cbnn_alpha"], record["cbnn_error"] = result.alpha, result.error
+
+    def _fit_validation_weights(self, run) -> list[float]:
+        """This member's validation predictions joined to the earlier ones; the weights of all so far."""
+        data = run.data
+        logits = predict(self.model_to_evaluate(run), data.val_images.to(run.device), run.augmenter.normalize,
+                         batch_size=run.config.eval_batch_size or max(run.config.batch_size, 256),
+                         amp_dtype=run.amp_dtype, channels_last=run.channels_last)
+        self.heldout.append(true_class_probabilities(logits[:, 0].cpu(), data.val_labels.cpu()))
+        return heldout_weights(torch.stack(self.heldout, 1))
 
     def member_plan(self, plan) -> dict:
         config = plan.config
         shrinkage, max_weight_ratio = resolve_damping(config.cbnn_shrinkage, config.cbnn_weight_ratio)
         return {**super().member_plan(plan), "member_epochs": checkpoint_epochs(config.epochs, config.members),
-                "weights": "alpha_j normalised", "shrinkage": shrinkage, "errors": config.cbnn_errors or "zero_one",
+                "weights": ("fitted on the validation split (maximum likelihood of the weighted mean of "
+                            "probabilities)" if member_weighting(config) == "validation" else "alpha_j normalised"),
+                "schedule": config.cbnn_schedule or DEFAULT_SCHEDULE,
+                "shrinkage": shrinkage, "errors": config.cbnn_errors or "zero_one",
                 "max_weight_ratio": max_weight_ratio}
 
     def extra_state(self) -> dict:
         return self.boosting.to_dict()
+
+    def state_dict(self, run) -> dict:
+        return {**super().state_dict(run), "heldout": [p.clone() for p in self.heldout]}
+
+    def load_state_dict(self, run, state: Optional[dict]) -> None:
+        super().load_state_dict(run, state)
+        self.heldout = [p.clone() for p in state.get("heldout", [])]
 
     def load_extra_state(self, state: Optional[dict]) -> None:
         self.boosting = BoostingState.from_dict(state)

@@ -8,13 +8,20 @@ member when the method says one is due, resumes them, and adds the member plan t
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 from ..member_record import CheckpointEnsemble
 from .base import TrainingMethod
 
-#: M, the member checkpoints of a snapshot or cbnn run, when ``checkpoints`` is not given.
-DEFAULT_CHECKPOINTS = 3
+
+def positive_number(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    """Refuse a method option that is given but not a finite number > 0 (>= 0 with ``allow_zero``)."""
+    if value is None:
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value!r}")
 
 
 class CheckpointEnsembleMethod(TrainingMethod):
@@ -41,12 +48,20 @@ class CheckpointEnsembleMethod(TrainingMethod):
         self.members = CheckpointEnsemble(self.name, run.config.members)
 
     def take_member(self, run, epochs_done: int, steps: int, iteration: int, *, weighting: Optional[dict] = None,
-                    errors=None, record: Optional[dict] = None) -> None:
-        """Write the next member checkpoint (single process: these methods refuse distributed runs)."""
+                    errors=None, record: Optional[dict] = None, model_state: Optional[dict] = None) -> None:
+        """Write the next member checkpoint (single process: these methods refuse distributed runs);
+        ``model_state``: the member's weights when they are not the trained network's (swa's average)."""
         state = run.checkpoint_state(epochs_done, steps, record)
+        if model_state is not None:
+            state["model"] = model_state
         path = self.members.take(run.out, state, run.write_checkpoint, epochs_done=epochs_done, steps=steps,
                                  iteration=iteration, weighting=weighting, errors=errors)
         run.report(f"member {len(self.members.taken)}/{self.members.count}: {path.name} (iteration {iteration})")
+
+    def take_member_after_step(self, run, epoch: int, step: int, iteration: int, **entry) -> None:
+        """A member after optimiser step ``step`` of ``epoch``: an epoch's end, or a mid-epoch point."""
+        ends_epoch = step + 1 == run.steps_per_epoch
+        self.take_member(run, epoch + 1 if ends_epoch else epoch, 0 if ends_epoch else step + 1, iteration, **entry)
 
     def member_plan(self, plan) -> dict:
         """The ``checkpoint_ensemble`` entry of ``--print-config``; subclasses add when and how weighted."""

@@ -39,10 +39,8 @@ class Snapshot(CheckpointEnsembleMethod):
 
     def after_step(self, run, epoch: int, step: int, iteration: int) -> None:
         """A member when ``iteration`` ends a cycle (the end of an epoch, or mid-epoch)."""
-        if not self.cycles.is_snapshot_iteration(iteration):
-            return
-        ends_epoch = step + 1 == run.steps_per_epoch
-        self.take_member(run, epoch + 1 if ends_epoch else epoch, 0 if ends_epoch else step + 1, iteration)
+        if self.cycles.is_snapshot_iteration(iteration):
+            self.take_member_after_step(run, epoch, step, iteration)
 
     def member_plan(self, plan) -> dict:
         cycles = SnapshotSchedule(max(plan.total_steps, plan.config.members), plan.config.members)
