@@ -48,7 +48,7 @@ class Run:
     step: TrainStep
     augmenter: BatchAugmenter
     info: dict
-    best: Optional[dict] = None  # {"epoch", "selected_on", <that metric>} of best.pt (checkpoint.improved_best)
+    best: Optional[dict] = None  # {"epoch", "selected_on", <that metric>} of best.pt (best_checkpoint.improved_best)
 
     @property
     def method(self) -> TrainingMethod:
