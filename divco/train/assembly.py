@@ -48,7 +48,7 @@ class Run:
     step: TrainStep
     augmenter: BatchAugmenter
     info: dict
-    best: Optional[dict] = None  # {"epoch", "selected_on", <that metric>} of best.pt (checkpoint.improved_best)
+    best: Optional[dict] = None  # {"epoch", "selected_on", <that metric>} of best.pt (best_checkpoint.improved_best)
 
     @property
     def method(self) -> TrainingMethod:
@@ -101,10 +101,7 @@ def assemble_run(config: TrainConfig, processes: DistributedContext, device: tor
     if config.batch_size % processes.world_size:
         raise ValueError(f"batch_size {config.batch_size} is the global batch and must be divisible by the "
                          f"{processes.world_size} processes")
-    single_process = method_class(config.method).single_process
-    if single_process and processes.enabled:
-        raise ValueError(f"method {config.method!r} runs on one process ({single_process}); this launch has "
-                         f"{processes.world_size}: run it without torchrun")
+    method_class(config.method).check_launch(processes.world_size)
     configure_cudnn(config.cudnn_benchmark, device)
     seed_everything(config.seed)
     data = _load_data(config, processes)
@@ -129,9 +126,8 @@ def assemble_run(config: TrainConfig, processes: DistributedContext, device: tor
 
         train_model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     step = TrainStep(train_model, optimizer, cot_weight=cot_weight, branches=config.branches,
-                     cot_kind=config.cot_kind, temperature=config.temperature, backend=config.backend,
-                     scheduler=schedule, amp_dtype=plan.amp_dtype, scaler=scaler, compile=config.compile,
-                     on_nonfinite=config.on_nan, capture=config.capture, **method.step_options())
+                     objective=method.objective(plan, cot_weight), scheduler=schedule, amp_dtype=plan.amp_dtype,
+                     scaler=scaler, compile=config.compile, on_nonfinite=config.on_nan, capture=config.capture)
     # every process draws its own augmentations
     augment_seed = int(np.random.SeedSequence([config.seed, processes.rank]).generate_state(1)[0])
     augmenter = BatchAugmenter(resolved.augment_config(), data.mean, data.std, device, seed=augment_seed,

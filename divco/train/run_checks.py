@@ -15,9 +15,6 @@ from typing import Any, Optional
 
 from ..data.sources import data_on_disk
 
-#: The defaults of the co-training options that ``--method independent`` does not use.
-_COTRAIN_DEFAULTS = {"cot_weight": 0.5}
-
 
 def check_run_options(config: Any, *, print_config: bool = False, num_classes: Optional[int] = None) -> None:
     """Raise ValueError (FileNotFoundError for absent paths) naming the first option a run would refuse.
@@ -30,26 +27,19 @@ def check_run_options(config: Any, *, print_config: bool = False, num_classes: O
     from ..data.policies import BatchPolicy
     from ..data.sources import check_image_size
     from ..ops.backends import resolve_backend
+    from .methods import method_class
     from .runtime import option, resolve_device
 
     check_image_size(config.image_size)
     world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if config.checkpoint_ensemble and world_size > 1:  # before init_process_group: no rank waits for another
-        raise ValueError(f"method {config.method!r} runs on one process (its members and sample weights are not "
-                         f"sharded yet); this launch has WORLD_SIZE={world_size}: run it without torchrun")
+    method = method_class(config.method)
+    method.check_launch(world_size)  # before init_process_group: no rank waits for another
     device = resolve_device(config.device)  # --device cuda without CUDA
     resolve_backend(config.backend, device, torch.float32)  # --backend (or DIVCO_BACKEND) unavailable there
     if config.augment.policy == "randaugment":
         BatchPolicy("randaugment", num_ops=config.augment.randaugment_ops,
                     magnitude=config.augment.randaugment_magnitude)
-    if config.method == "independent":
-        unused = [name for name, default in _COTRAIN_DEFAULTS.items() if getattr(config, name) != default]
-        unused += ["cot_warmup_epochs"] if config.cot_warmup_epochs is not None else []
-        if unused:
-            raise ValueError(f"{', '.join(option(n, getattr(config, n)) for n in unused)}: method 'independent' "
-                             f"trains without the co-training term, so it does not use "
-                             f"{'this option' if len(unused) == 1 else 'these options'}; drop "
-                             f"{'it' if len(unused) == 1 else 'them'} or use --method cotrain")
+    method.check_options(config)
     _check_min_lr(config, option)
     if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool)
                                     or num_classes < 2):

@@ -14,7 +14,8 @@ loss or gradients are not finite leaves the weights, the BatchNorm statistics an
 optimiser state as they were (a device-side select, still no host sync) and only its
 count enters the metrics.
 The co-training weight is a 0-dim device tensor updated in place, so a warm-up
-schedule never retraces a compiled step.
+schedule never retraces a compiled step.  What the step minimises is its objective
+(divco.train.objectives), chosen by the training method: the step knows no method.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..vocabulary import NONFINITE_POLICIES
 from .capture import check_capture, whole_step_capture
+from .objectives import CotrainingObjective, Objective
 from .runtime import unwrap_model  # noqa: F401  (re-exported: divco.train.step.unwrap_model)
 
 
@@ -136,7 +138,8 @@ class TrainStep:
         optimizer: any torch optimizer.
         cot_weight: the co-training weight, a 0-dim float32 tensor on the model's device
             (update it in place: ``cot_weight.fill_(w)``).
-        cot_kind, temperature, backend: passed to :func:`divco.ops.cotrain_loss`.
+        cot_kind, temperature, backend: of the default objective, :class:`CotrainingObjective`
+            (passed to :func:`divco.ops.cotrain_loss`).
         scheduler: optional; ``scheduler.step()`` after every optimiser step.
         amp_dtype: autocast dtype (torch.bfloat16 / torch.float16) or None for full precision.
         scaler: a ``torch.amp.GradScaler`` for float16 (it reads its overflow flag on the
@@ -146,11 +149,11 @@ class TrainStep:
             ``"compile"`` (forward + loss compiled), ``"compile-step"`` (forward, loss, backward
             and optimiser step in one compiled graph) or ``"cuda-graph"`` (the whole step
             replayed as one CUDA graph); see :mod:`divco.train.capture`.
-        independent: S independent networks (``--method independent``): targets are per branch,
-            ``[B, S]`` or ``[B, S, K]`` (branch s's view holds other images than branch t's), and
-            the loss is Σ_s CE_s with no co-training term (``cot_weight`` is not read).
+        objective: the loss of the logits (divco.train.objectives), instead of the co-training one
+            that ``cot_weight``, ``cot_kind``, ``temperature`` and ``backend`` describe; e.g.
+            :class:`~divco.train.objectives.PerBranchObjective` (each branch its own targets).
         Calling the step with ``sample_weight`` [B] (``--method cbnn``) weighs each image's loss
-        (:meth:`loss`, the one place the weights enter).
+        (the objective, the one place the weights enter).
         on_nonfinite: ``"stop"`` (apply and count non-finite steps; the caller stops) or
             ``"skip-step"`` (do not apply them: weights and optimiser state are restored
             on the device from a copy taken before the step; counted in the metrics).
@@ -159,20 +162,23 @@ class TrainStep:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, cot_weight: Tensor,
                  branches: Optional[int] = None, cot_kind: str = "js", temperature: float = 1.0,
                  backend: Optional[str] = None, scheduler=None, amp_dtype: Optional[torch.dtype] = None,
-                 scaler=None, compile: bool = False, on_nonfinite: str = "stop", independent: bool = False,
-                 capture: str = "none") -> None:
+                 scaler=None, compile: bool = False, on_nonfinite: str = "stop", capture: str = "none",
+                 objective: Optional[Objective] = None) -> None:
         if not isinstance(cot_weight, Tensor) or cot_weight.dim() != 0:
             raise ValueError(f"cot_weight must be a 0-dim tensor, got {cot_weight!r}")
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
+        if objective is not None and (cot_kind, temperature, backend) != ("js", 1.0, None):
+            raise ValueError(f"cot_kind, temperature and backend describe the default objective; with "
+                             f"objective={type(objective).__name__}(...) pass them to it, got cot_kind={cot_kind!r}, "
+                             f"temperature={temperature!r}, backend={backend!r}")
         self.skip_nonfinite = on_nonfinite == "skip-step"
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.cot_weight = cot_weight
-        self.cot_kind = cot_kind
-        self.temperature = temperature
-        self.backend = backend
+        self.objective = objective or CotrainingObjective(cot_weight, kind=cot_kind, temperature=temperature,
+                                                          backend=backend)
         self.amp_dtype = amp_dtype
         self.autocast_cache = True
         self.scaler = scaler
@@ -180,9 +186,7 @@ class TrainStep:
         self.device_type = device.type
         if branches is None:
             branches = unwrap_model(model).branches
-        self.independent = independent
-        self._no_cotraining = torch.zeros((), dtype=torch.float32, device=device)
-        self.metrics = RunningMetrics(branches, device, ensemble=not independent)
+        self.metrics = RunningMetrics(branches, device, ensemble=self.objective.scores_ensemble)
         self._forward_loss: Callable[..., ops.CotrainLoss] = self.forward_loss
         capture = check_capture(capture, compile)
         if capture == "compile":
@@ -199,40 +203,11 @@ class TrainStep:
     def forward_loss(self, images: Tensor, targets: Tensor, sample_weight: Optional[Tensor] = None) -> ops.CotrainLoss:
         with self.autocast():
             logits = self.model(images)
-        if self.independent:
-            if sample_weight is not None:
-                raise ValueError("independent training takes no sample weights")
-            return self.independent_loss(logits, targets)
         return self.loss(logits, targets, sample_weight)
 
     def loss(self, logits: Tensor, targets: Tensor, sample_weight: Optional[Tensor] = None) -> ops.CotrainLoss:
-        """The co-training loss of a batch; ``sample_weight`` [B] (CBNN) weighs each image's loss terms:
-        each becomes mean_n w_n loss_n (the weights have mean 1 over the training set).
-
-        The one place where the per-sample weights enter the loss.
-        """
-        return ops.cotrain_loss(logits, targets, weight=self.cot_weight, kind=self.cot_kind,
-                                temperature=self.temperature, sample_weight=sample_weight, backend=self.backend)
-
-    def independent_loss(self, logits: Tensor, targets: Tensor) -> ops.CotrainLoss:
-        """Σ_s CE_s of logits ``[B, S, K]`` against per-branch targets ``[B, S]`` / ``[B, S, K]``.
-
-        Each branch is one fused single-branch loss (its co-training term is 0 by definition):
-        ``correct`` holds each branch's hits and 0 for the ensemble, which has no images of its
-        own here (RunningMetrics reports no training ensemble accuracy); ``ensemble`` is the mean
-        of the branch logits, as the op defines it.
-        """
-        S = logits.shape[1]
-        if targets.shape[:2] != logits.shape[:2]:
-            raise ValueError(f"independent training needs per-branch targets [B, S] or [B, S, K] for logits "
-                             f"{tuple(logits.shape)}, got {tuple(targets.shape)}")
-        parts = [ops.cotrain_loss(logits[:, s:s + 1], targets[:, s].contiguous(), weight=self._no_cotraining,
-                                  kind=self.cot_kind, temperature=self.temperature, backend=self.backend)
-                 for s in range(S)]
-        correct = torch.cat([p.correct[:1] for p in parts] + [torch.zeros_like(parts[0].correct[:1])])
-        return ops.CotrainLoss(loss=torch.stack([p.loss for p in parts]).sum(), ce=torch.cat([p.ce for p in parts]),
-                               cot=torch.zeros_like(parts[0].cot), ensemble=logits.detach().mean(1),
-                               correct=correct)
+        """The objective's loss of a batch's logits (``sample_weight`` [B]: cbnn's per-image weights)."""
+        return self.objective(logits, targets, sample_weight)
 
     def __call__(self, images: Tensor, targets: Tensor, sample_weight: Optional[Tensor] = None) -> ops.CotrainLoss:
         if self._captured is not None:

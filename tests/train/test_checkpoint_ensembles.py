@@ -81,7 +81,7 @@ def test_distributed_runs_are_refused(tmp_path):
     from divco.train.assembly import assemble_run
 
     processes = types.SimpleNamespace(world_size=2, enabled=True)
-    with pytest.raises(ValueError, match=r"method 'snapshot' runs on one process.*this launch has 2"):
+    with pytest.raises(ValueError, match=r"method 'snapshot' runs on one process.*this launch has WORLD_SIZE=2"):
         assemble_run(members_config(tmp_path, "snapshot"), processes, torch.device("cpu"))
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from train_helpers import tiny_config
 
 import divco
@@ -42,32 +41,6 @@ def test_branch_orders_are_those_of_separate_runs():
         assert torch.equal(orders[s], epoch_order(50, 7 + s, 3))
         assert sorted(orders[s].tolist()) == list(range(50))
     assert all(not torch.equal(orders[s], orders[t]) for s in range(4) for t in range(s))
-
-
-@pytest.mark.parametrize("soft", [False, True])
-def test_independent_loss_is_the_sum_of_branch_cross_entropies(soft):
-    g = torch.Generator().manual_seed(0)
-    B, S, K = 6, 3, 5
-    logits = torch.randn(B, S, K, generator=g, dtype=torch.float64, requires_grad=True)
-    if soft:
-        targets = torch.softmax(torch.randn(B, S, K, generator=g, dtype=torch.float64), -1)
-    else:
-        targets = torch.randint(0, K, (B, S), generator=g)
-    model = torch.nn.Linear(1, 1)
-    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), cot_weight=torch.tensor(0.7), branches=S,
-                     backend="torch", independent=True)
-    out = step.independent_loss(logits, targets)
-    expected = [F.cross_entropy(logits[:, s], targets[:, s]) for s in range(S)]
-    assert torch.allclose(out.ce.double(), torch.stack(expected).detach())
-    assert float(out.cot) == 0.0
-    (grad,) = torch.autograd.grad(out.loss, logits)
-    (expected_grad,) = torch.autograd.grad(torch.stack(expected).sum(), logits)
-    assert torch.allclose(out.loss.double(), torch.stack(expected).sum().detach())
-    assert torch.allclose(grad, expected_grad)
-    hits = [(logits[:, s].argmax(-1) == (targets[:, s].argmax(-1) if soft else targets[:, s])).sum() for s in range(S)]
-    assert out.correct.tolist() == [int(h) for h in hits] + [0]
-    with pytest.raises(ValueError, match=r"per-branch targets \[B, S\]"):
-        step.independent_loss(logits, targets[:, 0])
 
 
 def independent_config(out, **overrides):
@@ -118,20 +91,3 @@ def test_independent_resume_is_bit_exact_and_the_method_defines_the_run(tmp_path
         assert torch.equal(value, b["model"][key]), key
     assert [r["train_loss"] for r in read_metrics(tmp_path / "stopped")] == \
         [r["train_loss"] for r in read_metrics(tmp_path / "straight")]
-
-
-@pytest.mark.parametrize("backend", [b for b in divco.ops.available_backends() if b != "cuda"])
-def test_independent_loss_on_every_backend(backend):
-    g = torch.Generator().manual_seed(1)
-    logits = torch.randn(8, 4, 6, generator=g, requires_grad=True)
-    targets = torch.randint(0, 6, (8, 4), generator=g)
-    model = torch.nn.Linear(1, 1)
-    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), cot_weight=torch.tensor(0.5), branches=4,
-                     backend=backend, independent=True)
-    out = step.independent_loss(logits, targets)
-    z = logits.detach().double().requires_grad_()
-    expected = sum(F.cross_entropy(z[:, s], targets[:, s]) for s in range(4))
-    (grad,) = torch.autograd.grad(out.loss, logits)
-    (expected_grad,) = torch.autograd.grad(expected, z)
-    assert float(out.loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
-    assert torch.allclose(grad.double(), expected_grad, atol=1e-6)

@@ -7,7 +7,12 @@ plain divide-and-co-training here, so a method overrides only what it changes.
 Configuration and plan
     ``options``            the method-only TrainConfig fields it accepts (any other method refuses them)
     ``validate(config)``   raise ValueError for a config this method cannot run (a clear one-line message)
+    ``check_options(config)``  raise ValueError for an option the method does not use (asked by
+                           divco.train.run_checks, so a run and ``--print-config`` refuse it alike)
     ``single_process``     why it refuses torchrun launches (its state is not sharded), or "" (it runs anywhere)
+    ``check_launch(world_size)``  raise ValueError for a launch of ``world_size`` processes it cannot run
+                           (by default: any above 1 when ``single_process`` says why); asked before
+                           any process group is set up
     ``checkpoint_ensemble`` True: its ensemble is made of member checkpoints (members.json in the run)
     ``member_count(config)``  M, the member checkpoints of a run (swa: always 1, the average)
     ``schedule_summary(plan)``  the lr-schedule words of the run's first status line
@@ -17,7 +22,8 @@ Assembly (once per run)
     ``build_model(build)``       the network to train; ``build()`` makes the configured one (a
                                  branch-parallel method builds only this process's branches here)
     ``lr_schedule(optimizer, plan)``  the StepSchedule (divco.train.schedules) of the run
-    ``step_options()``           extra TrainStep keywords (``independent=True``: per-branch targets)
+    ``objective(plan, cot_weight)``  what the step minimises (divco.train.objectives): default the
+                                 co-training loss; independent networks: each branch its own CE
     ``start(run)``               create the method's state (members, sample weights, averaged weights)
 
 Every epoch and step
@@ -57,6 +63,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
+from ..objectives import CotrainingObjective, Objective
 from ..runtime import epoch_order, process_shard
 from ..schedules import StepSchedule, WarmupCosineSchedule, cot_weight_for_epoch
 from ..step import unwrap_model
@@ -90,6 +97,17 @@ class TrainingMethod:
     def validate(self, config: Any) -> None:
         """Raise ValueError when ``config`` does not fit this method."""
 
+    @classmethod
+    def check_options(cls, config: Any) -> None:
+        """Raise ValueError naming an option that this method does not use (default: it uses them all)."""
+
+    @classmethod
+    def check_launch(cls, world_size: int) -> None:
+        """Raise ValueError unless this method runs on ``world_size`` processes."""
+        if cls.single_process and world_size > 1:
+            raise ValueError(f"method {cls.name!r} runs on one process ({cls.single_process}); this launch has "
+                             f"WORLD_SIZE={world_size}: run it without torchrun")
+
     def schedule_summary(self, plan: "RunPlan") -> str:
         return f"lr warm-up {plan.recipe.warmup_epochs:g} epoch(s)"
 
@@ -112,8 +130,11 @@ class TrainingMethod:
                                     warmup_steps=plan.warmup_steps, warmup_start_lr=plan.recipe.warmup_start_lr,
                                     min_lr=plan.recipe.min_lr)
 
-    def step_options(self) -> dict:
-        return {}
+    def objective(self, plan: "RunPlan", cot_weight: Tensor) -> Objective:
+        """Σ_s CE_s + weight · J, the co-training loss; ``cot_weight`` is the run's in-place weight tensor."""
+        config = plan.config
+        return CotrainingObjective(cot_weight, kind=config.cot_kind, temperature=config.temperature,
+                                   backend=config.backend)
 
     def start(self, run: "Run") -> None:
         """Create the method's state; called once, after the run is assembled, before any resume."""

@@ -2,7 +2,8 @@
 
 No co-training term (its weight is 0 and never read), and each branch its own order of the
 training set: branch s sees the order a separate run with seed + s would see, augmented (and
-mixed up) on its own. The step takes per-branch targets (TrainStep's ``independent``).
+mixed up) on its own. The step minimises Σ_s CE_s against per-branch targets
+(divco.train.objectives.PerBranchObjective).
 """
 
 from __future__ import annotations
@@ -10,8 +11,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..objectives import PerBranchObjective
 from ..runtime import branch_epoch_orders, process_shard
 from .base import TrainingMethod
+
+
+#: The co-training options and their defaults: an independent run refuses any other value (it has no such term).
+_COTRAIN_DEFAULTS = {"cot_weight": 0.5, "cot_warmup_epochs": None}
 
 
 class Independent(TrainingMethod):
@@ -20,8 +26,21 @@ class Independent(TrainingMethod):
                "used, and each branch its own order of the training set, branch s the order a separate run with "
                "seed + s would see)")
 
-    def step_options(self) -> dict:
-        return {"independent": True}
+    def objective(self, plan, cot_weight: Tensor) -> PerBranchObjective:
+        config = plan.config
+        return PerBranchObjective(cot_weight.device, kind=config.cot_kind, temperature=config.temperature,
+                                  backend=config.backend)
+
+    @classmethod
+    def check_options(cls, config) -> None:
+        from ..runtime import option
+
+        unused = [name for name, default in _COTRAIN_DEFAULTS.items() if getattr(config, name) != default]
+        if unused:
+            raise ValueError(f"{', '.join(option(n, getattr(config, n)) for n in unused)}: method 'independent' "
+                             f"trains without the co-training term, so it does not use "
+                             f"{'this option' if len(unused) == 1 else 'these options'}; drop "
+                             f"{'it' if len(unused) == 1 else 'them'} or use --method cotrain")
 
     def cot_weight(self, plan, epoch: int) -> float:
         return 0.0
