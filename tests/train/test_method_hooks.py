@@ -53,7 +53,8 @@ def test_single_process_methods_refuse_a_launch_of_several():
                 method.check_launch(3)
         else:
             method.check_launch(3)
-    assert {n for n in methods.names() if methods.method_class(n).single_process} == {"snapshot", "cbnn"}
+    assert {n for n in methods.names() if methods.method_class(n).single_process} == {"snapshot", "cbnn", "fge",
+                                                                                        "swa"}
 
 
 def test_the_run_checks_ask_the_method_for_launch_and_options(tmp_path, toy, monkeypatch):

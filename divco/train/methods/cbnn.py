@@ -139,6 +139,13 @@ class Cbnn(CheckpointEnsembleMethod):
         self.heldout.append(true_class_probabilities(logits[:, 0].cpu(), data.val_labels.cpu()))
         return heldout_weights(torch.stack(self.heldout, 1))
 
+    def describe(self, plan, printed: dict) -> None:
+        if (plan.config.cbnn_schedule or DEFAULT_SCHEDULE) == "restarts":
+            rates = restart_schedule(plan)
+            printed["lr_schedule"] = {**printed["lr_schedule"], "type": "linear warm-up then cosine, restarted "
+                                      "(no warm-up) after every member", "interval_ends": list(rates.ends)}
+        super().describe(plan, printed)
+
     def member_plan(self, plan) -> dict:
         config = plan.config
         shrinkage, max_weight_ratio = resolve_damping(config.cbnn_shrinkage, config.cbnn_weight_ratio)
