@@ -458,7 +458,20 @@ for _suffix in registration.defined_suffixes():
 # -- the public function --------------------------------------------------------------------------
 
 
+#: (backend, device, dtype, DIVCO_BACKEND) -> the resolved backend: what decides it (the
+#: extension's and Triton's availability) is fixed at import, so it is resolved once per key.
+_RESOLVED: dict = {}
+
+
 def resolve_backend(backend: str | None, x: Tensor) -> str:
+    key = (backend, x.device, x.dtype, os.environ.get("DIVCO_BACKEND"))
+    resolved = _RESOLVED.get(key)
+    if resolved is None:
+        resolved = _RESOLVED[key] = _resolve_backend(backend, x)
+    return resolved
+
+
+def _resolve_backend(backend: str | None, x: Tensor) -> str:
     resolved = backends.resolve_backend(backend, x.device, x.dtype)
     if resolved in ("cpu", "cuda"):
         ok, reason = _NATIVE_AVAILABLE
