@@ -51,7 +51,7 @@ class Run:
     augmenter: BatchAugmenter
     info: dict
     layout: TrainingLayout  # where the branches and the batches are (divco.train.layout)
-    best: Optional[dict] = None  # {"epoch", "selected_on", <that metric>} of best.pt (checkpoint.improved_best)
+    best: Optional[dict] = None  # {"epoch", "selected_on", <that metric>} of best.pt (best_checkpoint.improved_best)
 
     @property
     def method(self) -> TrainingMethod:

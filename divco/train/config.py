@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Union
 
 from ..data.augment import CROPS, AugmentConfig
-from ..data.dataset import DEFAULT_VAL_SPLIT, check_val_split, parse_val_split
+from ..data.dataset import DEFAULT_VAL_SPLIT, parse_val_split
 from ..data.policies import POLICIES
 from ..data.sources import describe_sources
 from ..ensembles.boosting import ERROR_KINDS as CBNN_ERROR_KINDS
 from ..vocabulary import BACKENDS, LR_SCALINGS, NONFINITE_POLICIES, PRECISIONS, RECIPES
 from ..vocabulary import COTRAIN_KINDS as COT_KINDS
 from ..vocabulary import EXECUTION_MODES as EXECUTIONS
-from .capture import CAPTURE_MODES, check_capture
+from .capture import CAPTURE_MODES
+from .config_validation import validate_config
 from . import methods
 from .methods import DEFAULT_CHECKPOINTS
-
-DEVICES = ("auto", "cpu", "cuda")
 
 #: Options that cannot change what a run computes (or that name where it lives); everything
 #: else - precision, channels_last, compile, backend, execution included - must match when a
@@ -179,90 +177,8 @@ class TrainConfig:
 
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise ValueError naming the first bad option (expected vs given)."""
-        from ..models import get_entry
-
-        def positive_int(name: str, value: Any, allow_none: bool = False, minimum: int = 1) -> None:
-            if value is None and allow_none:
-                return
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-        def number(name: str, value: Any, low: float, *, low_open: bool, allow_none: bool = False) -> None:
-            if value is None and allow_none:
-                return
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            ok = ok and (value > low if low_open else value >= low)
-            if not ok:
-                raise ValueError(f"{name} must be a finite number {'>' if low_open else '>='} {low}, got {value!r}")
-
-        if not isinstance(self.model, str) or not self.model:
-            raise ValueError(f"model must be a model name, got {self.model!r}")
-        get_entry(self.model)  # unknown model -> ValueError with the closest names
-        if not isinstance(self.out, str) or not self.out:
-            raise ValueError(f"out must be a folder path, got {self.out!r}")
-        positive_int("branches", self.branches)
-        positive_int("epochs", self.epochs)
-        positive_int("batch_size", self.batch_size)
-        positive_int("seed", self.seed, minimum=0)
-        positive_int("keep_checkpoints", self.keep_checkpoints)
-        positive_int("branch_parallel", self.branch_parallel)
-        positive_int("eval_batch_size", self.eval_batch_size, allow_none=True)
-        positive_int("train_subset", self.train_subset, allow_none=True)
-        positive_int("test_subset", self.test_subset, allow_none=True)
-        check_val_split(self.val_split)
-        positive_int("image_size", self.image_size, allow_none=True, minimum=8)
-        positive_int("cot_warmup_epochs", self.cot_warmup_epochs, allow_none=True, minimum=0)
-        number("lr", self.lr, 0.0, low_open=True, allow_none=True)
-        number("momentum", self.momentum, 0.0, low_open=False)
-        if self.momentum >= 1:
-            raise ValueError(f"momentum must be < 1, got {self.momentum!r}")
-        number("weight_decay", self.weight_decay, 0.0, low_open=False, allow_none=True)
-        number("warmup_epochs", self.warmup_epochs, 0.0, low_open=False, allow_none=True)
-        if self.warmup_epochs is not None and self.warmup_epochs >= self.epochs:
-            raise ValueError(f"warmup_epochs must be < epochs ({self.epochs}), got {self.warmup_epochs!r}")
-        number("warmup_start_lr", self.warmup_start_lr, 0.0, low_open=False)
-        number("min_lr", self.min_lr, 0.0, low_open=False, allow_none=True)
-        number("label_smoothing", self.label_smoothing, 0.0, low_open=False, allow_none=True)
-        if self.label_smoothing is not None and self.label_smoothing >= 1:
-            raise ValueError(f"label_smoothing must be < 1, got {self.label_smoothing!r}")
-        for name, choices in (("recipe", RECIPES), ("lr_scaling", LR_SCALINGS)):
-            value = getattr(self, name)
-            if value is not None and value not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-        for name in ("divide_weight_decay", "exempt_norm_weight_decay"):
-            if getattr(self, name) not in (None, True, False):
-                raise ValueError(f"{name} must be True, False or None (the recipe's), got {getattr(self, name)!r}")
-        self._validate_method()
-        number("cot_weight", self.cot_weight, 0.0, low_open=False)
-        number("temperature", self.temperature, 0.0, low_open=True)
-        self._validate_choices()
-
-    def _validate_choices(self) -> None:
-        """The options that name a choice, and the two structured ones."""
-        for name, choices in (("cot_kind", COT_KINDS), ("on_nan", NONFINITE_POLICIES), ("precision", PRECISIONS),
-                              ("execution", EXECUTIONS)):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
-        check_capture(self.capture, self.compile)  # one of CAPTURE_MODES, not contradicting compile
-        if self.cudnn_benchmark not in (True, False):
-            raise ValueError(f"cudnn_benchmark must be True or False, got {self.cudnn_benchmark!r}")
-        device = str(self.device)
-        if not (device in DEVICES or device.startswith("cuda:")):
-            raise ValueError(f"device must be one of {DEVICES} or 'cuda:N', got {self.device!r}")
-        if not isinstance(self.model_kwargs, dict):
-            raise ValueError(f"model_kwargs must be a dict, got {type(self.model_kwargs).__name__}")
-        if not isinstance(self.augment, AugmentConfig):
-            raise ValueError(f"augment must be an AugmentConfig, got {type(self.augment).__name__}")
-
-    def _validate_method(self) -> None:
-        """The method's name, its own options only with it, then the method's checks."""
-        method = methods.method_class(self.method)
-        for name, owners in methods.method_options().items():
-            if getattr(self, name) is not None and name not in method.options:
-                whose = f"methods {' and '.join(owners)}" if len(owners) > 1 else f"method {owners[0]}"
-                raise ValueError(f"{name} is an option of the {whose}; this run's method is {self.method!r}")
-        method().validate(self)
+        """Raise ValueError naming the first bad option (expected vs given): divco.train.config_validation."""
+        validate_config(self)
 
     @property
     def members(self) -> int:

@@ -27,7 +27,8 @@ from typing import Optional
 
 from .. import __version__
 from .assembly import Run, assemble_run
-from .checkpoint import BEST_NAME, find_resume_point, restore_best
+from .best_checkpoint import restore_best
+from .checkpoint import BEST_NAME, find_resume_point
 from .config import TrainConfig
 from .distributed import DistributedContext
 from .epoch import StopRequest, finish_epoch, train_epoch
@@ -111,7 +112,6 @@ def train_in_folder(config: TrainConfig, processes: DistributedContext,
         write_json(run.out / CONFIG_NAME, {**config.to_dict(), "resolved": run.info["resolved"]})
         log = RunLog(run.out, tensorboard=config.tensorboard, epochs_done=epochs_done)
     result = _result_so_far(run, log, epochs_done)
-    best_path = run.out / BEST_NAME
 
     train_images, train_labels = run.data.train_images.to(device), run.data.train_labels.to(device)
     test_images, test_labels = run.data.test_images.to(device), run.data.test_labels.to(device)
@@ -130,33 +130,43 @@ def train_in_folder(config: TrainConfig, processes: DistributedContext,
                     run.method.end_training(run)
                 record = finish_epoch(run, epoch, first, started, test_images, test_labels)
                 run.method.after_epoch(run, epoch, record, train_images, train_labels)
-                result.epochs_done, result.final = epoch + 1, EvaluationResult.from_dict(record)
-                diverged = config.on_nan == "stop" and record["train_nonfinite_steps"] > 0
                 last_good = result.checkpoint or (resume[0] if resume is not None else None)
-                if processes.is_main:
-                    log.append(record)
-                    result.history.append(record)
-                    result.checkpoint = save_epoch(run, epoch, record, keep_older=diverged)
-                    result.best_checkpoint = best_path if best_path.exists() else None
-                    run.report(_epoch_line(record, config.epochs))
-                else:
-                    checkpoint_state(run, epoch + 1, 0, record)  # joins the gather
-                processes.barrier()
-                if diverged:
-                    result.interrupted = NONFINITE_STOP
-                    status_line(f"the loss became NaN at epoch {epoch + 1} step "
-                                f"{record['train_first_nonfinite_step']}; last good checkpoint: "
-                                f"{last_good or 'none (the first epoch diverged)'}", processes.is_main)
-                    return result
-                if (stop or processes.any(signals.received is not None)) and epoch + 1 < config.epochs:
-                    result.interrupted = signals.received or "stop request"
-                    status_line(f"{result.interrupted}: stopped after epoch {epoch + 1} ({result.checkpoint}); "
-                                f"continue with {option('resume', True)}", processes.is_main)
+                if _end_epoch(run, result, log, epoch, record, stop, signals, last_good):
                     return result
     finally:
         if log is not None:
             log.close()
     return result
+
+
+def _end_epoch(run: Run, result: TrainResult, log: Optional[RunLog], epoch: int, record: dict, stop: bool,
+               signals: SignalStop, last_good: Optional[Path]) -> bool:
+    """Record and checkpoint ``epoch`` (every process joins); True when the run stops after it (diverged, or
+    a stop request or signal before the last epoch)."""
+    config, processes = run.config, run.processes
+    result.epochs_done, result.final = epoch + 1, EvaluationResult.from_dict(record)
+    diverged = config.on_nan == "stop" and record["train_nonfinite_steps"] > 0
+    if processes.is_main:
+        log.append(record)
+        result.history.append(record)
+        result.checkpoint = save_epoch(run, epoch, record, keep_older=diverged)
+        best_path = run.out / BEST_NAME
+        result.best_checkpoint = best_path if best_path.exists() else None
+        run.report(_epoch_line(record, config.epochs))
+    else:
+        checkpoint_state(run, epoch + 1, 0, record)  # joins the gather
+    processes.barrier()
+    if diverged:
+        result.interrupted = NONFINITE_STOP
+        status_line(f"the loss became NaN at epoch {epoch + 1} step {record['train_first_nonfinite_step']}; last "
+                    f"good checkpoint: {last_good or 'none (the first epoch diverged)'}", processes.is_main)
+        return True
+    if (stop or processes.any(signals.received is not None)) and epoch + 1 < config.epochs:
+        result.interrupted = signals.received or "stop request"
+        status_line(f"{result.interrupted}: stopped after epoch {epoch + 1} ({result.checkpoint}); "
+                    f"continue with {option('resume', True)}", processes.is_main)
+        return True
+    return False
 
 
 def _start_line(run: Run) -> str:

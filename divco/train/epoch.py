@@ -59,7 +59,7 @@ def finish_epoch(run: Run, epoch: int, first_step: int, started: float, test_ima
     if model is not None:
         evaluation = evaluate(model, test_images, test_labels, run.augmenter.normalize, **options)
         validation = evaluate_validation(model, run.data, run.augmenter.normalize, run.device,
-                                         **options)  # best.pt is chosen on it (checkpoint.improved_best)
+                                         **options)  # best.pt is chosen on it (best_checkpoint.improved_best)
     evaluation, validation = run.processes.broadcast_object((evaluation, validation))
     return {
         "epoch": epoch + 1,

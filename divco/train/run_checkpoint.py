@@ -14,12 +14,12 @@ import torch
 
 from .. import __version__
 from ..io import atomic_link_or_copy
+from .best_checkpoint import improved_best
 from .checkpoint import (
     BEST_NAME,
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     checkpoint_name,
-    improved_best,
     prune_checkpoints,
     save_checkpoint,
 )
