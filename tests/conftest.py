@@ -10,7 +10,6 @@ profiles, and the markers the GPU suite selects by (scripts/gpu_suite.sh):
 """
 
 import functools
-import importlib.util
 import inspect
 import os
 import re
@@ -117,22 +116,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-# torchvision is optional (divco[vision]). Where it is not installed, a test that fails only
-# because it needs torchvision (directly, through divco's torchvision conversions or the data
-# pipeline's resize, or in a subprocess it starts) is reported as skipped, naming the extra.
-# Where torchvision is installed this changes nothing.
-TORCHVISION_MISSING = importlib.util.find_spec("torchvision") is None
-NEEDS_TORCHVISION = ("No module named 'torchvision", "needs torchvision")
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    if TORCHVISION_MISSING and report.failed and call.excinfo is not None:
-        if any(marker in report.longreprtext for marker in NEEDS_TORCHVISION):
-            report.outcome = "skipped"
-            report.longrepr = (str(item.path), item.location[1] or 0,
-                               'Skipped: needs torchvision (pip install "divco[vision]"), which is not installed')

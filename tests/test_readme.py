@@ -1,7 +1,6 @@
 """The README's code blocks run as written: every python block in a fresh interpreter, every bash
 block parses, and every `divco` command it shows is a real command with the options it shows."""
 
-import importlib.util
 import os
 import re
 import shlex
@@ -10,13 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from optional_deps import needs_torchvision
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
 BASH_BLOCKS = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
-needs_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
-                                       reason='needs torchvision (pip install "divco[vision]")')
 
 
 def block_id(block: str) -> str:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from optional_deps import needs_torchvision
 
 import divco
 
@@ -25,8 +26,10 @@ def test_resnet50_has_the_usual_4_1_gmacs():
     assert ours.name == "resnet50" and theirs.name == "ResNet" and theirs.branches == 1
 
 
-@pytest.mark.parametrize("name, S, size", [("resnet50", 2, (3, 224, 224)), ("wide_resnet16_8", 4, (3, 32, 32)),
-                                           ("pyramidnet164", 3, (3, 16, 16)), ("resnext50_32x4d", 4, (3, 96, 96))])
+@pytest.mark.parametrize("name, S, size", [
+    pytest.param("resnet50", 2, (3, 224, 224), marks=needs_torchvision),  # its branches are torchvision ResNets
+    ("wide_resnet16_8", 4, (3, 32, 32)), ("pyramidnet164", 3, (3, 16, 16)),
+    pytest.param("resnext50_32x4d", 4, (3, 96, 96), marks=needs_torchvision)])
 def test_totals_are_the_branches_summed(name, S, size):
     with shapes_only("cpu"):  # real (uninitialised) weights: cheaper than meta for BN-heavy networks
         model = divco.models.create(name, branches=S)

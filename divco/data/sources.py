@@ -88,12 +88,13 @@ def load_digits_splits(image_size: Optional[int] = None) -> DecodedSplits:
         raise ImportError(
             "the 'digits' data set comes with scikit-learn: pip install scikit-learn (or divco[data])"
         ) from error
-    from torchvision.transforms.v2 import functional as TF
-
     bunch = load_digits()
     size = image_size or DIGITS_IMAGE_SIZE
     grey = torch.from_numpy(bunch.images).to(torch.float32).div_(16.0).unsqueeze(1)  # [N,1,8,8] in [0,1]
-    grey = TF.resize(grey, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    if grey.shape[2:] != (size, size):  # the native 8x8 needs no resize (and so no torchvision)
+        from torchvision.transforms.v2 import functional as TF
+
+        grey = TF.resize(grey, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
     images = grey.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
     labels = torch.from_numpy(bunch.target).to(torch.int64)
     # A fixed split that depends on nothing but the data's size.
@@ -207,10 +208,10 @@ def _decode_image(data: bytes, where: str) -> Tensor:
 def _checked_size(cls: str, location: str, image: Tensor, image_size: Optional[int],
                   expected: Optional[tuple[int, int]]) -> tuple[str, str, Tensor]:
     """Resize to ``image_size``, or insist that every image has the first image's size."""
-    from torchvision.transforms.v2 import functional as TF
-
     if image_size is not None:
-        if image.shape[1:] != (image_size, image_size):
+        if image.shape[1:] != (image_size, image_size):  # torchvision only where an image is resized
+            from torchvision.transforms.v2 import functional as TF
+
             image = TF.resize(image, [image_size, image_size], antialias=True)
     elif expected is not None and tuple(image.shape[1:]) != expected:
         raise ValueError(

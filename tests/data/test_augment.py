@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from optional_deps import needs_torchvision
 
 from divco.data import AUGMENT_PRESETS, AugmentConfig, BatchAugmenter, random_crop, random_erase, random_flip
 
@@ -107,6 +108,7 @@ def test_mixup_one_lambda_one_pairing_for_all_branches():
     assert unchanged is views and hard is labels
 
 
+@needs_torchvision
 def test_state_dict_reproduces_the_stream():
     aug = augmenter(policy="randaugment")
     x, y = images(8), torch.arange(8) % 3
@@ -177,6 +179,7 @@ def test_random_resized_crop_keeps_size_and_crops_windows():
     assert not torch.equal(out[0], out[1])
 
 
+@needs_torchvision
 def test_imagenet_preset_uses_resized_crop_and_the_imagenet_policy():
     config = AugmentConfig().with_defaults(**AUGMENT_PRESETS["imagenet"])
     aug = BatchAugmenter(config, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "cpu", seed=0)

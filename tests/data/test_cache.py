@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from optional_deps import needs_torchvision
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -71,6 +72,7 @@ def test_a_modified_cache_is_decoded_again(tmp_path, case):
     assert not messages and torch.equal(again.train_labels, fresh.train_labels)
 
 
+@needs_torchvision
 def test_a_cache_file_under_another_key_is_not_used(tmp_path):
     load_dataset("digits", image_size=8, cache_dir=tmp_path / "a")
     load_dataset("digits", image_size=16, cache_dir=tmp_path / "b")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from optional_deps import needs_torchvision
 
 from divco.data import load_dataset
 from divco.data.sources import identify_dataset
@@ -25,6 +26,7 @@ def digits():
     return load_dataset("digits", cache_dir=False)
 
 
+@needs_torchvision
 def test_digits_split_and_format(digits):
     assert digits.name == "digits" and digits.num_classes == 10 and digits.classes == tuple("0123456789")
     assert digits.train_images.shape == (1437, 3, 32, 32) and digits.test_images.shape == (360, 3, 32, 32)
@@ -42,6 +44,7 @@ def test_digits_split_and_format(digits):
     assert digits.std[1] == pytest.approx(x[:, 1].std(unbiased=False).item(), rel=1e-9)
 
 
+@needs_torchvision
 def test_digits_image_size_and_subset(digits):
     from sklearn.datasets import load_digits
 
@@ -97,6 +100,7 @@ def write_cifar10(root: Path, digits) -> Path:
     return folder
 
 
+@needs_torchvision
 def test_cifar10_python_layout_folder_and_archive(tmp_path, digits):
     write_cifar10(tmp_path / "data", digits)
     for source in (tmp_path / "data", tmp_path / "data" / "cifar-10-batches-py"):
@@ -111,6 +115,7 @@ def test_cifar10_python_layout_folder_and_archive(tmp_path, digits):
     assert torch.equal(data.test_images, digits.test_images) and data.name == "cifar10"
 
 
+@needs_torchvision
 def test_cifar100_python_layout(tmp_path, digits):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
@@ -122,6 +127,7 @@ def test_cifar100_python_layout(tmp_path, digits):
     assert torch.equal(data.train_images, digits.train_images)
 
 
+@needs_torchvision
 def test_cifar_pickles_never_build_arbitrary_objects(tmp_path, digits):
     folder = write_cifar10(tmp_path, digits)
 
@@ -163,6 +169,7 @@ def write_image_folder(root: Path, data, per_class: int = 3) -> None:
             write_png(image, str(folder / f"{counts[label]:04d}.png"))
 
 
+@needs_torchvision
 def test_image_folder_and_archive(tmp_path, digits):
     small = digits.subset(train=200, test=100)
     write_image_folder(tmp_path / "folder", small)
@@ -184,6 +191,7 @@ def test_image_folder_and_archive(tmp_path, digits):
     assert resized.image_size == (16, 16)
 
 
+@needs_torchvision
 def test_image_folder_errors(tmp_path, digits):
     write_image_folder(tmp_path, digits.subset(train=60, test=40), per_class=1)
     bad = tmp_path / "train" / "3" / "0001.png"
@@ -215,6 +223,7 @@ def test_bad_sources_name_the_path(tmp_path):
         load_dataset("digits", image_size=4, cache_dir=False)
 
 
+@needs_torchvision
 def test_truncated_archive_is_named(tmp_path, digits):
     write_image_folder(tmp_path / "folder", digits.subset(train=100, test=50), per_class=2)
     archive = tmp_path / "data.tar.gz"
@@ -242,6 +251,7 @@ def test_shared_cifar10_jpg_archive(tmp_path):
     assert torch.equal(cached.train_images[:100], data.train_images[:100])
 
 
+@needs_torchvision
 def test_identify_dataset_reads_names_only(tmp_path, digits):
     """The recipe follows the dataset, identified from the source without decoding."""
     from divco.data.sources import identify_dataset
@@ -285,6 +295,7 @@ def test_an_unreadable_archive_is_one_line_naming_the_file(tmp_path, content, sa
         assert "\n" not in message and re.search(rf"cannot read archive .*bad\.tar\.gz: {says}", message), message
 
 
+@needs_torchvision
 def test_one_class_data_is_refused(tmp_path, digits):
     one_class = digits.subset(train=60, test=40)
     write_image_folder(tmp_path, one_class, per_class=2)

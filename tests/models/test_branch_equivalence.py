@@ -29,6 +29,7 @@ from model_matrix import (
     set_conv_impl,
     stacked,
 )
+from optional_deps import TORCHVISION_MISSING, needs_torchvision
 
 import divco
 from divco.models.cifar_resnet import BranchBatchedCifarResNet, wide_resnet_spec
@@ -44,7 +45,8 @@ def _cases():
     for family, S in itertools.product(FAMILIES, BRANCH_COUNTS):
         # With one branch every execution is the same computation: test it once.
         for execution, impl in EXECUTIONS[:1] if S == 1 else EXECUTIONS:
-            yield pytest.param(family, S, execution, impl, id=f"{family}-S{S}-{execution}{'-' + impl if impl else ''}")
+            yield pytest.param(family, S, execution, impl, id=f"{family}-S{S}-{execution}{'-' + impl if impl else ''}",
+                               marks=[needs_torchvision] if family.startswith("imagenet") else [])
 
 
 def _device(model):
@@ -182,7 +184,8 @@ def test_channels_last_and_bf16_autocast_agree_with_fp32(family, S):
 
 
 @settings(max_examples=12, deadline=None)
-@given(family=st.sampled_from(["pyramidnet", "resnext29", "imagenet_basic"]), S=st.integers(1, 4),
+@given(family=st.sampled_from(["pyramidnet", "resnext29"] + ([] if TORCHVISION_MISSING else ["imagenet_basic"])),
+       S=st.integers(1, 4),
        n=st.integers(1, 3), h=st.integers(5, 13), w=st.integers(5, 13), per_view=st.booleans(),
        execution=st.sampled_from(["batched", "per_branch"]))
 def test_random_input_shapes(family, S, n, h, w, per_view, execution):

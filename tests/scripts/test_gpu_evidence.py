@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from optional_deps import needs_torchvision
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "gpu_evidence.sh"
@@ -25,6 +26,7 @@ def _run(out: Path, *args: str, timeout: int = 300, **env_overrides) -> tuple[in
     return done.returncode, done.stdout + done.stderr
 
 
+@needs_torchvision
 @pytest.mark.slow
 def test_dry_run_resolves_every_run_within_five_minutes(tmp_path):
     out = tmp_path / "out"

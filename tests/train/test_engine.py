@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from optional_deps import needs_torchvision
 from train_helpers import REPO, subprocess_env, tiny_config
 
 from divco.data import AugmentConfig
@@ -85,6 +86,7 @@ def resume_config(out, **overrides):
     return tiny_config(out, epochs=3, train_subset=48, augment=augment, **overrides)
 
 
+@needs_torchvision
 def test_resume_after_an_epoch_and_mid_epoch_is_bit_exact(tmp_path):
     reference = train(resume_config(tmp_path / "straight"))
     # stop after epoch 1 (3 steps of 16), resume, stop 2 steps into epoch 3, resume to the end

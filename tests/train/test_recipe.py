@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from optional_deps import needs_torchvision
 
 import divco
 from divco.train import recipe, schedules
@@ -207,6 +208,7 @@ def test_bn_exemption_is_an_option(tmp_path):
     assert "exempt_norm_weight_decay=True set explicitly" in run["departures"]
 
 
+@needs_torchvision
 def test_digits_use_the_quick_preset_with_the_previous_defaults(tmp_path):
     run = run_of(tmp_path, "digits", model="wide_resnet16_2", branches=4, epochs=15, batch_size=32)
     assert run["recipe"] == {"name": "quick", "official": False, "identified_dataset": "digits",
@@ -218,6 +220,7 @@ def test_digits_use_the_quick_preset_with_the_previous_defaults(tmp_path):
     json.dumps(run)  # JSON-ready
 
 
+@needs_torchvision
 def test_print_config_keys_are_stable():
     """docs/TRAINING.md lists these keys; changing them is an API change."""
     readme = (Path(divco.__file__).parent.parent / "docs" / "TRAINING.md").read_text()
@@ -229,6 +232,7 @@ def test_print_config_keys_are_stable():
         assert f"`{key}`" in readme, key
 
 
+@needs_torchvision
 def test_cli_print_config_prints_the_resolved_run_and_trains_nothing(tmp_path):
     import subprocess
     import sys

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from optional_deps import needs_torchvision
 
 from divco.cli import main
 from divco.train import assembly, engine, run_checks
@@ -30,7 +31,9 @@ if not torch.cuda.is_available():
     REFUSED.append((["--device", "cuda"], "device 'cuda' was requested but CUDA is not available here"))
 
 
-@pytest.mark.parametrize("arguments, message", REFUSED, ids=[" ".join(a) for a, _ in REFUSED])
+@pytest.mark.parametrize("arguments, message", [
+    pytest.param(a, m, id=" ".join(a), marks=[needs_torchvision] if "randaugment" in a else [])  # the policy's ops
+    for a, m in REFUSED])
 def test_print_config_refuses_what_a_run_refuses(tmp_path, capsys, monkeypatch, arguments, message):
     """One line, exit status 2, nothing written; the real run stops at the same check, before the data."""
     def no_data(*args, **kwargs):
@@ -89,6 +92,7 @@ def test_print_config_without_the_data_takes_the_recipes_dataset_size(tmp_path, 
     assert "--num-classes is an option of --print-config" in capsys.readouterr().err
 
 
+@needs_torchvision
 def test_departures_of_the_quick_recipe_list_the_explicit_options():
     from divco.train.plan import describe, plan_from_config
 
