@@ -17,7 +17,7 @@ OPS = CSRC / "divco" / "ops"
 OP_OPERATORS = {
     "cotrain_loss": ["cotrain_loss_native"],
     "ensemble": ["ensemble_native", "ensemble_backward_native"],
-    "batch_norm": ["batch_norm_native", "batch_norm_backward_native"],
+    "batch_norm": ["batch_norm_native", "batch_norm_backward_native", "batch_norm_update_stats_native"],
 }
 
 
@@ -33,6 +33,15 @@ def test_registration_cpp_holds_every_schema_and_no_implementation():
     assert sorted(f"{op}_native" for op in backends.NATIVE_OPERATORS) == sorted(defined)
     assert "m.impl" not in text and "TORCH_LIBRARY_FRAGMENT" not in text
     assert "TORCH_LIBRARY_FRAGMENT" not in "".join(p.read_text() for p in CSRC.rglob("*.cpp"))
+
+
+def test_the_one_cpp_autograd_node_has_its_own_file():
+    """batch_norm_native's autograd is C++ (no Python per layer call), beside the kernels, not in
+    registration.cpp; every other op's autograd is registered from Python."""
+    autograd = [p.name for p in CSRC.rglob("*.cpp") if "TORCH_LIBRARY_IMPL(divco, Autograd" in p.read_text()]
+    assert autograd == ["batch_norm_autograd.cpp"]
+    assert impl_block((OPS / "batch_norm_autograd.cpp").read_text(), "Autograd").strip() == \
+        'm.impl("batch_norm_native", &divco::ops::batch_norm_autograd);'
 
 
 @pytest.mark.parametrize("op", OP_OPERATORS)
