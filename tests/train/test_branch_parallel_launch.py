@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from train_helpers import assert_train_refuses_in_one_line
 
 from divco.cli import main
 from divco.train import assembly, methods
@@ -46,12 +47,7 @@ def test_a_launch_that_cannot_run_branch_parallel_is_refused_in_one_line(tmp_pat
     monkeypatch.setattr(torch.distributed, "init_process_group", refused)
     monkeypatch.setenv("WORLD_SIZE", world_size)
     monkeypatch.setenv("RANK", "0")
-    for extra in (["--print-config"], []):
-        code = main(["train", *TINY, "--out", str(tmp_path / "run"), *arguments, *extra])
-        captured = capsys.readouterr()
-        lines = captured.err.strip().splitlines()
-        assert code == 2 and len(lines) == 1 and message in lines[0], (extra, captured.err)
-        assert captured.out == "" and not (tmp_path / "run").exists()
+    assert_train_refuses_in_one_line([*TINY, *arguments], message, tmp_path / "run", capsys)
 
 
 def test_fp16_with_its_grad_scaler_is_refused():

@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from train_helpers import tiny_config
+from train_helpers import recording_steps, tiny_config
 
 import divco
 from divco.data import AugmentConfig, load_dataset
@@ -33,22 +33,6 @@ def members_config(out, method, **overrides) -> TrainConfig:
                   augment=AugmentConfig(crop_padding=1, mixup_alpha=0.0), keep_checkpoints=1)
     values.update(overrides)
     return tiny_config(out, **values)
-
-
-def recording_steps(monkeypatch) -> list[dict]:
-    """Record the lr, the sample weights and the weights after every TrainStep call."""
-    calls = []
-    original = TrainStep.__call__
-
-    def record(self, images, targets, sample_weight=None):
-        lr = self.optimizer.param_groups[0]["lr"]
-        out = original(self, images, targets, sample_weight=sample_weight)
-        calls.append({"lr": lr, "sample_weight": None if sample_weight is None else sample_weight.clone(),
-                      "model": {k: v.clone() for k, v in self.model.state_dict().items()}})
-        return out
-
-    monkeypatch.setattr(TrainStep, "__call__", record)
-    return calls
 
 
 def test_the_methods_and_their_options():

@@ -10,14 +10,13 @@ import json
 import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel, update_bn
-from train_helpers import tiny_config
+from train_helpers import recording_steps, tiny_config
 
 from divco.data import AugmentConfig, Normalize, load_dataset
 from divco.ensembles.cyclic import FgeSchedule
 from divco.train import load_checkpoint, train
 from divco.train.checkpoint import model_from_checkpoint
 from divco.train.members import MEMBERS_NAME, load_members
-from divco.train.step import TrainStep
 
 TRAIN_IMAGES, STEPS = 48, 3
 
@@ -27,21 +26,6 @@ def run_config(out, method, **overrides):
                   augment=AugmentConfig(crop_padding=1, mixup_alpha=0.0), keep_checkpoints=1)
     values.update(overrides)
     return tiny_config(out, **values)
-
-
-def recording_steps(monkeypatch) -> list[dict]:
-    """The lr of every TrainStep call and the weights after it."""
-    calls = []
-    original = TrainStep.__call__
-
-    def record(self, images, targets, sample_weight=None):
-        lr = self.optimizer.param_groups[0]["lr"]
-        out = original(self, images, targets, sample_weight=sample_weight)
-        calls.append({"lr": lr, "model": {k: v.clone() for k, v in self.model.state_dict().items()}})
-        return out
-
-    monkeypatch.setattr(TrainStep, "__call__", record)
-    return calls
 
 
 # -- the runs ----------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from optional_deps import needs_torchvision
+from train_helpers import assert_train_refuses_in_one_line
 
 from divco.cli import main
 from divco.train import assembly, engine, run_checks
@@ -40,12 +41,7 @@ def test_print_config_refuses_what_a_run_refuses(tmp_path, capsys, monkeypatch, 
         raise AssertionError("the run read its data before refusing its options")
 
     monkeypatch.setattr(assembly, "load_dataset", no_data)
-    for extra in (["--print-config"], []):
-        code = main(["train", *TINY, "--out", str(tmp_path / "run"), *arguments, *extra])
-        captured = capsys.readouterr()
-        lines = captured.err.strip().splitlines()
-        assert code == 2 and len(lines) == 1 and message in lines[0], (extra, captured.err)
-        assert captured.out == "" and not (tmp_path / "run").exists()
+    assert_train_refuses_in_one_line([*TINY, *arguments], message, tmp_path / "run", capsys)
 
 
 def test_torchrun_refuses_checkpoint_ensembles_before_the_process_group(tmp_path, monkeypatch):

@@ -4,18 +4,22 @@ members.json, a deleted or replaced best.pt, a torn metrics.jsonl, warnings unde
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from train_helpers import checkpoint_state, tiny_config
 
-from divco.train import read_metrics, save_checkpoint
+from divco.train import methods, read_metrics, save_checkpoint
 from divco.train import train as run_training
 from divco.train.checkpoint import BEST_NAME, checkpoint_name, checkpoint_of, load_checkpoint
 from divco.train.run_folder import locked_run_folder
 from divco.train.members import MEMBERS_FORMAT, MEMBERS_NAME, load_members, member_name
 from divco.train.run_lock import LOCK_NAME
 from divco.train.run_log import METRICS_NAME, RunLog
+
+#: The methods whose runs hold member checkpoints, in the registry's order.
+MEMBER_TAKERS = tuple(name for name in methods.names() if methods.method_class(name).checkpoint_ensemble)
 
 
 def small(out, **overrides):
@@ -104,7 +108,8 @@ def test_an_intact_members_record_loads_with_its_weights(tmp_path):
                                                           r"1\.5"),
     ("cbnn", lambda r: r["members"][0].pop("alpha"), r"member 1 has no 'alpha' \(its checkpoint: 0\.5\)"),
     ("cbnn", lambda r: r["members"][0].update(weight=0.5), r"member 1 says weight 0\.5, its checkpoints give 0\.25"),
-    ("snapshot", lambda r: r.update(method="boost"), r"'method' must be one of \('snapshot', 'cbnn'\), got 'boost'"),
+    ("snapshot", lambda r: r.update(method="boost"),
+     re.escape(f"'method' must be one of {MEMBER_TAKERS}, got 'boost'")),
     ("snapshot", lambda r: r.update(checkpoints=5), r"it says 'checkpoints' 5, but member-01\.pt belongs to a run of "
                                                     r"2 member checkpoints"),
 ])

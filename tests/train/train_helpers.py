@@ -7,6 +7,7 @@ from pathlib import Path
 
 from divco.data import AugmentConfig
 from divco.train import TrainConfig
+from divco.train.step import TrainStep
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,3 +55,32 @@ def checkpoint_state(value: float = 0.0, *, model: str = "wide_resnet16_2", bran
     }
     state.update(fields)
     return state
+
+
+def recording_steps(monkeypatch) -> list[dict]:
+    """Record the lr, the sample weights and the weights after every TrainStep call."""
+    calls = []
+    original = TrainStep.__call__
+
+    def record(self, images, targets, sample_weight=None):
+        lr = self.optimizer.param_groups[0]["lr"]
+        out = original(self, images, targets, sample_weight=sample_weight)
+        calls.append({"lr": lr, "sample_weight": None if sample_weight is None else sample_weight.clone(),
+                      "model": {k: v.clone() for k, v in self.model.state_dict().items()}})
+        return out
+
+    monkeypatch.setattr(TrainStep, "__call__", record)
+    return calls
+
+
+def assert_train_refuses_in_one_line(arguments: list[str], message: str, out: Path, capsys) -> None:
+    """``divco train`` with and without --print-config: exit status 2, one stderr line holding
+    ``message``, nothing printed and no run folder."""
+    from divco.cli import main
+
+    for extra in (["--print-config"], []):
+        code = main(["train", *arguments, "--out", str(out), *extra])
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0], (extra, captured.err)
+        assert captured.out == "" and not out.exists()
